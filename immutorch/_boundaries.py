@@ -1,0 +1,209 @@
+"""Module boundaries: inside any guard, every ``nn.Module`` call is a boundary.
+
+PyTorch's global module hooks see each ``Module.__call__`` (not direct ``.forward()`` calls).
+At a boundary immutorch records the module's path for messages, exempts the module's own
+state from block guards, hands protected arguments over as copy-on-write aliases in clone
+mode, and, under :func:`watch_modules` (the pytest plugin's ``--immutorch-modules``), protects
+the arguments of the modules it watches for the duration of their call.
+
+The hooks are installed only while some thread has a guard active or a watch open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any, Callable, Optional
+
+import torch
+from torch.nn.modules import module as _module_mod
+
+from . import _arguments
+from ._clone import alias, group_of
+from ._config import Mode, check_mode, resolve
+from ._registry import STATE, Frame, strictest
+from ._storage import storage_of
+
+_lock = threading.Lock()
+_users = 0
+_handles: list[Any] = []
+
+
+def acquire_hooks() -> None:
+    global _users
+    with _lock:
+        _users += 1
+        if _users == 1:
+            _handles.append(
+                _module_mod.register_module_forward_pre_hook(_pre_hook)  # type: ignore[arg-type]
+            )
+            _handles.append(_module_mod.register_module_forward_hook(_post_hook, always_call=True))
+
+
+def release_hooks() -> None:
+    global _users
+    with _lock:
+        _users -= 1
+        if _users == 0:
+            for h in _handles:
+                h.remove()
+            _handles.clear()
+
+
+class _Watch:
+    __slots__ = ("include_inplace", "mode", "predicate")
+
+    def __init__(
+        self, predicate: Callable[[torch.nn.Module], bool], mode: Mode, include_inplace: bool
+    ) -> None:
+        self.predicate = predicate
+        self.mode = mode
+        self.include_inplace = include_inplace
+
+
+@contextlib.contextmanager
+def watch_modules(
+    predicate: Callable[[torch.nn.Module], bool],
+    mode: Mode = "raise",
+    *,
+    include_inplace: bool = False,
+) -> Iterator[None]:
+    """Protect, on this thread, the tensor arguments of every module call that ``predicate``
+    accepts, for the duration of that call. Modules with ``inplace=True`` are exempt unless
+    ``include_inplace``: writing into their input is what they are built for."""
+    watch = _Watch(predicate, check_mode(mode), include_inplace)
+    acquire_hooks()
+    STATE.watchers.append(watch)
+    try:
+        yield
+    finally:
+        STATE.watchers.remove(watch)
+        release_hooks()
+
+
+# -- naming -----------------------------------------------------------------------------------
+_names: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, str]] = weakref.WeakKeyDictionary()
+_param_names: dict[type, list[str]] = {}
+
+
+def _path_in(root: torch.nn.Module, module: torch.nn.Module) -> Optional[str]:
+    names = _names.get(root)
+    if names is None or id(module) not in names:
+        names = {id(m): name for name, m in root.named_modules(remove_duplicate=False)}
+        _names[root] = names
+    return names.get(id(module))
+
+
+def display_path(module: torch.nn.Module) -> str:
+    """``mods.normalizer (InputNormalization)``: the path from the outermost module in call."""
+    cls = type(module).__name__
+    for root in _roots():
+        if root is module:
+            return cls
+        path = _path_in(root, module)
+        if path:
+            return f"{path} ({cls})"
+    return cls
+
+
+def _roots() -> list[torch.nn.Module]:
+    roots: list[torch.nn.Module] = []
+    for f in STATE.frames:
+        if f.module_root is not None:
+            roots.append(f.module_root)
+            break
+    if STATE.modules:
+        roots.append(STATE.modules[0][0])
+    return roots
+
+
+def _forward_param_names(module: torch.nn.Module) -> list[str]:
+    cls = type(module)
+    names = _param_names.get(cls)
+    if names is None:
+        try:
+            params = list(inspect.signature(cls.forward).parameters.values())[1:]
+            names = [
+                p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+        except (TypeError, ValueError):
+            names = []
+        _param_names[cls] = names
+    return names
+
+
+def arg_label(names: list[str], index: int) -> str:
+    return names[index] if index < len(names) else f"args[{index}]"
+
+
+# -- the hooks --------------------------------------------------------------------------------
+class _Boundary:
+    __slots__ = ("frame", "module")
+
+    def __init__(self, module: torch.nn.Module, frame: Optional[Frame]) -> None:
+        self.module = module
+        self.frame = frame
+
+
+def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
+    state = STATE
+    if state.bypass or not (state.frames or state.watchers):
+        return None
+    from ._mode import enter
+
+    state.modules.append((module, display_path(module)))
+    for block in state.blocks:
+        if not block.protect_state:
+            block.add_module_state(module, recurse=False)
+    frame: Optional[Frame] = None
+    for watch in state.watchers:
+        if not watch.include_inplace and getattr(module, "inplace", False) is True:
+            continue
+        if watch.predicate(module):
+            mode = resolve(watch.mode)
+            if mode != "off":
+                path = state.modules[-1][1]
+                frame = Frame(mode, f"the watch on {path}")
+                names = _forward_param_names(module)
+                for i, value in enumerate(args):
+                    _arguments.walk(value, arg_label(names, i), frame.protect)
+                enter(frame)
+            break
+    state.boundaries.append(_Boundary(module, frame))
+    if state.clone_frames:
+        new_args = _arguments.replace(args, _hand_over)
+        if new_args is not args:
+            return tuple(new_args)
+    return None
+
+
+def _post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+    state = STATE
+    if not state.boundaries or state.boundaries[-1].module is not module:
+        return None
+    from ._mode import leave
+
+    boundary = state.boundaries.pop()
+    state.modules.pop()
+    if boundary.frame is not None:
+        leave(boundary.frame)
+    return None
+
+
+def _hand_over(t: torch.Tensor) -> torch.Tensor:
+    """In clone mode, a protected tensor crosses a boundary as a copy-on-write alias."""
+    if group_of(t) is not None:
+        return t  # already an alias from an outer boundary: its writes are isolated
+    storage = storage_of(t)
+    if storage is None:
+        return t
+    hits = STATE.storage_hits(t, storage)
+    if not hits:
+        return t
+    hit = strictest(hits)
+    if hit.mode != "clone":
+        return t
+    return alias(t, hit.frame.stats)

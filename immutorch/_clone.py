@@ -1,0 +1,127 @@
+"""Clone mode without copying up front: copy-on-write aliases.
+
+At a boundary (a decorated call, a module call inside a guard) each protected tensor is handed
+to the callee as an *alias*: a new TensorImpl over the same storage, made by an autograd
+Function whose backward is the identity, so gradients still reach the caller's tensor. Every
+view the callee makes from an alias joins the alias's group. The first write into the storage
+through any member copies the storage once and re-points every live member at the copy; the
+write then lands in the copy. A callee that only reads costs no copy.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from ._registry import STATE, TOTAL_STATS, CloneStats
+from ._storage import BORN_ATTR, PRIVATE_BORN, storage_of
+
+GROUP_ATTR = "_immutorch_cow"
+
+
+class CowGroup:
+    """The alias of one protected storage handed across one boundary, and its views."""
+
+    __slots__ = ("__weakref__", "copied", "members", "stats", "storage")
+
+    def __init__(self, storage: torch.UntypedStorage, stats: CloneStats) -> None:
+        self.storage = storage
+        self.members: list[weakref.ref[torch.Tensor]] = []
+        self.copied = False
+        self.stats = stats
+
+    def add(self, t: torch.Tensor) -> None:
+        t.__dict__[GROUP_ATTR] = self
+        self.members.append(weakref.ref(t))
+        if len(self.members) % 1024 == 0:
+            self.members = [r for r in self.members if r() is not None]
+
+    def materialize(self) -> None:
+        """Copy the storage once and move every live member onto the copy."""
+        STATE.bypass += 1
+        try:
+            copy = self.storage.clone()  # type: ignore[no-untyped-call]
+            setattr(copy, BORN_ATTR, PRIVATE_BORN)
+            with torch.no_grad():
+                for ref in self.members:
+                    t = ref()
+                    if t is None:
+                        continue
+                    version = t._version
+                    t.set_(copy, t.storage_offset(), t.size(), t.stride())
+                    torch._C._autograd._unsafe_set_version_counter((t,), (version,))
+                    t.__dict__.pop(GROUP_ATTR, None)
+        finally:
+            STATE.bypass -= 1
+        nbytes = copy.nbytes()
+        self.stats.add(nbytes)
+        TOTAL_STATS.add(nbytes)
+        self.copied = True
+        self.members = []
+        self.storage = copy
+
+
+def group_of(t: torch.Tensor) -> CowGroup | None:
+    group: CowGroup | None = t.__dict__.get(GROUP_ATTR)
+    return group
+
+
+class _Alias(torch.autograd.Function):
+    """Same storage, new TensorImpl, identity gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return _raw_alias(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def _raw_alias(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(0, dtype=x.dtype, device=x.device)
+    return out.set_(x.untyped_storage(), x.storage_offset(), x.size(), x.stride())
+
+
+def can_alias(x: torch.Tensor) -> bool:
+    storage = storage_of(x)
+    return (
+        storage is not None
+        and x.layout is torch.strided
+        and type(x) in (torch.Tensor, torch.nn.Parameter)
+        and not x.is_quantized
+        and not x.is_neg()
+    )
+
+
+def alias(x: torch.Tensor, stats: CloneStats) -> torch.Tensor:
+    """Hand ``x`` across a boundary: a copy-on-write alias, or a copy where none can be made."""
+    STATE.bypass += 1
+    try:
+        if not can_alias(x):
+            # Sparse, quantized, wrapper subclasses: no alias over the same bytes exists.
+            copy = x.clone()
+            nbytes = x.numel() * x.element_size()
+            stats.add(nbytes)
+            TOTAL_STATS.add(nbytes)
+            return copy
+        conj = x.is_conj()
+        base = x.conj() if conj else x  # the raw memory, without the lazy conjugation bit
+        if base.requires_grad:
+            # Connected to the caller's graph even under no_grad, so a callee that turns grad
+            # back on still sends gradients to the caller's tensor.
+            with torch.enable_grad():
+                out = _Alias.apply(base)  # type: ignore[no-untyped-call]
+        else:
+            with torch.no_grad():
+                out = _raw_alias(base)
+        group = CowGroup(x.untyped_storage(), stats)
+        group.add(out)
+        if conj:
+            out = out.conj()
+            group.add(out)
+    finally:
+        STATE.bypass -= 1
+    return out  # type: ignore[no-any-return]

@@ -1,0 +1,194 @@
+"""``immutable_inputs``: the tensor arguments of a function are protected for each call."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from typing import Any, Callable, Optional, TypeVar, Union, overload
+
+import torch
+import wrapt
+from typing_extensions import ParamSpec
+
+from . import _arguments
+from ._clone import alias
+from ._config import Mode, check_mode, resolve
+from ._mode import enter, leave
+from ._registry import Frame
+
+P = ParamSpec("P")
+R = TypeVar("R")
+M = TypeVar("M", bound=Union[torch.nn.Module, type])
+
+
+class _Signature:
+    """Parameter names, computed once, to label each argument cheaply at call time."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.positional: list[str] = []
+        self.var_positional: Optional[str] = None
+        self.var_keyword: Optional[str] = None
+        self.tensor_defaults: list[tuple[str, Any]] = []
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            params = []  # type: ignore[assignment]
+        for p in params:
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                self.positional.append(p.name)
+            elif p.kind is p.VAR_POSITIONAL:
+                self.var_positional = p.name
+            elif p.kind is p.VAR_KEYWORD:
+                self.var_keyword = p.name
+            if p.default is not p.empty and _has_tensor(p.default):
+                self.tensor_defaults.append((p.name, p.default))
+
+    def names(self) -> set[str]:
+        return {*self.positional, *(n for n, _ in self.tensor_defaults)}
+
+    def label_args(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], skip: int
+    ) -> tuple[list[tuple[str, str, Any]], set[str]]:
+        """(parameter, label, value) for each argument; and the parameter names given."""
+        out: list[tuple[str, str, Any]] = []
+        given: set[str] = set()
+        positional = self.positional[skip:]
+        for i, value in enumerate(args):
+            if i < len(positional):
+                name = positional[i]
+                out.append((name, name, value))
+                given.add(name)
+            else:
+                star = self.var_positional or "args"
+                out.append((star, f"{star}[{i - len(positional)}]", value))
+        for key, value in kwargs.items():
+            if key in self.positional or self.var_keyword is None:
+                out.append((key, key, value))
+            else:
+                out.append((self.var_keyword, f"{self.var_keyword}[{key!r}]", value))
+            given.add(key)
+        return out, given
+
+
+def _has_tensor(value: Any) -> bool:
+    found: list[bool] = []
+    _arguments.walk(value, "", lambda _l, _t: found.append(True))
+    return bool(found)
+
+
+def _qualname(fn: Any) -> str:
+    fn = getattr(fn, "__func__", fn)
+    module = getattr(fn, "__module__", None)
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn))
+    return f"{module}.{name}" if module and module != "__main__" else str(name)
+
+
+def _wrap(fn: Callable[..., Any], mode: Mode, only: Optional[frozenset[str]]) -> Any:
+    target = fn.__func__ if isinstance(fn, (staticmethod, classmethod)) else fn
+    signature = _Signature(target)
+    if only is not None:
+        unknown = only - signature.names() - {signature.var_positional, signature.var_keyword}
+        if unknown:
+            raise ValueError(
+                f"immutorch.immutable_inputs(only=...) names {sorted(unknown)}, which are not "
+                f"parameters of {_qualname(target)}; its parameters are "
+                f"{sorted(signature.names())}"
+            )
+    where = f"immutable_inputs on {_qualname(target)}"
+    is_static = isinstance(fn, staticmethod)
+    is_function = inspect.isfunction(target)
+
+    @wrapt.decorator  # type: ignore[misc]
+    def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        __tracebackhide__ = True
+        effective = resolve(mode)
+        if effective == "off":
+            return wrapped(*args, **kwargs)
+        # wrapt passes a bound call's instance separately: the first parameter is already bound.
+        skip = 1 if instance is not None and is_function and not is_static else 0
+        root = instance if isinstance(instance, torch.nn.Module) else None
+        frame = Frame(effective, where, module_root=root)
+        labelled, given = signature.label_args(args, kwargs, skip)
+        for name, default in signature.tensor_defaults:
+            if name not in given:
+                labelled.append((name, name, default))
+        for param, label, value in labelled:
+            if only is None or param in only:
+                _arguments.walk(value, label, frame.protect)
+        if effective == "clone" and frame.protections:
+            protected = {id(p.obj) for p in frame.protections}
+
+            def hand_over(t: torch.Tensor) -> torch.Tensor:
+                return alias(t, frame.stats) if id(t) in protected else t
+
+            args = tuple(_arguments.replace(a, hand_over) for a in args)
+            kwargs = {k: _arguments.replace(v, hand_over) for k, v in kwargs.items()}
+        enter(frame)
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            leave(frame)
+
+    return wrapper(fn)
+
+
+@overload
+def immutable_inputs(fn: Callable[P, R], /) -> Callable[P, R]: ...
+
+
+@overload
+def immutable_inputs(fn: M, /) -> M: ...
+
+
+@overload
+def immutable_inputs(
+    *, mode: Mode = "raise", only: Optional[Iterable[str]] = None
+) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+
+def immutable_inputs(
+    fn: Any = None,
+    /,
+    *,
+    mode: Mode = "raise",
+    only: Optional[Iterable[str]] = None,
+) -> Any:
+    """Protect the tensor arguments of every call to ``fn`` from writes.
+
+    Every tensor among the arguments is protected for the duration of the call, wherever it
+    sits: positional, keyword, default values, and inside lists, tuples, dicts and dataclasses.
+    ``only=("x",)`` protects just the named parameters. Works on functions, methods (including
+    ``nn.Module.forward``), staticmethods and classmethods; given an ``nn.Module`` instance or
+    class it protects that module's ``forward``.
+
+    >>> import torch, immutorch
+    >>> @immutorch.immutable_inputs(mode="clone")
+    ... def center(x):
+    ...     x -= x.mean()
+    ...     return x
+    >>> x = torch.tensor([1.0, 2.0, 3.0])
+    >>> center(x)
+    tensor([-1.,  0.,  1.])
+    >>> x
+    tensor([1., 2., 3.])
+    """
+    check_mode(mode)
+    only_set = None if only is None else frozenset([only] if isinstance(only, str) else only)
+
+    def decorate(target: Any) -> Any:
+        if isinstance(target, torch.nn.Module):
+            target.forward = _wrap(target.forward, mode, only_set)
+            return target
+        if isinstance(target, type) and issubclass(target, torch.nn.Module):
+            target.forward = _wrap(target.forward, mode, only_set)
+            return target
+        if not callable(target) and not isinstance(target, (staticmethod, classmethod)):
+            raise TypeError(
+                "immutorch.immutable_inputs decorates functions, methods and nn.Modules; got "
+                f"{type(target).__name__}"
+            )
+        return _wrap(target, mode, only_set)
+
+    if fn is None:
+        return decorate
+    return decorate(fn)

@@ -1,0 +1,96 @@
+"""The two things immutorch raises or warns, and the text they carry."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class _WriteReport:
+    """Attributes shared by the error and the warning: what was written, where, by whom."""
+
+    op: str
+    argument: str
+    where: str
+    location: Optional[str]
+    shape: tuple[int, ...]
+    dtype: Optional[torch.dtype]
+
+    def _set_report(
+        self,
+        *,
+        op: str,
+        argument: str,
+        where: str,
+        location: Optional[str],
+        shape: tuple[int, ...],
+        dtype: Optional[torch.dtype],
+    ) -> None:
+        self.op = op
+        self.argument = argument
+        self.where = where
+        self.location = location
+        self.shape = shape
+        self.dtype = dtype
+
+
+class ImmutableTensorError(_WriteReport, RuntimeError):
+    """Raised before an operation writes into a protected tensor; the data is left untouched.
+
+    Attributes: ``op`` (``"aten::copy_"``), ``argument`` (the protected parameter or
+    ``guard`` position), ``where`` (function or module path), ``location`` (``"file.py:12"``
+    of the user's line), ``shape`` and ``dtype`` of the protected tensor.
+
+    >>> import torch, immutorch
+    >>> x = torch.zeros(3)
+    >>> with immutorch.guard(x):
+    ...     x.add_(1)  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    immutorch.ImmutableTensorError: aten::add_ would write into ...
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        op: str = "",
+        argument: str = "",
+        where: str = "",
+        location: Optional[str] = None,
+        shape: tuple[int, ...] = (),
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__(message)
+        self._set_report(
+            op=op, argument=argument, where=where, location=location, shape=shape, dtype=dtype
+        )
+
+
+class MutationWarning(_WriteReport, UserWarning):
+    """Issued in ``warn`` mode when an operation writes into a protected tensor.
+
+    The write goes ahead. It carries the same attributes as :class:`ImmutableTensorError`.
+    Turn it into an error with ``-W error::immutorch.MutationWarning``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        op: str = "",
+        argument: str = "",
+        where: str = "",
+        location: Optional[str] = None,
+        shape: tuple[int, ...] = (),
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__(message)
+        self._set_report(
+            op=op, argument=argument, where=where, location=location, shape=shape, dtype=dtype
+        )
+
+
+# Tracebacks and ``-W error::immutorch.MutationWarning`` show and accept the public path.
+ImmutableTensorError.__module__ = "immutorch"
+MutationWarning.__module__ = "immutorch"

@@ -1,0 +1,129 @@
+"""The interception: one TorchDispatchMode per thread, pushed while any frame is active.
+
+Every aten op passes through ``__torch_dispatch__``. Ops that write nothing (most of them)
+cost one cached lookup; for a write, the written tensors' storages are looked up in the
+thread's registry and the strictest protection decides, *before* the op runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import _boundaries, _registry
+from ._clone import GROUP_ATTR
+from ._policy import handle
+from ._registry import STATE, ThreadState, strictest
+from ._schema import META, op_facts, written_values
+from ._storage import BORN_ATTR, memory_leaves, storage_of
+
+
+class ImmutorchMode(TorchDispatchMode):
+    """Checks each op's written arguments against the thread's protections."""
+
+    def __init__(self, state: ThreadState) -> None:
+        super().__init__()
+        self.state = state
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if kwargs is None:
+            kwargs = {}
+        state = self.state
+        if state.bypass:
+            return func(*args, **kwargs)
+        facts = op_facts(func)
+        if facts.writes:
+            for written, value in written_values(facts, args, kwargs):
+                if isinstance(value, torch.Tensor):
+                    _check(state, facts.name, written.name, written.kind == META, value)
+                elif isinstance(value, (list, tuple)):
+                    for item in value:
+                        if isinstance(item, torch.Tensor):
+                            _check(state, facts.name, written.name, written.kind == META, item)
+        out = func(*args, **kwargs)
+        if state.blocks and facts.fresh_outputs:
+            _tag_births(out)
+        if state.clone_frames and facts.view_of is not None:
+            source = args[facts.view_of] if facts.view_of < len(args) else None
+            if isinstance(source, torch.Tensor):
+                group = source.__dict__.get(GROUP_ATTR)
+                if group is not None and not group.copied:
+                    _join(group, out)
+        return out
+
+
+def _check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) -> None:
+    if meta:
+        hits = state.object_hits(t)
+        if hits:
+            handle(strictest(hits), op, "*" + arg, t, meta=True)
+        return
+    if t.layout is torch.strided and type(t) in (torch.Tensor, torch.nn.Parameter):
+        storage = storage_of(t)
+        if storage is not None:
+            hits = state.storage_hits(t, storage)
+            if hits:
+                handle(strictest(hits), op, arg, t)
+        return
+
+    # Sparse layouts and wrapper subclasses: judge each tensor that holds their memory.
+    def visit(leaf: torch.Tensor) -> None:
+        storage = storage_of(leaf)
+        if storage is not None:
+            hits = state.storage_hits(leaf, storage)
+            if hits:
+                handle(strictest(hits), op, arg, leaf)
+
+    memory_leaves(t, visit)
+
+
+def _tag_births(out: Any) -> None:
+    epoch = _registry.current_epoch
+    if isinstance(out, torch.Tensor):
+        storage = storage_of(out)
+        if storage is not None:
+            setattr(storage, BORN_ATTR, epoch)
+    elif isinstance(out, (tuple, list)):
+        for item in out:
+            if isinstance(item, torch.Tensor):
+                storage = storage_of(item)
+                if storage is not None:
+                    setattr(storage, BORN_ATTR, epoch)
+
+
+def _join(group: Any, out: Any) -> None:
+    if isinstance(out, torch.Tensor):
+        group.add(out)
+    elif isinstance(out, (tuple, list)):
+        for item in out:
+            if isinstance(item, torch.Tensor):
+                group.add(item)
+
+
+def enter(frame: _registry.Frame) -> None:
+    """Activate ``frame`` on this thread, pushing the dispatch mode if it is the first."""
+    state = STATE
+    if not state.frames:
+        _boundaries.acquire_hooks()
+        handle_ = ImmutorchMode(state)
+        handle_.__enter__()
+        state.mode_handle = handle_
+    state.push(frame)
+
+
+def leave(frame: _registry.Frame) -> None:
+    """Deactivate ``frame``; pop the dispatch mode when no frame is left on this thread."""
+    state = STATE
+    state.pop(frame)
+    if not state.frames and state.mode_handle is not None:
+        handle_, state.mode_handle = state.mode_handle, None
+        handle_.__exit__(None, None, None)
+        _boundaries.release_hooks()

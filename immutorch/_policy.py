@@ -1,0 +1,141 @@
+"""What happens at a write into protected memory: raise, warn, or (clone) copy first.
+
+Errors and warnings carry what a user needs to fix the code: the op, the protected argument,
+the function or module that wrote, the user's source line, the tensor, and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from types import FrameType
+from typing import Optional
+
+import torch
+import wrapt  # noqa: F401  (imported so its frames can be skipped in locations)
+
+from ._clone import group_of
+from ._errors import ImmutableTensorError, MutationWarning
+from ._registry import STATE, Hit
+from ._storage import describe
+
+
+def _package_dir(module_name: str) -> Optional[str]:
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    return os.path.dirname(os.path.abspath(path)) + os.sep if path else None
+
+
+# Frames in these packages are machinery, never the user's line.
+_SKIP_DIRS = tuple(
+    d for d in (_package_dir("immutorch"), _package_dir("torch"), _package_dir("wrapt")) if d
+)
+
+
+def user_frame() -> Optional[FrameType]:
+    """The innermost frame outside immutorch, torch and wrapt: the user's line."""
+    frame: Optional[FrameType] = sys._getframe(1)
+    while frame is not None:
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if not filename.startswith(_SKIP_DIRS) and not filename.startswith("<frozen"):
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def _where(hit: Hit) -> str:
+    if STATE.modules:
+        return STATE.modules[-1][1]
+    return hit.frame.where
+
+
+def handle(hit: Hit, op: str, written_arg: str, t: torch.Tensor, *, meta: bool = False) -> None:
+    """Act on a write into protected memory according to the strictest hit's mode."""
+    mode = hit.mode
+    if mode == "clone":
+        group = group_of(t)
+        if group is not None and not group.copied:
+            if not meta:
+                group.materialize()
+            return
+        _fail(hit, op, written_arg, t, cannot_isolate=True)
+    elif mode == "warn":
+        _warn(hit, op, written_arg, t)
+    elif mode == "raise":
+        _fail(hit, op, written_arg, t)
+
+
+def _context(
+    hit: Hit, op: str, written_arg: str, t: torch.Tensor
+) -> tuple[str, dict[str, object], Optional[FrameType]]:
+    frame = user_frame()
+    location = f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else None
+    where = _where(hit)
+    what = "change the size or strides of" if written_arg.startswith("*") else "write into"
+    shape = hit.shape if hit.dtype is not None else tuple(t.shape)
+    dtype = hit.dtype if hit.dtype is not None else t.dtype
+    tensor_desc = (
+        describe(t)
+        if hit.dtype is None
+        else (f"a {str(dtype).replace('torch.', '')} tensor of shape {list(shape)}")
+    )
+    arg = written_arg.lstrip("*")
+    head = (
+        f"{op} would {what} `{hit.label}` ({tensor_desc}, argument `{arg}` of {op}), "
+        f"protected by {hit.frame.where}"
+    )
+    place = f"\n  in {where}" if where != hit.frame.where else ""
+    if location:
+        place += f"\n  at {location}"
+    attrs: dict[str, object] = {
+        "op": op,
+        "argument": hit.label,
+        "where": where,
+        "location": location,
+        "shape": shape,
+        "dtype": dtype,
+    }
+    return head + place, attrs, frame
+
+
+def _fail(
+    hit: Hit, op: str, written_arg: str, t: torch.Tensor, *, cannot_isolate: bool = False
+) -> None:
+    text, attrs, _ = _context(hit, op, written_arg, t)
+    if cannot_isolate:
+        text += (
+            "\nClone mode cannot isolate this write: it reaches the caller's own tensor, not a "
+            "copy-on-write alias handed across a boundary (a decorated call, or an nn.Module "
+            "called inside the guard). Pass the tensor through such a boundary, or clone it "
+            "before writing."
+        )
+    else:
+        text += (
+            "\nWrite into a new tensor instead (e.g. `out = torch.empty_like(x)` or an "
+            'out-of-place op), clone it first (`x = x.clone()`), or use mode="clone" to let '
+            "the call write into a private copy."
+        )
+    raise ImmutableTensorError("immutorch: " + text, **attrs)  # type: ignore[arg-type]
+
+
+def _warn(hit: Hit, op: str, written_arg: str, t: torch.Tensor) -> None:
+    text, attrs, frame = _context(hit, op, written_arg, t)
+    warning = MutationWarning(
+        "immutorch: " + text + '\nThe write went ahead (mode="warn").',
+        **attrs,  # type: ignore[arg-type]
+    )
+    if frame is None:
+        warnings.warn(warning, stacklevel=2)
+        return
+    # One warning per call site, deduplicated the way warnings.warn does for that line.
+    module_globals = frame.f_globals
+    registry = module_globals.setdefault("__warningregistry__", {})
+    warnings.warn_explicit(
+        warning,
+        MutationWarning,
+        frame.f_code.co_filename,
+        frame.f_lineno,
+        module=module_globals.get("__name__", "<unknown>"),
+        registry=registry,
+    )

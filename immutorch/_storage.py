@@ -1,0 +1,94 @@
+"""Storage identity: every view, ``.data``, ``.detach()`` and slice shares one StorageImpl.
+
+Protection is keyed on the storage, never on the tensor object. PyTorch keeps one Python
+object per live StorageImpl, so attributes set on ``t.untyped_storage()`` live exactly as long
+as the memory does: immutorch uses that for lasting marks (read-only) and for recording which
+storages a guarded block allocated itself, without holding any reference to user tensors.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Optional
+
+import torch
+
+# Attribute names set on UntypedStorage objects.
+READONLY_ATTR = "_immutorch_readonly"
+BORN_ATTR = "_immutorch_born"
+# A private copy made by clone mode: never protected.
+PRIVATE_BORN = sys.maxsize
+
+
+def storage_of(t: torch.Tensor) -> Optional[torch.UntypedStorage]:
+    """The tensor's storage, or None for layouts without one (sparse, nested, some subclasses)."""
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def byte_range(storage: torch.UntypedStorage) -> Optional[tuple[int, int]]:
+    """[start, end) of the storage's bytes, or None where there are no real bytes (meta, fake)."""
+    try:
+        start = storage.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    if start == 0:
+        return None
+    return start, start + storage.nbytes()
+
+
+def memory_leaves(t: torch.Tensor, visit: Callable[[torch.Tensor], None]) -> None:
+    """Visit the dense tensors that hold ``t``'s memory.
+
+    Sparse tensors have no storage of their own: their values and indices do. Wrapper
+    subclasses hold their data in inner tensors, reached with ``__tensor_flatten__``.
+    """
+    layout = t.layout
+    if layout is torch.strided:
+        flatten = getattr(type(t), "__tensor_flatten__", None)
+        if flatten is not None and type(t) is not torch.Tensor and _is_wrapper(t):
+            names, _ = flatten(t)
+            for name in names:
+                inner = getattr(t, name)
+                if isinstance(inner, torch.Tensor):
+                    memory_leaves(inner, visit)
+            return
+        visit(t)
+    elif layout is torch.sparse_coo:
+        visit(t._values())
+        visit(t._indices())
+    elif layout in (torch.sparse_csr, torch.sparse_bsr):
+        visit(t.values())
+        visit(t.crow_indices())
+        visit(t.col_indices())
+    elif layout in (torch.sparse_csc, torch.sparse_bsc):
+        visit(t.values())
+        visit(t.ccol_indices())
+        visit(t.row_indices())
+    else:  # jagged and other layouts: the storage if it has one
+        if storage_of(t) is not None:
+            visit(t)
+
+
+def _is_wrapper(t: torch.Tensor) -> bool:
+    storage = storage_of(t)
+    return storage is None or (storage.data_ptr() == 0 and t.device.type != "meta")
+
+
+def tensor_leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    memory_leaves(t, out.append)
+    return out
+
+
+def describe(t: torch.Tensor) -> str:
+    dtype = str(t.dtype).replace("torch.", "")
+    return f"a {dtype} tensor of shape {list(t.shape)}" + (
+        f" on {t.device}" if t.device.type != "cpu" else ""
+    )
+
+
+def get_attr(storage: Any, name: str) -> Any:
+    return getattr(storage, name, None)

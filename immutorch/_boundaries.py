@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any, Callable, Optional
@@ -23,6 +25,7 @@ from torch.nn.modules import module as _module_mod
 
 from . import _arguments
 from ._clone import alias, group_of
+from ._compiled import CompiledBoundary, is_compiled
 from ._config import Mode, check_mode, resolve
 from ._registry import STATE, Frame, strictest
 from ._storage import storage_of
@@ -37,6 +40,13 @@ def acquire_hooks() -> None:
     with _lock:
         _users += 1
         if _users == 1:
+            # torch warns that global hooks also fire for torch.compile's wrapper module; the
+            # hooks are immutorch's and it handles that wrapper (see _compiled), so hush it.
+            warnings.filterwarnings(
+                "ignore",
+                message=r"Using `torch\.compile\(module\)` when there are global hooks",
+                category=UserWarning,
+            )
             _handles.append(
                 _module_mod.register_module_forward_pre_hook(_pre_hook)  # type: ignore[arg-type]
             )
@@ -100,6 +110,9 @@ def _path_in(root: torch.nn.Module, module: torch.nn.Module) -> Optional[str]:
 def display_path(module: torch.nn.Module) -> str:
     """``mods.normalizer (InputNormalization)``: the path from the outermost module in call."""
     cls = type(module).__name__
+    if is_compiled(module):
+        module = module._orig_mod
+        cls = f"{type(module).__name__}, compiled"
     for root in _roots():
         if root is module:
             return cls
@@ -141,14 +154,22 @@ def arg_label(names: list[str], index: int) -> str:
 
 # -- the hooks --------------------------------------------------------------------------------
 class _Boundary:
-    __slots__ = ("frame", "module")
+    __slots__ = ("compiled", "frame", "module")
 
-    def __init__(self, module: torch.nn.Module, frame: Optional[Frame]) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        frame: Optional[Frame],
+        compiled: Optional[CompiledBoundary],
+    ) -> None:
         self.module = module
         self.frame = frame
+        self.compiled = compiled
 
 
 def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
+    if torch.compiler.is_compiling():
+        return None  # Dynamo traces hooks: keep them out of compiled graphs
     state = STATE
     if state.bypass or not (state.frames or state.watchers):
         return None
@@ -162,7 +183,7 @@ def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[
     for watch in state.watchers:
         if not watch.include_inplace and getattr(module, "inplace", False) is True:
             continue
-        if watch.predicate(module):
+        if watch.predicate(getattr(module, "_orig_mod", module)):
             mode = resolve(watch.mode)
             if mode != "off":
                 path = state.modules[-1][1]
@@ -172,7 +193,13 @@ def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[
                     _arguments.walk(value, arg_label(names, i), frame.protect)
                 enter(frame)
             break
-    state.boundaries.append(_Boundary(module, frame))
+    if is_compiled(module):
+        compiled = CompiledBoundary(state.modules[-1][1])
+        new_args = _arguments.replace(args, lambda t: _hand_over_compiled(t, compiled))
+        state.boundaries.append(_Boundary(module, frame, compiled))
+        compiled.__enter__()
+        return tuple(new_args) if new_args is not args else None
+    state.boundaries.append(_Boundary(module, frame, None))
     if state.clone_frames:
         new_args = _arguments.replace(args, _hand_over)
         if new_args is not args:
@@ -181,16 +208,35 @@ def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[
 
 
 def _post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+    if torch.compiler.is_compiling():
+        return None
     state = STATE
     if not state.boundaries or state.boundaries[-1].module is not module:
         return None
     from ._mode import leave
 
     boundary = state.boundaries.pop()
-    state.modules.pop()
-    if boundary.frame is not None:
-        leave(boundary.frame)
+    try:
+        if boundary.compiled is not None:
+            # always_call hooks also run while an exception unwinds: then only restore state.
+            failed = sys.exc_info()[0] is not None
+            boundary.compiled.__exit__(RuntimeError if failed else None, None, None)
+    finally:
+        state.modules.pop()
+        if boundary.frame is not None:
+            leave(boundary.frame)
     return None
+
+
+def _hand_over_compiled(t: torch.Tensor, compiled: CompiledBoundary) -> torch.Tensor:
+    storage = storage_of(t)
+    if storage is None:
+        return t
+    hits = STATE.storage_hits(t, storage)
+    if not hits:
+        return t
+    hit = strictest(hits)
+    return compiled.hand_over(t, hit.mode, hit.label, hit.frame.stats)
 
 
 def _hand_over(t: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing_extensions import ParamSpec
 
 from . import _arguments
 from ._clone import alias
+from ._compiled import CompiledBoundary, is_compiled
 from ._config import Mode, check_mode, resolve
 from ._mode import enter, leave
 from ._registry import Frame
@@ -95,6 +96,7 @@ def _wrap(fn: Callable[..., Any], mode: Mode, only: Optional[frozenset[str]]) ->
                 f"{sorted(signature.names())}"
             )
     where = f"immutable_inputs on {_qualname(target)}"
+    compiled = is_compiled(target)
     is_static = isinstance(fn, staticmethod)
     is_function = inspect.isfunction(target)
 
@@ -115,6 +117,8 @@ def _wrap(fn: Callable[..., Any], mode: Mode, only: Optional[frozenset[str]]) ->
         for param, label, value in labelled:
             if only is None or param in only:
                 _arguments.walk(value, label, frame.protect)
+        if compiled:
+            return _call_compiled(wrapped, args, kwargs, frame)
         if effective == "clone" and frame.protections:
             protected = {id(p.obj) for p in frame.protections}
 
@@ -130,6 +134,23 @@ def _wrap(fn: Callable[..., Any], mode: Mode, only: Optional[frozenset[str]]) ->
             leave(frame)
 
     return wrapper(fn)
+
+
+def _call_compiled(
+    wrapped: Any, args: tuple[Any, ...], kwargs: dict[str, Any], frame: Frame
+) -> Any:
+    """A compiled callee runs outside the dispatch mode; its inputs are handled at the call."""
+    boundary = CompiledBoundary(frame.where)
+    protected = {id(p.obj): p.label for p in frame.protections}
+
+    def hand_over(t: torch.Tensor) -> torch.Tensor:
+        label = protected.get(id(t))
+        return t if label is None else boundary.hand_over(t, frame.mode, label, frame.stats)
+
+    args = tuple(_arguments.replace(a, hand_over) for a in args)
+    kwargs = {k: _arguments.replace(v, hand_over) for k, v in kwargs.items()}
+    with boundary:
+        return wrapped(*args, **kwargs)
 
 
 @overload

@@ -33,12 +33,20 @@ _SKIP_DIRS = tuple(
 )
 
 
+# immutorch's own model code (the reference encoder, immutorch.nn) is user-level code.
+_USER_LEVEL = tuple(
+    os.path.join(_SKIP_DIRS[0], name) for name in ("_reference.py", "nn" + os.sep, "_demo.py")
+)
+
+
 def user_frame() -> Optional[FrameType]:
-    """The innermost frame outside immutorch, torch and wrapt: the user's line."""
+    """The innermost frame outside immutorch's machinery, torch and wrapt: the user's line."""
     frame: Optional[FrameType] = sys._getframe(1)
     while frame is not None:
         filename = os.path.abspath(frame.f_code.co_filename)
-        if not filename.startswith(_SKIP_DIRS) and not filename.startswith("<frozen"):
+        if filename.startswith(_USER_LEVEL) or (
+            not filename.startswith(_SKIP_DIRS) and not filename.startswith("<frozen")
+        ):
             return frame
         frame = frame.f_back
     return None

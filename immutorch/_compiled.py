@@ -1,0 +1,118 @@
+"""torch.compile: keep the mode's promise without the dispatch mode.
+
+With any dispatch mode on the stack Dynamo skips the frame and runs eager, and on torch 2.13
+the skip lasts for the code object for the rest of the process (pytorch #190286). So a compiled
+module or function is never run under immutorch's mode: at its boundary the mode is taken off
+the stack for the call, and the protected inputs are handled from the outside:
+
+- ``raise``: the call gets private clones; if it wrote into one (its version moved),
+  ImmutableTensorError is raised after the call. The caller's data was never touched.
+- ``clone``: the call gets private clones (copied up front, counted in the stats).
+- ``warn``: the call gets the caller's tensors; a MutationWarning follows any version change.
+
+What happened is logged once per compiled callable on the ``immutorch`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode, _push_mode
+
+from ._errors import ImmutableTensorError, MutationWarning
+from ._registry import STATE, TOTAL_STATS, CloneStats
+
+_log = logging.getLogger("immutorch")
+_told: set[str] = set()
+
+COMPILED_OP = "torch.compile"
+
+
+def is_compiled(obj: Any) -> bool:
+    """A module returned by ``torch.compile(module)`` or a function from ``torch.compile(f)``."""
+    if isinstance(obj, torch.nn.Module):
+        return type(obj).__name__ == "OptimizedModule" and hasattr(obj, "_orig_mod")
+    return hasattr(obj, "_torchdynamo_orig_callable")
+
+
+class CompiledBoundary:
+    """Inputs handed to one compiled call, checked after it returns."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.checks: list[tuple[torch.Tensor, int, str, str]] = []
+        self.popped: Optional[Any] = None
+
+    def hand_over(self, t: torch.Tensor, mode: str, label: str, stats: CloneStats) -> torch.Tensor:
+        if mode == "warn":
+            self.checks.append((t, t._version, label, mode))
+            return t
+        STATE.bypass += 1
+        try:
+            copy = t.detach().clone(memory_format=torch.preserve_format)
+            copy.requires_grad_(t.requires_grad)
+        finally:
+            STATE.bypass -= 1
+        nbytes = t.numel() * t.element_size()
+        stats.add(nbytes)
+        TOTAL_STATS.add(nbytes)
+        if mode == "raise":
+            self.checks.append((copy, copy._version, label, mode))
+        return copy
+
+    def __enter__(self) -> CompiledBoundary:
+        if self.where not in _told:
+            _told.add(self.where)
+            _log.warning(
+                "immutorch: %s is compiled with torch.compile; it runs without immutorch's "
+                "dispatch mode so that it stays compiled, and its protected inputs are checked "
+                "at its boundary instead (raise/clone: it gets private copies; warn: version "
+                "check after the call).",
+                self.where,
+            )
+        # Our mode must not be on the stack while Dynamo looks at the frame.
+        from ._mode import ImmutorchMode
+
+        if isinstance(_get_current_dispatch_mode(), ImmutorchMode):
+            self.popped = _pop_mode()
+        STATE.bypass += 1
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        STATE.bypass -= 1
+        if self.popped is not None:
+            _push_mode(self.popped)
+            self.popped = None
+        if exc_type is None:
+            self.check()
+
+    def check(self) -> None:
+        for t, version, label, mode in self.checks:
+            if t._version == version:
+                continue
+            text = (
+                f"immutorch: compiled code in {self.where} wrote into `{label}` "
+                f"(a {str(t.dtype).replace('torch.', '')} tensor of shape {list(t.shape)})"
+            )
+            attrs: dict[str, Any] = {
+                "op": COMPILED_OP,
+                "argument": label,
+                "where": self.where,
+                "location": None,
+                "shape": tuple(t.shape),
+                "dtype": t.dtype,
+            }
+            if mode == "raise":
+                raise ImmutableTensorError(
+                    text + ". It wrote into a private copy; your tensor is unchanged. Write into "
+                    "a new tensor instead, or use mode=\"clone\".",
+                    **attrs,
+                )
+            import warnings
+
+            warnings.warn(
+                MutationWarning(text + "; the write went ahead (mode=\"warn\").", **attrs),
+                stacklevel=3,
+            )

@@ -49,7 +49,14 @@ class ImmutorchMode(TorchDispatchMode):
                         if isinstance(item, torch.Tensor):
                             _check(state, facts.name, written.name, written.kind == META, item)
         out = func(*args, **kwargs)
-        if state.blocks and facts.fresh_outputs:
+        # lift_fresh also wraps torch.from_numpy(a): a new StorageImpl over bytes numpy owns,
+        # maybe those of a tensor from before the block (x.numpy()). Such external memory is
+        # not resizable; it must not count as the block's own.
+        if (
+            state.blocks
+            and facts.fresh_outputs
+            and (facts.name != "aten::lift_fresh" or _owns_memory(out))
+        ):
             _tag_births(out)
         if state.clone_frames and facts.view_of is not None:
             source = args[facts.view_of] if facts.view_of < len(args) else None
@@ -83,6 +90,11 @@ def _check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) -
                 handle(strictest(hits), op, arg, leaf)
 
     memory_leaves(t, visit)
+
+
+def _owns_memory(out: Any) -> bool:
+    storage = storage_of(out) if isinstance(out, torch.Tensor) else None
+    return storage is not None and bool(storage.resizable())
 
 
 def _tag_births(out: Any) -> None:

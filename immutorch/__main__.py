@@ -1,0 +1,5 @@
+"""``python -m immutorch``: see ``python -m immutorch --help``."""
+
+from ._cli import main
+
+raise SystemExit(main())

@@ -154,7 +154,7 @@ def arg_label(names: list[str], index: int) -> str:
 
 # -- the hooks --------------------------------------------------------------------------------
 class _Boundary:
-    __slots__ = ("compiled", "frame", "module")
+    __slots__ = ("compiled", "frame", "labels", "module")
 
     def __init__(
         self,
@@ -165,6 +165,13 @@ class _Boundary:
         self.module = module
         self.frame = frame
         self.compiled = compiled
+        # storage -> the module parameter it arrived as, to name block-guard hits.
+        self.labels: dict[int, str] = {}
+
+    def label(self, name: str, t: torch.Tensor) -> None:
+        storage = storage_of(t)
+        if storage is not None:
+            self.labels.setdefault(storage._cdata, name)
 
 
 def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
@@ -199,7 +206,12 @@ def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[
         state.boundaries.append(_Boundary(module, frame, compiled))
         compiled.__enter__()
         return tuple(new_args) if new_args is not args else None
-    state.boundaries.append(_Boundary(module, frame, None))
+    boundary = _Boundary(module, frame, None)
+    state.boundaries.append(boundary)
+    if state.blocks:
+        names = _forward_param_names(module)
+        for i, value in enumerate(args):
+            _arguments.walk(value, arg_label(names, i), boundary.label)
     if state.clone_frames:
         new_args = _arguments.replace(args, _hand_over)
         if new_args is not args:

@@ -226,12 +226,20 @@ class ThreadState(threading.local):
                 if born < f.start and not f.exempt(cdata):
                     if not f.protect_state and isinstance(t, torch.nn.Parameter):
                         continue
-                    hits.append(Hit(f, "a tensor from outside the block", f.mode, (), None))
+                    hits.append(Hit(f, self.outside_label(cdata), f.mode, (), None))
         mark = getattr(storage, READONLY_ATTR, None)
         if mark is not None and self.frames:
             inner = self.frames[-1]
             hits.append(Hit(inner, f"{mark} (marked read-only)", inner.mode, (), None))
         return hits
+
+    def outside_label(self, cdata: int) -> str:
+        """Name memory from outside a block by the module parameter it came in as."""
+        for boundary in reversed(self.boundaries):
+            label: Optional[str] = boundary.labels.get(cdata)
+            if label is not None:
+                return label
+        return "a tensor from outside the block"
 
     def object_hits(self, t: torch.Tensor) -> list[Hit]:
         """Protections of the tensor object itself, for ops that change its size or strides."""

@@ -1,0 +1,223 @@
+"""guard() with no tensors named, nn.Module boundaries, watched modules and torch.compile."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+import immutorch
+from immutorch._boundaries import watch_modules
+
+
+class RowNormalizer(torch.nn.Module):
+    """SpeechBrain's bug in miniature: per-row writes into the input, returning it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(x.shape[0]):
+            x[i] = (x[i] - x[i].mean()) / (x[i].std() + 1e-5)
+        return x
+
+
+class Encoder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mods = torch.nn.ModuleDict(
+            {
+                "normalizer": RowNormalizer(),
+                "conv": torch.nn.Conv1d(6, 4, 3),
+                "norm": torch.nn.BatchNorm1d(4),
+                "act": torch.nn.ReLU(inplace=True),
+            }
+        )
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        x = mel.to("cpu").transpose(1, 2)  # [B, T, F] view of the caller's mel
+        x = self.mods.normalizer(x)
+        y = self.mods.act(self.mods.norm(self.mods.conv(x.transpose(1, 2))))
+        return y.mean(dim=2)
+
+
+def oracle(model: torch.nn.Module, mel: torch.Tensor) -> torch.Tensor:
+    return model(mel.clone())
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_block_clone_keeps_the_callers_data_and_the_result(training):
+    model = Encoder().train(training)
+    mel = torch.randn(2, 6, 9)
+    before = mel.clone()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = oracle(model, mel)
+    model.load_state_dict(state)  # the oracle run moved BatchNorm's running statistics
+    with immutorch.guard(mode="clone") as g:
+        out = model(mel)
+    assert torch.equal(out, expected)
+    assert torch.equal(mel, before)
+    assert g.stats.copies == 1 and g.stats.bytes_copied == mel.numel() * 4
+
+
+def test_block_raise_names_the_module_path_op_and_line():
+    model = Encoder().eval()
+    mel = torch.randn(2, 6, 9)
+    before = mel.clone()
+    with pytest.raises(immutorch.ImmutableTensorError) as info, immutorch.guard():
+        model(mel)
+    err = info.value
+    assert torch.equal(mel, before)
+    assert err.op == "aten::copy_"
+    assert err.where == "mods.normalizer (RowNormalizer)"
+    assert err.location is not None and err.location.endswith(
+        f"test_boundaries.py:{RowNormalizer.forward.__code__.co_firstlineno + 2}"
+    )
+    assert "mods.normalizer (RowNormalizer)" in str(err)
+    assert err.argument == "x"  # the module's parameter that received the caller's memory
+
+
+def test_block_leaves_module_state_writable_unless_asked():
+    bn = torch.nn.BatchNorm1d(3).train()
+    x = torch.randn(4, 3)
+    with immutorch.guard():
+        bn(x)  # running statistics and num_batches_tracked are state
+    assert bn.num_batches_tracked.item() == 1
+    with pytest.raises(immutorch.ImmutableTensorError, match="aten::"):
+        with immutorch.guard(protect_state=True):
+            bn(x)
+
+
+def test_block_allows_given_tensors_and_optimizers():
+    lin = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(lin.parameters())
+    lin(torch.ones(2, 3)).sum().backward()
+    opt.step()  # creates optimizer state outside the block
+    lin(torch.ones(2, 3)).sum().backward()
+    with pytest.raises(immutorch.ImmutableTensorError), immutorch.guard():
+        opt.step()
+    with immutorch.guard(allow=[opt, lin]):
+        opt.step()
+    scratch = torch.zeros(3)
+    with immutorch.guard(allow=scratch):
+        scratch.add_(1)
+    assert torch.equal(scratch, torch.ones(3))
+
+
+def test_block_memory_stays_writable():
+    outside = torch.ones(3)
+    with immutorch.guard():
+        inside = outside * 2
+        inside.add_(1)
+        inside[0] = 0
+        torch.nn.functional.relu(inside, inplace=True)
+        lst = torch.tensor([1, 2, 3])
+        lst.mul_(2)
+        buf = torch.empty(3)
+        torch.add(outside, 1, out=buf)
+    assert torch.equal(buf, torch.full((3,), 2.0)) and torch.equal(lst, torch.tensor([2, 4, 6]))
+
+
+def test_nested_module_boundary_writes_stay_visible_to_the_outer_callee():
+    class Outer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = RowNormalizer()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.inner(x)  # result ignored: the outer relies on the in-place write
+            return x * 1
+
+    model = Outer()
+    x = torch.randn(3, 5)
+    before = x.clone()
+    expected = oracle(model, x)
+    with immutorch.guard(mode="clone"):
+        out = model(x)
+    assert torch.equal(out, expected) and torch.equal(x, before)
+
+
+def test_watch_protects_inputs_of_watched_modules_only():
+    relu_inplace = torch.nn.ReLU(inplace=True)
+    norm = RowNormalizer()
+    x = torch.randn(3, 4)
+    with watch_modules(lambda m: isinstance(m, (RowNormalizer, torch.nn.ReLU)), "raise"):
+        relu_inplace(x.clone())  # inplace=True modules are exempt by default
+        with pytest.raises(immutorch.ImmutableTensorError, match=r"RowNormalizer"):
+            norm(x.clone())
+    with watch_modules(lambda m: True, "raise", include_inplace=True):
+        with pytest.raises(immutorch.ImmutableTensorError, match=r"aten::(relu|clamp)"):
+            relu_inplace(x.clone())
+    norm(x.clone())  # watch over: nothing checked
+
+
+def test_watch_in_warn_mode_collects_every_write():
+    norm = RowNormalizer()
+    x = torch.randn(3, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with watch_modules(lambda m: True, "warn"):
+            norm(x)
+    found = [w.message for w in caught if isinstance(w.message, immutorch.MutationWarning)]
+    assert len(found) == 3 and all(w.where == "RowNormalizer" for w in found)
+
+
+def test_hooks_are_removed_when_the_last_guard_ends():
+    from torch.nn.modules import module as m
+
+    before = (len(m._global_forward_pre_hooks), len(m._global_forward_hooks))
+    with immutorch.guard(torch.zeros(1)):
+        assert len(m._global_forward_pre_hooks) == before[0] + 1
+    assert (len(m._global_forward_pre_hooks), len(m._global_forward_hooks)) == before
+
+
+class InplaceScale(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2)
+        return x.sin()
+
+
+@pytest.mark.parametrize("mode", ["raise", "clone", "warn"])
+def test_compiled_module_stays_compiled_and_keeps_the_promise(mode, caplog):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(InplaceScale(), backend="eager")
+    x = torch.randn(4)
+    before = x.clone()
+    expected = InplaceScale()(x.clone())
+    with caplog.at_level(logging.WARNING, logger="immutorch"):
+        if mode == "raise":
+            with pytest.raises(immutorch.ImmutableTensorError, match="compiled code"):
+                with immutorch.guard(x, mode=mode):
+                    compiled(x)
+            assert torch.equal(x, before)
+        elif mode == "clone":
+            with immutorch.guard(x, mode=mode):
+                out = compiled(x)
+            assert torch.equal(out, expected) and torch.equal(x, before)
+        else:
+            with pytest.warns(immutorch.MutationWarning, match="compiled code"):
+                with immutorch.guard(x, mode=mode):
+                    out = compiled(x)
+            assert torch.equal(out, expected)
+    assert counters["frames"]["ok"] >= 1, "the guard must not make Dynamo skip the frame"
+    compiled(torch.randn(4))
+    assert counters["frames"]["ok"] >= 1
+    assert any("torch.compile" in r.getMessage() for r in caplog.records) or mode != "raise"
+
+
+def test_decorated_compiled_function_is_not_run_under_the_mode():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+    def bump(t: torch.Tensor) -> torch.Tensor:
+        return t.add_(1)
+
+    f = immutorch.immutable_inputs(mode="clone")(torch.compile(bump, backend="eager"))
+    x = torch.zeros(2)
+    assert torch.equal(f(x), torch.ones(2)) and torch.equal(x, torch.zeros(2))
+    assert counters["frames"]["ok"] >= 1

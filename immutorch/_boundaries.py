@@ -111,7 +111,8 @@ def display_path(module: torch.nn.Module) -> str:
     """``mods.normalizer (InputNormalization)``: the path from the outermost module in call."""
     cls = type(module).__name__
     if is_compiled(module):
-        module = module._orig_mod
+        inner: torch.nn.Module = getattr(module, "_orig_mod")  # noqa: B009
+        module = inner
         cls = f"{type(module).__name__}, compiled"
     for root in _roots():
         if root is module:

@@ -95,8 +95,6 @@ def test_labels_follow_varargs_kwargs_defaults_and_containers():
 
     @immutorch.immutable_inputs
     def f(a, *rest, d=default, **extra):
-        for t in (*rest, d, *extra.values()):
-            pass
         extra["w"]["inner"][1].add_(1)
 
     with pytest.raises(immutorch.ImmutableTensorError, match=r"`extra\['w'\]\['inner'\]\[1\]`"):
@@ -150,7 +148,7 @@ def test_guard_protects_a_modules_parameters():
 def test_guard_rejects_non_tensors():
     with pytest.raises(TypeError, match="argument 0 is a int"):
         immutorch.guard(3)
-    with pytest.raises(TypeError, match="allow=..."):
+    with pytest.raises(TypeError, match=r"allow=\.\.\."):
         with immutorch.guard(allow=3):  # type: ignore[arg-type]
             pass
 

@@ -10,6 +10,7 @@ write then lands in the copy. A callee that only reads costs no copy.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any
 
@@ -19,6 +20,22 @@ from ._registry import STATE, TOTAL_STATS, CloneStats
 from ._storage import BORN_ATTR, PRIVATE_BORN, storage_of
 
 GROUP_ATTR = "_immutorch_cow"
+
+# The uncopied group of each (boundary stats, protected storage), per thread. Tensors handed
+# over together that share memory (``f(x, x)``, ``f(x, x[1:])``) must join one group: with a
+# group each, a write through one would copy only its own alias and the others would go on
+# reading the stale original, unlike the unguarded call. Weak: a group lives while a member
+# does, and it pins its stats and storage, so the (id, _cdata) key cannot be reused meanwhile.
+_open_groups: threading.local = threading.local()
+
+
+def _groups() -> weakref.WeakValueDictionary[tuple[int, int], CowGroup]:
+    groups: weakref.WeakValueDictionary[tuple[int, int], CowGroup] | None = getattr(
+        _open_groups, "groups", None
+    )
+    if groups is None:
+        groups = _open_groups.groups = weakref.WeakValueDictionary()
+    return groups
 
 
 class CowGroup:
@@ -60,6 +77,9 @@ class CowGroup:
         TOTAL_STATS.add(nbytes)
         self.copied = True
         self.members = []
+        groups, key = _groups(), (id(self.stats), self.storage._cdata)
+        if groups.get(key) is self:
+            del groups[key]
         self.storage = copy
 
 
@@ -117,7 +137,12 @@ def alias(x: torch.Tensor, stats: CloneStats) -> torch.Tensor:
         else:
             with torch.no_grad():
                 out = _raw_alias(base)
-        group = CowGroup(x.untyped_storage(), stats)
+        storage = x.untyped_storage()
+        key = (id(stats), storage._cdata)
+        groups = _groups()
+        group = groups.get(key)
+        if group is None or group.copied:
+            group = groups[key] = CowGroup(storage, stats)
         group.add(out)
         if conj:
             out = out.conj()

@@ -1,0 +1,349 @@
+"""Clone mode (copy-on-write): copies made, autograd, aliasing inside the callee, composition."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from corpus import WRITES, Pattern, Snapshot, assert_same, copy_value, ids
+from torch import Tensor
+
+import immutorch
+from immutorch import ImmutableTensorError, MutationWarning, clone_stats, immutable_inputs
+
+
+def copies_since(before: immutorch.CloneStats) -> tuple[int, int]:
+    now = clone_stats()
+    return now.copies - before.copies, now.bytes_copied - before.bytes_copied
+
+
+# -- what clone mode costs ---------------------------------------------------------------------
+def test_reading_callee_copies_nothing() -> None:
+    @immutable_inputs(mode="clone")
+    def read(x: Tensor, y: Tensor) -> Tensor:
+        return x.t()[0] + y.sum() + x.detach()[1:].mean()
+
+    x, y = torch.randn(4, 4), torch.randn(3)
+    expected = x.t()[0] + y.sum() + x[1:].mean()
+    before = clone_stats()
+    assert torch.equal(read(x, y), expected)
+    assert copies_since(before) == (0, 0)
+
+
+def test_two_writes_into_one_input_copy_once() -> None:
+    @immutable_inputs(mode="clone")
+    def write_twice(x: Tensor) -> Tensor:
+        x.add_(1)
+        x[0].mul_(2)
+        x.t()[1].zero_()
+        return x
+
+    x = torch.arange(12.0).reshape(3, 4)
+    expected = write_twice.__wrapped__(x.clone())
+    snapshot = Snapshot.of(x)
+    before = clone_stats()
+    assert_same(write_twice(x), expected)
+    assert copies_since(before) == (1, x.untyped_storage().nbytes())
+    assert snapshot.matches(x)
+
+
+def test_guard_stats_count_its_own_copies() -> None:
+    x = torch.zeros(4)
+    g = immutorch.guard(mode="clone")
+    with g:
+        torch.nn.ReLU(inplace=True)(x)
+        torch.nn.ReLU(inplace=True)(x)
+    assert (g.stats.copies, g.stats.bytes_copied) == (2, 2 * 16)
+    assert torch.equal(x, torch.zeros(4))
+
+
+def test_a_copy_costs_the_whole_storage_of_a_view() -> None:
+    @immutable_inputs(mode="clone")
+    def zero_first(row: Tensor) -> Tensor:
+        return row.zero_()
+
+    base = torch.ones(4, 8)
+    before = clone_stats()
+    out = zero_first(base[1])
+    assert torch.equal(out, torch.zeros(8)) and torch.equal(base, torch.ones(4, 8))
+    assert copies_since(before) == (1, base.untyped_storage().nbytes())
+
+
+def test_two_inputs_written_copy_twice() -> None:
+    @immutable_inputs(mode="clone")
+    def write_both(a: Tensor, b: Tensor) -> Tensor:
+        a.add_(1)
+        b.mul_(2)
+        return a + b
+
+    a, b = torch.ones(3), torch.ones(5, dtype=torch.float64)
+    before = clone_stats()
+    assert torch.equal(write_both(a, b[:3]), torch.full((3,), 4.0, dtype=torch.float64))
+    assert copies_since(before) == (2, 12 + 40)
+    assert torch.equal(a, torch.ones(3)) and torch.equal(b, torch.ones(5, dtype=torch.float64))
+
+
+def test_same_tensor_passed_twice_both_parameters_see_the_write() -> None:
+    @immutable_inputs(mode="clone")
+    def f(a: Tensor, b: Tensor) -> Tensor:
+        a.add_(1)
+        return b * 10
+
+    x = torch.zeros(3)
+    expected = f.__wrapped__(x.clone(), x.clone())
+    assert torch.equal(expected, torch.zeros(3))  # two copies do not alias: build it by hand
+    y = torch.zeros(3)
+    expected = f.__wrapped__(y, y)
+    before = clone_stats()
+    assert torch.equal(f(x, x), expected)
+    assert copies_since(before) == (1, 12)
+    assert torch.equal(x, torch.zeros(3))
+
+
+def test_base_and_view_passed_together_see_each_others_writes() -> None:
+    @immutable_inputs(mode="clone")
+    def f(whole: Tensor, tail: Tensor, box: dict[str, Tensor]) -> Tensor:
+        whole.add_(1)
+        return torch.cat([tail, box["t"]])
+
+    x = torch.zeros(4)
+    y = torch.zeros(4)
+    expected = f.__wrapped__(y, y[2:], {"t": y.t()})
+    before = clone_stats()
+    assert torch.equal(f(x, x[2:], {"t": x.t()}), expected)
+    assert copies_since(before)[0] == 1
+    assert torch.equal(x, torch.zeros(4))
+
+
+@pytest.mark.parametrize("op", ["unsqueeze_", "t_", "transpose_", "as_strided_", "set_"])
+def test_metadata_write_changes_the_callees_view_only(op: str) -> None:
+    calls = {
+        "unsqueeze_": lambda t: t.unsqueeze_(0),
+        "t_": lambda t: t.t_(),
+        "transpose_": lambda t: t.transpose_(0, 1),
+        "as_strided_": lambda t: t.as_strided_((2,), (3,)),
+        "set_": lambda t: t.set_(torch.ones(7)),
+    }
+
+    @immutable_inputs(mode="clone")
+    def f(x: Tensor) -> Tensor:
+        out = calls[op](x)
+        assert out is x
+        return x.clone()
+
+    x = torch.arange(6.0).reshape(2, 3)
+    expected = calls[op](x.clone()).clone()
+    snapshot = Snapshot.of(x)
+    before = clone_stats()
+    assert_same(f(x), expected)
+    assert copies_since(before) == (0, 0)
+    assert snapshot.matches(x)
+
+
+def test_metadata_then_data_write() -> None:
+    @immutable_inputs(mode="clone")
+    def f(x: Tensor) -> Tensor:
+        x.t_()
+        x[0].fill_(-1)
+        return x
+
+    x = torch.arange(6.0).reshape(2, 3)
+    expected = f.__wrapped__(x.clone())
+    snapshot = Snapshot.of(x)
+    assert_same(f(x), expected)
+    assert snapshot.matches(x)
+
+
+def test_views_made_before_the_write_follow_the_copy() -> None:
+    @immutable_inputs(mode="clone")
+    def f(x: Tensor) -> list[Tensor]:
+        views = [x[0], x.t(), x.view(-1)[2:], x.detach(), x.data, *x.unbind(1)]
+        x.add_(100)
+        return [v.clone() for v in views]
+
+    x = torch.arange(6.0).reshape(2, 3)
+    expected = f.__wrapped__(x.clone())
+    assert_same(f(x), expected)
+    assert torch.equal(x, torch.arange(6.0).reshape(2, 3))
+
+
+# -- autograd ----------------------------------------------------------------------------------
+def _loss(result: Any) -> Any:
+    """A scalar from every differentiable tensor the callee returned, or None."""
+    parts: list[Tensor] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, Tensor) and value.requires_grad:
+            parts.append(
+                (value.float() * torch.linspace(1, 2, value.numel()).view(value.shape)).sum()
+            )
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                collect(v)
+
+    collect(result)
+    return torch.stack(parts).sum() if parts else None
+
+
+def _run_grad(p: Pattern, leaf: bool, clone: bool) -> tuple[Any, Tensor, Any]:
+    """(result, gradient reaching the caller's leaf, caller's x) for one call."""
+    x0, extra = p.make()
+    base = x0.detach().clone().requires_grad_(True)
+    x = base if leaf else base * 2
+    fn = immutable_inputs(mode="clone")(p.fn) if clone else p.fn
+    result = fn(x, *copy_value(extra))
+    loss = _loss(result)
+    if loss is not None:
+        loss.backward()
+    return result, base.grad, x
+
+
+def _autograd_cases(leaf: bool) -> list[Pattern]:
+    """Write patterns the unguarded call can run on a float input that requires grad."""
+    out = []
+    for p in WRITES:
+        if p.effect != "data" or not p.dtype.is_floating_point or not p.isolable:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _run_grad(p, leaf, clone=False)
+        except RuntimeError:
+            continue
+        out.append(p)
+    return out
+
+
+LEAF_CASES = _autograd_cases(leaf=True)
+NON_LEAF_CASES = _autograd_cases(leaf=False)
+
+
+def test_autograd_cases_are_many() -> None:
+    assert len(LEAF_CASES) >= 4
+    assert len(NON_LEAF_CASES) >= 15
+
+
+@pytest.mark.parametrize("p", LEAF_CASES, ids=ids(LEAF_CASES))
+def test_gradients_leaf(p: Pattern) -> None:
+    expected, expected_grad, _ = _run_grad(p, leaf=True, clone=False)
+    result, grad, x = _run_grad(p, leaf=True, clone=True)
+    assert_same(result, expected)
+    assert (grad is None) == (expected_grad is None)
+    if grad is not None:
+        assert torch.equal(grad, expected_grad)
+    assert x._version == 0 and x.grad_fn is None and x.is_leaf
+
+
+@pytest.mark.parametrize("p", NON_LEAF_CASES, ids=ids(NON_LEAF_CASES))
+def test_gradients_non_leaf(p: Pattern) -> None:
+    expected, expected_grad, _ = _run_grad(p, leaf=False, clone=False)
+    x0, extra = p.make()
+    base = x0.detach().clone().requires_grad_(True)
+    x = base * 2
+    grad_fn = x.grad_fn
+    snapshot = Snapshot.of(x)
+    result = immutable_inputs(mode="clone")(p.fn)(x, *copy_value(extra))
+    assert_same(result, expected)
+    assert x.grad_fn is grad_fn, "the caller's autograd history must not change"
+    assert snapshot.matches(x)
+    loss = _loss(result)
+    if loss is not None:
+        loss.backward()
+    assert (base.grad is None) == (expected_grad is None)
+    if base.grad is not None:
+        assert torch.equal(base.grad, expected_grad)
+
+
+def test_backward_through_tensors_saved_before_the_call() -> None:
+    @immutable_inputs(mode="clone")
+    def scale(x: Tensor) -> Tensor:
+        x.mul_(3)
+        return x.sum()
+
+    base = torch.randn(5, requires_grad=True)
+    x = base.exp()
+    saved = x * x  # saves x for backward
+    out = scale(x)
+    # Unguarded, this backward fails: x was modified by an in-place operation.
+    (saved.sum() + out).backward()
+    expected_base = base.detach().clone().requires_grad_(True)
+    ex = expected_base.exp()
+    ((ex * ex).sum() + (ex.detach() * 0 + ex * 3).sum()).backward()
+    assert torch.allclose(base.grad, expected_base.grad)
+
+
+def test_leaf_gradient_through_a_written_alias() -> None:
+    # Unguarded this is an error (in-place on a leaf that requires grad); through the clone
+    # boundary the callee writes its alias and the gradient still reaches the caller's leaf.
+    @immutable_inputs(mode="clone")
+    def f(w: Tensor) -> Tensor:
+        w.mul_(2)
+        return (w * w).sum()
+
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    f(w).backward()
+    assert torch.equal(w.grad, torch.tensor([8.0, 16.0]))
+    assert torch.equal(w, torch.tensor([1.0, 2.0])) and w._version == 0
+
+
+def test_callee_turns_grad_on_under_callers_no_grad() -> None:
+    @immutable_inputs(mode="clone")
+    def f(w: Tensor) -> Tensor:
+        with torch.enable_grad():
+            return (w * 3).sum()
+
+    w = torch.ones(2, requires_grad=True)
+    with torch.no_grad():
+        out = f(w)
+    out.backward()
+    assert torch.equal(w.grad, torch.full((2,), 3.0))
+
+
+# -- composition: the strictest mode wins ------------------------------------------------------
+MODES = ["off", "warn", "clone", "raise"]
+STRICT = {m: i for i, m in enumerate(MODES)}
+
+
+@pytest.mark.parametrize("inner", MODES)
+@pytest.mark.parametrize("outer", MODES)
+def test_nested_decorators_strictest_wins(outer: str, inner: str) -> None:
+    @immutable_inputs(mode=inner)  # type: ignore[arg-type]
+    def write(x: Tensor) -> Tensor:
+        x.add_(1)
+        return x
+
+    @immutable_inputs(mode=outer)  # type: ignore[arg-type]
+    def call(x: Tensor) -> Tensor:
+        return write(x) * 1
+
+    x = torch.zeros(3)
+    expected = torch.ones(3)
+    winner = max(outer, inner, key=STRICT.__getitem__)
+    if winner == "raise":
+        with pytest.raises(ImmutableTensorError, match="aten::add_"):
+            call(x)
+        assert torch.equal(x, torch.zeros(3))
+    elif winner == "clone":
+        assert torch.equal(call(x), expected)
+        assert torch.equal(x, torch.zeros(3)) and x._version == 0
+    elif winner == "warn":
+        with pytest.warns(MutationWarning) as record:
+            assert torch.equal(call(x), expected)
+        assert len(record) == 1
+        assert torch.equal(x, expected)
+    else:
+        assert torch.equal(call(x), expected)
+        assert torch.equal(x, expected)
+
+
+def test_clone_guard_isolates_module_calls() -> None:
+    mel = torch.randn(2, 8, 5)
+    snapshot = Snapshot.of(mel)
+    model = torch.nn.Sequential(torch.nn.ReLU(inplace=True), torch.nn.Dropout(0.0))
+    expected = model(mel.clone())
+    with immutorch.guard(mode="clone"):
+        out = model(mel)
+    assert_same(out, expected)
+    assert snapshot.matches(mel)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Optional, TextIO
 
 AUDIT_EPILOG = """\
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
             "the time against the unguarded call."
         ),
     )
+    demo.set_defaults(subparser=demo)
     demo.add_argument(
         "--repeats", type=int, default=7, help="timed runs per mode; the median is shown"
     )
@@ -82,13 +84,30 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else 2
-    if args.command == "demo":
-        if args.repeats < 1:
-            parser.error("--repeats must be at least 1")
-        from . import _demo
+    with _modes_as_written():
+        if args.command == "demo":
+            if args.repeats < 1:
+                return _usage_error(args.subparser, "--repeats must be at least 1")
+            from . import _demo
 
-        return _demo.main(out, repeats=args.repeats)
-    return _run_audit(args, out)
+            return _demo.main(out, repeats=args.repeats)
+        return _run_audit(args, out)
+
+
+@contextlib.contextmanager
+def _modes_as_written() -> Iterator[None]:
+    """The demo compares modes and the audit needs warn mode: neither may be overridden by
+    IMMUTORCH_MODE or the pytest plugin's --immutorch (both restored afterwards)."""
+    from . import _config
+
+    previous = _config.set_override(None)
+    env = os.environ.pop(_config.ENV_VAR, None)
+    try:
+        yield
+    finally:
+        _config.set_override(previous)
+        if env is not None:
+            os.environ[_config.ENV_VAR] = env
 
 
 def _run_audit(args: argparse.Namespace, out: TextIO) -> int:

@@ -162,3 +162,12 @@ def test_python_dash_m_runs_the_cli() -> None:
     )
     assert result.returncode == 1, result.stderr
     assert "LegacyInputNormalization" in result.stdout
+
+
+def test_audit_and_demo_ignore_a_forced_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The audit needs warn mode to see every write; IMMUTORCH_MODE must not turn it into raise.
+    monkeypatch.setenv("IMMUTORCH_MODE", "raise")
+    code, text = _run("audit", "immutorch._reference:legacy_encoder", *ENCODER_INPUT, "--json")
+    assert code == 1
+    assert json.loads(text)[0]["count"] == 4
+    assert _run("demo", "--repeats", "0")[0] == 2

@@ -1,0 +1,306 @@
+"""The pytest plugin: strict mode for a test suite, with no change to the code under test.
+
+``--immutorch=MODE`` forces every guard and decorator into MODE for the session;
+``--immutorch-modules=PKG[,PKG...]`` protects the inputs of every ``nn.Module`` call whose
+class lives in those packages, in every test. The same settings come from the ini keys
+``immutorch`` and ``immutorch_modules``, the environment variable ``IMMUTORCH_MODE``, and the
+marker ``@pytest.mark.immutorch(mode=..., modules=...)``. Precedence, weakest first (the
+pytest-timeout convention): code < ini < environment < command line < marker.
+
+pytest loads this module in every run wherever immutorch is installed, so it imports nothing
+heavy: torch and the immutorch core are imported inside the hooks, and only when a setting asks
+for them. ``-p no:immutorch`` turns the plugin off.
+
+    pytest --immutorch=raise --immutorch-modules=mypkg
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional, cast
+
+import pytest
+
+if TYPE_CHECKING:
+    import torch
+
+    from ._config import Mode
+
+# Copies of immutorch._config.MODES and ENV_VAR: importing _config here would import the
+# immutorch package. tests/test_plugin.py checks that they agree.
+MODES: tuple[str, ...] = ("raise", "warn", "clone", "off")
+ENV_VAR = "IMMUTORCH_MODE"
+
+_CMDLINE = "command line"
+_INI = "ini file"
+_ENV = f"environment {ENV_VAR}"
+_MARKER = "marker"
+_DEFAULT = "default for modules"
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What the plugin does for a session or a test: the mode and where it came from (None:
+    each guard keeps its own), and the packages whose modules' inputs are protected."""
+
+    mode: Optional[Mode] = None
+    mode_source: Optional[str] = None
+    modules: tuple[str, ...] = ()
+
+    @property
+    def forced(self) -> bool:
+        """Does this mode override every guard's own? Not when it comes from the environment:
+        ``immutorch._config.resolve`` reads ``IMMUTORCH_MODE`` itself (and so honours a test's
+        ``monkeypatch.setenv``); not when it is only the default for ``--immutorch-modules``."""
+        return self.mode is not None and self.mode_source in (_INI, _CMDLINE, _MARKER)
+
+    @property
+    def watches(self) -> bool:
+        return bool(self.modules) and self.mode is not None and self.mode != "off"
+
+
+_SESSION = pytest.StashKey[_Settings]()
+_TEST = pytest.StashKey[_Settings]()
+_PREVIOUS_OVERRIDE: pytest.StashKey[Optional[Mode]] = pytest.StashKey()
+
+
+# -- parsing ----------------------------------------------------------------------------------
+def _allowed() -> str:
+    return ", ".join(repr(m) for m in MODES)
+
+
+def _check_mode(value: object, source: str) -> Mode:
+    if isinstance(value, str) and value.strip().lower() in MODES:
+        return cast("Mode", value.strip().lower())
+    raise pytest.UsageError(f"immutorch: {source} must be one of {_allowed()}, got {value!r}")
+
+
+def _check_modules(value: object, source: str) -> tuple[str, ...]:
+    """``"a, b.c"`` or ``["a", "b.c"]`` -> ``("a", "b.c")``: dotted package names."""
+    if isinstance(value, str):
+        items = value.replace(",", " ").split()
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = [v.strip() for v in value]
+    else:
+        raise pytest.UsageError(
+            f"immutorch: {source} must be package names, as a comma-separated string or a "
+            f"list of strings; got {value!r}"
+        )
+    for name in items:
+        if not name or not all(part.isidentifier() for part in name.split(".")):
+            raise pytest.UsageError(
+                f"immutorch: {source} must be dotted package names like 'mypkg' or "
+                f"'mypkg.models'; got {name!r}"
+            )
+    return tuple(items)
+
+
+def _session_settings(config: pytest.Config) -> _Settings:
+    """Resolve ini < environment < command line, validating each source that is set."""
+    inifile = f" ({config.inipath})" if config.inipath else ""
+    mode: Optional[Mode] = None
+    source: Optional[str] = None
+    ini_mode = str(config.getini("immutorch") or "").strip()
+    if ini_mode:
+        mode, source = _check_mode(ini_mode, f"the ini option immutorch{inifile}"), _INI
+    env_mode = os.environ.get(ENV_VAR, "").strip()
+    if env_mode:
+        mode, source = _check_mode(env_mode, f"the environment variable {ENV_VAR}"), _ENV
+    cmd_mode: Optional[str] = config.getoption("immutorch_mode")
+    if cmd_mode is not None:
+        mode, source = _check_mode(cmd_mode, "--immutorch"), _CMDLINE
+
+    modules: tuple[str, ...] = ()
+    ini_modules = str(config.getini("immutorch_modules") or "").strip()
+    if ini_modules:
+        modules = _check_modules(ini_modules, f"the ini option immutorch_modules{inifile}")
+    cmd_modules: Optional[str] = config.getoption("immutorch_modules")
+    if cmd_modules is not None:
+        modules = _check_modules(cmd_modules, "--immutorch-modules")
+    if modules and mode is None:
+        mode, source = "raise", _DEFAULT
+    return _Settings(mode, source, modules)
+
+
+def _test_settings(item: pytest.Item) -> _Settings:
+    """The session's settings, with the closest ``immutorch`` marker's on top."""
+    session = item.config.stash.get(_SESSION, _Settings())
+    marker = item.get_closest_marker("immutorch")
+    if marker is None:
+        return session
+    source = f"@pytest.mark.immutorch on {item.nodeid}"
+    kwargs = dict(marker.kwargs)
+    if (
+        set(kwargs) - {"mode", "modules"}
+        or len(marker.args) > 1
+        or (marker.args and "mode" in kwargs)
+    ):
+        raise pytest.UsageError(
+            f"immutorch: {source} takes mode=... (or one positional mode) and modules=...; "
+            f"got args {marker.args!r} and kwargs {kwargs!r}"
+        )
+    if marker.args:
+        kwargs["mode"] = marker.args[0]
+    mode, mode_source = session.mode, session.mode_source
+    if kwargs.get("mode") is not None:
+        mode, mode_source = _check_mode(kwargs["mode"], f"mode= of {source}"), _MARKER
+    modules = session.modules
+    if kwargs.get("modules") is not None:
+        modules = _check_modules(kwargs["modules"], f"modules= of {source}")
+    if modules and mode is None:
+        mode, mode_source = "raise", _DEFAULT
+    return _Settings(mode, mode_source, modules)
+
+
+# -- the hooks --------------------------------------------------------------------------------
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup(
+        "immutorch", "immutorch: refuse writes into the tensors that code was handed"
+    )
+    modes = "|".join(MODES)
+    group.addoption(
+        "--immutorch",
+        dest="immutorch_mode",
+        metavar="MODE",
+        default=None,
+        help=(
+            f"Run every immutorch guard and decorator in MODE ({modes}) for the session, "
+            "whatever mode the code asks for. --immutorch=raise is strict mode; "
+            f"--immutorch=off turns immutorch off. Overrides the ini option and {ENV_VAR}."
+        ),
+    )
+    group.addoption(
+        "--immutorch-modules",
+        dest="immutorch_modules",
+        metavar="PKG[,PKG...]",
+        default=None,
+        help=(
+            "In every test, protect the tensor inputs of each call to an nn.Module whose "
+            "class is defined in one of these packages (or their subpackages), with no code "
+            "change. Mode: the one --immutorch, the ini option or IMMUTORCH_MODE sets, else "
+            "raise. Modules called through Module.__call__ are seen, not .forward() calls."
+        ),
+    )
+    parser.addini(
+        "immutorch",
+        type="string",
+        default="",
+        help=f"immutorch mode for the session ({modes}); {ENV_VAR} and --immutorch override it.",
+    )
+    parser.addini(
+        "immutorch_modules",
+        type="string",
+        default="",
+        help="Comma-separated packages whose nn.Modules' inputs are protected in every test; "
+        "--immutorch-modules overrides it.",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "immutorch(mode=None, modules=None): for this test, run immutorch guards in MODE "
+        "(raise, warn, clone, off) and protect the inputs of the nn.Modules of the listed "
+        "packages; overrides --immutorch, --immutorch-modules, the ini options and "
+        f"{ENV_VAR}.",
+    )
+    settings = _session_settings(config)
+    config.stash[_SESSION] = settings
+    if settings.forced:
+        from . import _config
+
+        config.stash[_PREVIOUS_OVERRIDE] = _config.set_override(settings.mode)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _PREVIOUS_OVERRIDE in config.stash:
+        from . import _config
+
+        _config.set_override(config.stash[_PREVIOUS_OVERRIDE])
+        del config.stash[_PREVIOUS_OVERRIDE]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    settings = config.stash.get(_SESSION, _Settings())
+    if settings.mode is None:
+        return []
+    line = f"immutorch: mode={settings.mode} ({settings.mode_source})"
+    if settings.modules:
+        line += f", modules={','.join(settings.modules)}"
+    return [line]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    item.stash[_TEST] = _Settings()
+    problem: Optional[str] = None
+    try:
+        item.stash[_TEST] = _test_settings(item)
+    except pytest.UsageError as error:
+        problem = str(error)
+    if problem is not None:
+        # A bad marker errors this test alone, at setup, before any of it runs.
+        pytest.fail(problem, pytrace=False)
+    with _marker_override(item.stash[_TEST]):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    settings = item.stash.get(_TEST, _Settings())
+    with _marker_override(settings), _watch(settings):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+    settings = item.stash.get(_TEST, _Settings())
+    with _marker_override(settings):
+        yield
+
+
+@contextlib.contextmanager
+def _marker_override(settings: _Settings) -> Iterator[None]:
+    """A marker's mode overrides every guard for each phase of its test; the session's
+    override (set in pytest_configure) comes back after."""
+    if settings.mode_source != _MARKER:
+        yield
+        return
+    from . import _config
+
+    previous = _config.set_override(settings.mode)
+    try:
+        yield
+    finally:
+        _config.set_override(previous)
+
+
+@contextlib.contextmanager
+def _watch(settings: _Settings) -> Iterator[None]:
+    """Protect the inputs of the watched packages' modules for the test body."""
+    if not settings.watches or settings.mode is None:
+        yield
+        return
+    from . import _boundaries
+
+    with _boundaries.watch_modules(_class_in(settings.modules), settings.mode):
+        yield
+
+
+def _class_in(packages: tuple[str, ...]) -> Callable[[torch.nn.Module], bool]:
+    """A predicate: is the module's class defined in one of ``packages`` (or below)?"""
+    prefixes = tuple(p + "." for p in packages)
+    seen: dict[type, bool] = {}
+
+    def accepts(module: torch.nn.Module) -> bool:
+        cls = type(module)
+        hit = seen.get(cls)
+        if hit is None:
+            name = getattr(cls, "__module__", None) or ""
+            hit = seen[cls] = name in packages or name.startswith(prefixes)
+        return hit
+
+    return accepts

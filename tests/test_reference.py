@@ -235,12 +235,7 @@ def test_docstring_examples() -> None:
 
 # -- under immutorch's own guard -------------------------------------------------------------
 
-needs_core = pytest.mark.skipif(
-    not hasattr(immutorch, "guard"), reason="immutorch's core (guard) is not in this checkout"
-)
 
-
-@needs_core
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_fixed_normalizer_passes_a_raising_guard(config: dict[str, Any]) -> None:
     norm = InputNormalization(**config)
@@ -249,7 +244,6 @@ def test_fixed_normalizer_passes_a_raising_guard(config: dict[str, Any]) -> None
             norm(x, lengths, spk_ids, epoch)
 
 
-@needs_core
 def test_fixed_normalizer_passes_immutable_inputs() -> None:
     norm = InputNormalization(norm_type="sentence")
 
@@ -264,7 +258,6 @@ def test_fixed_normalizer_passes_immutable_inputs() -> None:
     assert _bytes(x) == snapshot
 
 
-@needs_core
 def test_guard_stops_the_legacy_write_before_it_happens() -> None:
     x = _batch(0)
     snapshot = _bytes(x)

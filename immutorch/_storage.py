@@ -74,7 +74,15 @@ def memory_leaves(t: torch.Tensor, visit: Callable[[torch.Tensor], None]) -> Non
 
 def _is_wrapper(t: torch.Tensor) -> bool:
     storage = storage_of(t)
-    return storage is None or (storage.data_ptr() == 0 and t.device.type != "meta")
+    if storage is None:
+        return True
+    try:
+        data_ptr = storage.data_ptr()
+    except RuntimeError:
+        # _make_wrapper_subclass tensors have a storage whose data pointer cannot be read
+        # ("invalid python storage"): that is exactly a wrapper.
+        return True
+    return data_ptr == 0 and t.device.type != "meta"
 
 
 def tensor_leaves(t: torch.Tensor) -> list[torch.Tensor]:

@@ -36,31 +36,55 @@ _handles: list[Any] = []
 
 
 def acquire_hooks() -> None:
+    """Count one more user of the module hooks (a thread's first frame, or a watch)."""
     global _users
     with _lock:
         _users += 1
-        if _users == 1:
-            # torch warns that global hooks also fire for torch.compile's wrapper module; the
-            # hooks are immutorch's and it handles that wrapper (see _compiled), so hush it.
-            warnings.filterwarnings(
-                "ignore",
-                message=r"Using `torch\.compile\(module\)` when there are global hooks",
-                category=UserWarning,
-            )
-            _handles.append(
-                _module_mod.register_module_forward_pre_hook(_pre_hook)  # type: ignore[arg-type]
-            )
-            _handles.append(_module_mod.register_module_forward_hook(_post_hook, always_call=True))
+        if not _handles:
+            _install()
+    if "torch._dynamo" in sys.modules:
+        # torch warns that global hooks also fire for torch.compile's wrapper module; the hooks
+        # are immutorch's and it handles that wrapper (see _compiled), so hush it. Re-applied on
+        # each first frame: warning filters are reset by catch_warnings (pytest does per test).
+        warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING, category=UserWarning)
 
 
 def release_hooks() -> None:
+    """Count one user less. The hooks stay until a module is called with no user left (see
+    ``_pre_hook``): a decorated forward called in a loop must not re-register them each call."""
     global _users
     with _lock:
         _users -= 1
+        if _users == 0 and "torch._dynamo" in sys.modules:
+            # torch warns when a compiled module is called while global hooks exist, before
+            # any hook of ours could take them off: once torch.compile is in use, remove now.
+            _remove_locked()
+
+
+_COMPILE_HOOK_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks"
+
+
+def _install() -> None:
+    _handles.append(
+        _module_mod.register_module_forward_pre_hook(_pre_hook)  # type: ignore[arg-type]
+    )
+    _handles.append(_module_mod.register_module_forward_hook(_post_hook, always_call=True))
+
+
+def _remove_if_unused() -> None:
+    with _lock:
         if _users == 0:
-            for h in _handles:
-                h.remove()
-            _handles.clear()
+            _remove_locked()
+
+
+def _remove_locked() -> None:
+    for h in _handles:
+        h.remove()
+    _handles.clear()
+
+
+def hooks_installed() -> bool:
+    return bool(_handles)
 
 
 class _Watch:
@@ -180,6 +204,8 @@ def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[
         return None  # Dynamo traces hooks: keep them out of compiled graphs
     state = STATE
     if state.bypass or not (state.frames or state.watchers):
+        if _users == 0:
+            _remove_if_unused()  # the first module call after the last guard takes them off
         return None
     from ._mode import enter
 

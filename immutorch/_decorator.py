@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterable
 from typing import Any, Callable, Optional, TypeVar, Union, overload
 
 import torch
-import wrapt
 from typing_extensions import ParamSpec
 
 from . import _arguments
@@ -48,12 +48,12 @@ class _Signature:
         return {*self.positional, *(n for n, _ in self.tensor_defaults)}
 
     def label_args(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], skip: int
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[list[tuple[str, str, Any]], set[str]]:
         """(parameter, label, value) for each argument; and the parameter names given."""
         out: list[tuple[str, str, Any]] = []
         given: set[str] = set()
-        positional = self.positional[skip:]
+        positional = self.positional
         for i, value in enumerate(args):
             if i < len(positional):
                 name = positional[i]
@@ -84,33 +84,39 @@ def _qualname(fn: Any) -> str:
     return f"{module}.{name}" if module and module != "__main__" else str(name)
 
 
-def _wrap(fn: Callable[..., Any], mode: Mode, only: Optional[frozenset[str]]) -> Any:
-    target = fn.__func__ if isinstance(fn, (staticmethod, classmethod)) else fn
-    signature = _Signature(target)
+def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]]) -> Any:
+    if isinstance(fn, (staticmethod, classmethod)):
+        return type(fn)(_wrap(fn.__func__, mode, only))
+    signature = _Signature(fn)
     if only is not None:
         unknown = only - signature.names() - {signature.var_positional, signature.var_keyword}
         if unknown:
             raise ValueError(
                 f"immutorch.immutable_inputs(only=...) names {sorted(unknown)}, which are not "
-                f"parameters of {_qualname(target)}; its parameters are "
+                f"parameters of {_qualname(fn)}; its parameters are "
                 f"{sorted(signature.names())}"
             )
-    where = f"immutable_inputs on {_qualname(target)}"
-    compiled = is_compiled(target)
-    is_static = isinstance(fn, staticmethod)
-    is_function = inspect.isfunction(target)
+    where = f"immutable_inputs on {_qualname(fn)}"
+    compiled = is_compiled(fn)
+    bound_to = getattr(fn, "__self__", None)
 
-    @wrapt.decorator  # type: ignore[misc]
-    def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    # A plain closure, not a wrapt FunctionWrapper: measured on torch 2.13 / CPython 3.11, the
+    # closure adds ~0.2 us per call in off mode and FunctionWrapper ~1.3 us. Functions defined
+    # in a class body bind as methods on their own, so ``self`` arrives as args[0] and lines
+    # up with the signature.
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True
         effective = resolve(mode)
         if effective == "off":
-            return wrapped(*args, **kwargs)
-        # wrapt passes a bound call's instance separately: the first parameter is already bound.
-        skip = 1 if instance is not None and is_function and not is_static else 0
-        root = instance if isinstance(instance, torch.nn.Module) else None
-        frame = Frame(effective, where, module_root=root)
-        labelled, given = signature.label_args(args, kwargs, skip)
+            return fn(*args, **kwargs)
+        root = bound_to if bound_to is not None else (args[0] if args else None)
+        frame = Frame(
+            effective,
+            where,
+            module_root=root if isinstance(root, torch.nn.Module) else None,
+        )
+        labelled, given = signature.label_args(args, kwargs)
         for name, default in signature.tensor_defaults:
             if name not in given:
                 labelled.append((name, name, default))
@@ -118,7 +124,7 @@ def _wrap(fn: Callable[..., Any], mode: Mode, only: Optional[frozenset[str]]) ->
             if only is None or param in only:
                 _arguments.walk(value, label, frame.protect)
         if compiled:
-            return _call_compiled(wrapped, args, kwargs, frame)
+            return _call_compiled(fn, args, kwargs, frame)
         if effective == "clone" and frame.protections:
             protected = {id(p.obj) for p in frame.protections}
 
@@ -129,11 +135,11 @@ def _wrap(fn: Callable[..., Any], mode: Mode, only: Optional[frozenset[str]]) ->
             kwargs = {k: _arguments.replace(v, hand_over) for k, v in kwargs.items()}
         enter(frame)
         try:
-            return wrapped(*args, **kwargs)
+            return fn(*args, **kwargs)
         finally:
             leave(frame)
 
-    return wrapper(fn)
+    return wrapper
 
 
 def _call_compiled(

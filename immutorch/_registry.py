@@ -33,6 +33,8 @@ class CloneStats:
 
 TOTAL_STATS = CloneStats()
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
 NAMED = "named"  # protects the tensors it was given
 BLOCK = "block"  # protects everything that existed before it started
 
@@ -51,7 +53,7 @@ def next_epoch() -> int:
 class Protection:
     """One protected tensor in one frame."""
 
-    __slots__ = ("cdata", "dtype", "end", "frame", "label", "obj", "shape", "start", "storage")
+    __slots__ = ("cdata", "end", "frame", "label", "obj", "start", "storage")
 
     def __init__(self, frame: Frame, label: str, obj: torch.Tensor, storage: Any) -> None:
         self.frame = frame
@@ -61,8 +63,9 @@ class Protection:
         self.cdata: int = storage._cdata
         rng = byte_range(storage)
         self.start, self.end = rng if rng is not None else (0, 0)
-        self.shape = tuple(obj.shape)
-        self.dtype = obj.dtype
+
+    def hit(self) -> Hit:
+        return Hit(self.frame, self.label, self.frame.mode, tuple(self.obj.shape), self.obj.dtype)
 
 
 class Frame:
@@ -109,6 +112,11 @@ class Frame:
         return cdata in self.allow or cdata in self.state
 
     def protect(self, label: str, t: torch.Tensor) -> None:
+        if t.layout is torch.strided and type(t) in _PLAIN:
+            storage = storage_of(t)
+            if storage is not None:
+                self.protections.append(Protection(self, label, t, storage))
+                return
         for leaf in tensor_leaves(t):
             storage = storage_of(leaf)
             if storage is not None:
@@ -212,14 +220,14 @@ class ThreadState(threading.local):
         cdata = storage._cdata
         for p in self.by_storage.get(cdata, ()):
             if not p.frame.exempt(cdata):
-                hits.append(Hit(p.frame, p.label, p.frame.mode, p.shape, p.dtype))
+                hits.append(p.hit())
         if self.ranged:
             rng = byte_range(storage)
             if rng is not None:
                 lo, hi = rng
                 for p in self.ranged:
                     if p.cdata != cdata and p.start < hi and lo < p.end:
-                        hits.append(Hit(p.frame, p.label, p.frame.mode, p.shape, p.dtype))
+                        hits.append(p.hit())
         if self.blocks:
             born = getattr(storage, BORN_ATTR, 0)
             for f in self.blocks:
@@ -244,7 +252,7 @@ class ThreadState(threading.local):
     def object_hits(self, t: torch.Tensor) -> list[Hit]:
         """Protections of the tensor object itself, for ops that change its size or strides."""
         hits = [
-            Hit(p.frame, p.label, p.frame.mode, p.shape, p.dtype)
+            p.hit()
             for p in self.by_object.get(id(t), ())
             if p.obj is t and not p.frame.exempt(p.cdata)
         ]

@@ -34,6 +34,7 @@ class ImmutorchMode(TorchDispatchMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
+        __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
         if kwargs is None:
             kwargs = {}
         state = self.state
@@ -68,6 +69,7 @@ class ImmutorchMode(TorchDispatchMode):
 
 
 def _check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) -> None:
+    __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
     if meta:
         hits = state.object_hits(t)
         if hits:

@@ -59,6 +59,7 @@ def _where(hit: Hit) -> str:
 
 
 def handle(hit: Hit, op: str, written_arg: str, t: torch.Tensor, *, meta: bool = False) -> None:
+    __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
     """Act on a write into protected memory according to the strictest hit's mode."""
     mode = hit.mode
     if mode == "clone":
@@ -110,6 +111,7 @@ def _context(
 def _fail(
     hit: Hit, op: str, written_arg: str, t: torch.Tensor, *, cannot_isolate: bool = False
 ) -> None:
+    __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
     text, attrs, _ = _context(hit, op, written_arg, t)
     if cannot_isolate:
         text += (
@@ -128,6 +130,7 @@ def _fail(
 
 
 def _warn(hit: Hit, op: str, written_arg: str, t: torch.Tensor) -> None:
+    __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
     text, attrs, frame = _context(hit, op, written_arg, t)
     warning = MutationWarning(
         "immutorch: " + text + '\nThe write went ahead (mode="warn").',

@@ -347,3 +347,66 @@ def test_clone_guard_isolates_module_calls() -> None:
         out = model(mel)
     assert_same(out, expected)
     assert snapshot.matches(mel)
+
+
+# -- every kind of view made inside the callee follows the copy --------------------------------
+VIEWS = {
+    "split": lambda x: x.split(2, 1)[1],
+    "unbind": lambda x: x.unbind()[1],
+    "chunk": lambda x: x.chunk(2, 1)[1],
+    "tensor_split": lambda x: x.tensor_split(2, 1)[1],
+    "unfold": lambda x: x.unfold(1, 2, 2),
+    "view_as_real": lambda x: torch.view_as_real(x.view(torch.complex64)),
+    "real": lambda x: x.view(torch.complex64).real,
+    "imag": lambda x: x.view(torch.complex64).imag,
+    "conj": lambda x: x.view(torch.complex64).conj(),
+    "neg_view": lambda x: torch._neg_view(x),
+    "permute": lambda x: x.permute(1, 0),
+    "movedim": lambda x: x.movedim(0, 1),
+    "mT": lambda x: x.mT,
+    "diagonal": lambda x: x.diagonal(),
+    "narrow": lambda x: x.narrow(1, 1, 2),
+    "none_index": lambda x: x[None],
+    "ellipsis": lambda x: x[..., 0],
+    "step": lambda x: x[:, ::2],
+    "as_strided": lambda x: x.as_strided((2,), (3,)),
+    "unflatten": lambda x: x.unflatten(1, (2, 2)),
+    "view_dtype": lambda x: x.view(torch.int32),
+    "alias": lambda x: torch.ops.aten.alias(x),
+    "squeeze": lambda x: x[:1].squeeze(0),
+    "to_same_dtype": lambda x: x.to(torch.float32),
+    "contiguous": lambda x: x.contiguous(),
+}
+
+
+def _bump(t: Tensor) -> None:
+    if t.is_complex():
+        t.mul_(2j)
+    elif t.dtype == torch.int32:
+        t.add_(7)
+    else:
+        t.add_(1.5)
+
+
+def _plain(t: Tensor) -> Tensor:
+    return t.resolve_conj().resolve_neg().clone()
+
+
+@pytest.mark.parametrize("through", ["base", "view"])
+@pytest.mark.parametrize("view", list(VIEWS))
+def test_every_view_follows_the_copy(view: str, through: str) -> None:
+    def f(x: Tensor) -> Tensor:
+        v = VIEWS[view](x)
+        if through == "base":
+            _bump(x)
+            return _plain(v)
+        _bump(v)
+        return _plain(x)
+
+    x = torch.arange(8.0).reshape(2, 4)
+    expected = f(x.clone())
+    snapshot = Snapshot.of(x)
+    before = clone_stats()
+    assert_same(immutable_inputs(mode="clone")(f)(x), expected)
+    assert snapshot.matches(x)
+    assert copies_since(before)[0] == 1

@@ -43,10 +43,7 @@ def acquire_hooks() -> None:
         if not _handles:
             _install()
     if "torch._dynamo" in sys.modules:
-        # torch warns that global hooks also fire for torch.compile's wrapper module; the hooks
-        # are immutorch's and it handles that wrapper (see _compiled), so hush it. Re-applied on
-        # each first frame: warning filters are reset by catch_warnings (pytest does per test).
-        warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING, category=UserWarning)
+        _hush_compile_hook_warning()
 
 
 def release_hooks() -> None:
@@ -62,6 +59,23 @@ def release_hooks() -> None:
 
 
 _COMPILE_HOOK_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks"
+_COMPILE_HOOK_TEXT = "Using `torch.compile(module)` when there are global hooks on modules"
+
+
+def _hush_compile_hook_warning() -> None:
+    """torch warns that global hooks also fire for torch.compile's wrapper module. The hooks
+    are immutorch's and it handles that wrapper (see _compiled), so the warning is noise.
+
+    Checked on each thread's first frame, since catch_warnings (pytest, per test) resets
+    filters; a filter is added only when ours is not already the one that applies, because
+    every change to the filters also resets each module's once-per-line warning registry.
+    """
+    for action, regex, category, _module, _lineno in warnings.filters:
+        if issubclass(UserWarning, category) and (regex is None or regex.match(_COMPILE_HOOK_TEXT)):
+            if action == "ignore" and regex is not None and regex.pattern == _COMPILE_HOOK_WARNING:
+                return
+            break
+    warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING, category=UserWarning)
 
 
 def _install() -> None:

@@ -94,3 +94,32 @@ class MutationWarning(_WriteReport, UserWarning):
 # Tracebacks and ``-W error::immutorch.MutationWarning`` show and accept the public path.
 ImmutableTensorError.__module__ = "immutorch"
 MutationWarning.__module__ = "immutorch"
+
+
+def _apply_interpreter_warning_options() -> None:
+    """``python -W error::immutorch.MutationWarning`` is read before site-packages can be
+    imported, so CPython drops it ("invalid module name"). Apply such options now."""
+    import re
+    import sys
+    import warnings
+
+    actions = ("default", "error", "ignore", "always", "module", "once")
+    for option in sys.warnoptions:
+        parts = [p.strip() for p in option.split(":")]
+        if len(parts) < 3 or parts[2] != "immutorch.MutationWarning" or len(parts) > 5:
+            continue
+        action = next((a for a in actions if parts[0] and a.startswith(parts[0])), None)
+        if action is None:
+            continue  # malformed: CPython already said so at startup
+        module = parts[3] if len(parts) > 3 else ""
+        lineno = int(parts[4]) if len(parts) > 4 and parts[4].isdigit() else 0
+        warnings.filterwarnings(
+            action,  # type: ignore[arg-type]
+            re.escape(parts[1]),
+            MutationWarning,
+            re.escape(module) + r"\Z" if module else "",
+            lineno,
+        )
+
+
+_apply_interpreter_warning_options()

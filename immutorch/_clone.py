@@ -113,6 +113,8 @@ def can_alias(x: torch.Tensor) -> bool:
         and type(x) in (torch.Tensor, torch.nn.Parameter)
         and not x.is_quantized
         and not x.is_neg()
+        # A strided nested tensor has no single size/stride to set_ an alias with.
+        and not x.is_nested
     )
 
 

@@ -18,7 +18,7 @@ import wrapt  # noqa: F401  (imported so its frames can be skipped in locations)
 from ._clone import group_of
 from ._errors import ImmutableTensorError, MutationWarning
 from ._registry import STATE, Hit
-from ._storage import describe
+from ._storage import describe, shape_of
 
 
 def _package_dir(module_name: str) -> Optional[str]:
@@ -82,7 +82,7 @@ def _context(
     location = f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else None
     where = _where(hit)
     what = "change the size or strides of" if written_arg.startswith("*") else "write into"
-    shape = hit.shape if hit.dtype is not None else tuple(t.shape)
+    shape = hit.shape if hit.dtype is not None else shape_of(t)
     dtype = hit.dtype if hit.dtype is not None else t.dtype
     tensor_desc = (
         describe(t)

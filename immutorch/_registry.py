@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from ._config import STRICTNESS, Mode
-from ._storage import BORN_ATTR, READONLY_ATTR, byte_range, storage_of, tensor_leaves
+from ._storage import BORN_ATTR, READONLY_ATTR, byte_range, shape_of, storage_of, tensor_leaves
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Protection:
         self.start, self.end = rng if rng is not None else (0, 0)
 
     def hit(self) -> Hit:
-        return Hit(self.frame, self.label, self.frame.mode, tuple(self.obj.shape), self.obj.dtype)
+        return Hit(self.frame, self.label, self.frame.mode, shape_of(self.obj), self.obj.dtype)
 
 
 class Frame:

@@ -91,9 +91,18 @@ def tensor_leaves(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def shape_of(t: torch.Tensor) -> tuple[int, ...]:
+    """``t.shape`` for reports. A strided nested tensor has ragged sizes and raises on
+    ``.shape``; it reports its outer size, so a write into one is refused, not a crash."""
+    try:
+        return tuple(t.shape)
+    except RuntimeError:
+        return (t.size(0),) if t.is_nested else ()
+
+
 def describe(t: torch.Tensor) -> str:
     dtype = str(t.dtype).replace("torch.", "")
-    return f"a {dtype} tensor of shape {list(t.shape)}" + (
+    return f"a {dtype} tensor of shape {list(shape_of(t))}" + (
         f" on {t.device}" if t.device.type != "cpu" else ""
     )
 

@@ -78,11 +78,21 @@ def _hush_compile_hook_warning() -> None:
     warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING, category=UserWarning)
 
 
+# Global hooks see keyword arguments only in newer torch (not 2.13): use them where they exist.
+_GLOBAL_HOOKS_TAKE_KWARGS = (
+    "with_kwargs" in inspect.signature(_module_mod.register_module_forward_pre_hook).parameters
+)
+
+
 def _install() -> None:
-    _handles.append(
-        _module_mod.register_module_forward_pre_hook(_pre_hook)  # type: ignore[arg-type]
-    )
-    _handles.append(_module_mod.register_module_forward_hook(_post_hook, always_call=True))
+    register_pre: Any = _module_mod.register_module_forward_pre_hook
+    register_post: Any = _module_mod.register_module_forward_hook
+    if _GLOBAL_HOOKS_TAKE_KWARGS:
+        _handles.append(register_pre(_pre_hook_with_kwargs, with_kwargs=True))
+        _handles.append(register_post(_post_hook_with_kwargs, with_kwargs=True, always_call=True))
+    else:
+        _handles.append(register_pre(_pre_hook))
+        _handles.append(register_post(_post_hook, always_call=True))
 
 
 def _remove_if_unused() -> None:
@@ -213,9 +223,10 @@ class _Boundary:
             self.labels.setdefault(storage._cdata, name)
 
 
-def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
-    if torch.compiler.is_compiling():
-        return None  # Dynamo traces hooks: keep them out of compiled graphs
+def _enter_boundary(
+    module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """A module call begins: returns replacement (args, kwargs), or None to keep them."""
     state = STATE
     if state.bypass or not (state.frames or state.watchers):
         if _users == 0:
@@ -227,6 +238,7 @@ def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[
     for block in state.blocks:
         if not block.protect_state:
             block.add_module_state(module, recurse=False)
+    names = _forward_param_names(module)
     frame: Optional[Frame] = None
     for watch in state.watchers:
         if not watch.include_inplace and getattr(module, "inplace", False) is True:
@@ -234,30 +246,64 @@ def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[
         if watch.predicate(getattr(module, "_orig_mod", module)):
             mode = resolve(watch.mode)
             if mode != "off":
-                path = state.modules[-1][1]
-                frame = Frame(mode, f"the watch on {path}")
-                names = _forward_param_names(module)
-                for i, value in enumerate(args):
-                    _arguments.walk(value, arg_label(names, i), frame.protect)
+                frame = Frame(mode, f"the watch on {state.modules[-1][1]}")
+                _label_arguments(names, args, kwargs, frame.protect)
                 enter(frame)
             break
     if is_compiled(module):
         compiled = CompiledBoundary(state.modules[-1][1])
-        new_args = _arguments.replace(args, lambda t: _hand_over_compiled(t, compiled))
         state.boundaries.append(_Boundary(module, frame, compiled))
+        replaced = _replace_arguments(args, kwargs, lambda t: _hand_over_compiled(t, compiled))
         compiled.__enter__()
-        return tuple(new_args) if new_args is not args else None
+        return replaced
     boundary = _Boundary(module, frame, None)
     state.boundaries.append(boundary)
     if state.blocks:
-        names = _forward_param_names(module)
-        for i, value in enumerate(args):
-            _arguments.walk(value, arg_label(names, i), boundary.label)
+        _label_arguments(names, args, kwargs, boundary.label)
     if state.clone_frames:
-        new_args = _arguments.replace(args, _hand_over)
-        if new_args is not args:
-            return tuple(new_args)
+        return _replace_arguments(args, kwargs, _hand_over)
     return None
+
+
+def _label_arguments(
+    names: list[str],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    visit: Callable[[str, torch.Tensor], None],
+) -> None:
+    for i, value in enumerate(args):
+        _arguments.walk(value, arg_label(names, i), visit)
+    for key, value in kwargs.items():
+        _arguments.walk(value, key, visit)
+
+
+def _replace_arguments(
+    args: tuple[Any, ...], kwargs: dict[str, Any], fn: Callable[[torch.Tensor], torch.Tensor]
+) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
+    new_args = _arguments.replace(args, fn)
+    new_kwargs = _arguments.replace(kwargs, fn) if kwargs else kwargs
+    if new_args is args and new_kwargs is kwargs:
+        return None
+    return tuple(new_args), new_kwargs
+
+
+def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
+    if torch.compiler.is_compiling():
+        return None  # Dynamo traces hooks: keep them out of compiled graphs
+    replaced = _enter_boundary(module, args, {})
+    return None if replaced is None else replaced[0]
+
+
+def _pre_hook_with_kwargs(
+    module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
+    if torch.compiler.is_compiling():
+        return None
+    return _enter_boundary(module, args, kwargs)
+
+
+def _post_hook_with_kwargs(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+    return _post_hook(module, args, output)
 
 
 def _post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:

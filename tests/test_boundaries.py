@@ -225,3 +225,20 @@ def test_decorated_compiled_function_is_not_run_under_the_mode():
     x = torch.zeros(2)
     assert torch.equal(f(x), torch.ones(2)) and torch.equal(x, torch.zeros(2))
     assert counters["frames"]["ok"] >= 1
+
+
+def test_keyword_arguments_are_handed_over_where_hooks_see_them():
+    # torch 2.13's global hooks take no kwargs; newer torch's do. Drive the kwargs hook directly.
+    from immutorch import _boundaries
+
+    norm = RowNormalizer()
+    x = torch.randn(3, 4)
+    before = x.clone()
+    with immutorch.guard(x, mode="clone"):
+        replaced = _boundaries._pre_hook_with_kwargs(norm, (), {"x": x})
+        assert replaced is not None
+        args, kwargs = replaced
+        out = norm.forward(*args, **kwargs)
+        _boundaries._post_hook_with_kwargs(norm, args, kwargs, out)
+    assert torch.equal(x, before)
+    assert torch.equal(out, RowNormalizer()(before.clone()))

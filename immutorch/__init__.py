@@ -5,26 +5,54 @@ writes into a protected tensor's memory: ``raise`` (:class:`ImmutableTensorError
 (:class:`MutationWarning`), ``clone`` (the write lands in a private copy), or ``off``.
 """
 
-from ._config import Mode
-from ._decorator import immutable_inputs
-from ._errors import ImmutableTensorError, MutationWarning
-from ._guard import Guard, guard
-from ._readonly import is_readonly, readonly, writable
-from ._registry import CloneStats
-from ._stats import clone_stats
+from __future__ import annotations
 
-__all__ = [
-    "CloneStats",
-    "Guard",
-    "ImmutableTensorError",
-    "Mode",
-    "MutationWarning",
-    "clone_stats",
-    "guard",
-    "immutable_inputs",
-    "is_readonly",
-    "readonly",
-    "writable",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._config import Mode as Mode
+    from ._decorator import immutable_inputs as immutable_inputs
+    from ._errors import ImmutableTensorError as ImmutableTensorError
+    from ._errors import MutationWarning as MutationWarning
+    from ._guard import Guard as Guard
+    from ._guard import guard as guard
+    from ._readonly import is_readonly as is_readonly
+    from ._readonly import readonly as readonly
+    from ._readonly import writable as writable
+    from ._registry import CloneStats as CloneStats
+    from ._stats import clone_stats as clone_stats
+
+# Public name -> the private module that defines it, imported on first use (PEP 562): the
+# pytest plugin is loaded in every pytest run wherever immutorch is installed, and must not
+# import torch there unless a setting asks for it.
+_EXPORTS = {
+    "CloneStats": "._registry",
+    "Guard": "._guard",
+    "ImmutableTensorError": "._errors",
+    "Mode": "._config",
+    "MutationWarning": "._errors",
+    "clone_stats": "._stats",
+    "guard": "._guard",
+    "immutable_inputs": "._decorator",
+    "is_readonly": "._readonly",
+    "readonly": "._readonly",
+    "writable": "._readonly",
+}
+
+__all__ = sorted(_EXPORTS)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'immutorch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

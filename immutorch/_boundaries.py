@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.nn.modules import module as _module_mod
 
-from . import _arguments
+from . import _arguments, _mode
 from ._clone import alias, group_of
 from ._compiled import CompiledBoundary, is_compiled
 from ._config import Mode, check_mode, resolve
@@ -155,14 +155,14 @@ def _path_in(root: torch.nn.Module, module: torch.nn.Module) -> Optional[str]:
     return names.get(id(module))
 
 
-def display_path(module: torch.nn.Module) -> str:
+def display_path(module: torch.nn.Module, outermost: Optional[torch.nn.Module] = None) -> str:
     """``mods.normalizer (InputNormalization)``: the path from the outermost module in call."""
     cls = type(module).__name__
     if is_compiled(module):
         inner: torch.nn.Module = getattr(module, "_orig_mod")  # noqa: B009
         module = inner
         cls = f"{type(module).__name__}, compiled"
-    for root in _roots():
+    for root in _roots(outermost):
         if root is module:
             return cls
         path = _path_in(root, module)
@@ -171,14 +171,40 @@ def display_path(module: torch.nn.Module) -> str:
     return cls
 
 
-def _roots() -> list[torch.nn.Module]:
+def current_module_path() -> Optional[str]:
+    """The path of the module whose call is running, for messages; None outside modules.
+
+    With the hooks installed the module calls are on record; without them (raise and warn
+    guards of named tensors) the interpreter stack has them: ``Module._call_impl`` frames.
+    """
+    modules = STATE.modules or _modules_on_stack()
+    if not modules:
+        return None
+    return display_path(modules[-1], modules[0])
+
+
+def _modules_on_stack() -> list[torch.nn.Module]:
+    found: list[torch.nn.Module] = []
+    frame = sys._getframe(1)
+    call_impl = torch.nn.Module._call_impl.__code__
+    while frame is not None:
+        if frame.f_code is call_impl:
+            module = frame.f_locals.get("self")
+            if isinstance(module, torch.nn.Module):
+                found.append(module)
+        frame = frame.f_back  # type: ignore[assignment]
+    found.reverse()  # outermost first
+    return found
+
+
+def _roots(outermost: Optional[torch.nn.Module]) -> list[torch.nn.Module]:
     roots: list[torch.nn.Module] = []
     for f in STATE.frames:
         if f.module_root is not None:
             roots.append(f.module_root)
             break
-    if STATE.modules:
-        roots.append(STATE.modules[0][0])
+    if outermost is not None:
+        roots.append(outermost)
     return roots
 
 
@@ -232,9 +258,7 @@ def _enter_boundary(
         if _users == 0:
             _remove_if_unused()  # the first module call after the last guard takes them off
         return None
-    from ._mode import enter
-
-    state.modules.append((module, display_path(module)))
+    state.modules.append(module)
     for block in state.blocks:
         if not block.protect_state:
             block.add_module_state(module, recurse=False)
@@ -246,12 +270,13 @@ def _enter_boundary(
         if watch.predicate(getattr(module, "_orig_mod", module)):
             mode = resolve(watch.mode)
             if mode != "off":
-                frame = Frame(mode, f"the watch on {state.modules[-1][1]}")
+                path = display_path(module, state.modules[0])
+                frame = Frame(mode, f"the watch on {path}")
                 _label_arguments(names, args, kwargs, frame.protect)
-                enter(frame)
+                _mode.enter(frame)
             break
     if is_compiled(module):
-        compiled = CompiledBoundary(state.modules[-1][1])
+        compiled = CompiledBoundary(display_path(module, state.modules[0]))
         state.boundaries.append(_Boundary(module, frame, compiled))
         replaced = _replace_arguments(args, kwargs, lambda t: _hand_over_compiled(t, compiled))
         compiled.__enter__()
@@ -312,8 +337,6 @@ def _post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
     state = STATE
     if not state.boundaries or state.boundaries[-1].module is not module:
         return None
-    from ._mode import leave
-
     boundary = state.boundaries.pop()
     try:
         if boundary.compiled is not None:
@@ -323,7 +346,7 @@ def _post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
     finally:
         state.modules.pop()
         if boundary.frame is not None:
-            leave(boundary.frame)
+            _mode.leave(boundary.frame)
     return None
 
 

@@ -7,14 +7,14 @@ thread's registry and the strictest protection decides, *before* the op runs.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import _boundaries, _registry
+from . import _boundaries, _policy, _registry
 from ._clone import GROUP_ATTR
-from ._policy import handle
 from ._registry import STATE, ThreadState, strictest
 from ._schema import META, op_facts, written_values
 from ._storage import BORN_ATTR, memory_leaves, storage_of
@@ -73,14 +73,14 @@ def _check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) -
     if meta:
         hits = state.object_hits(t)
         if hits:
-            handle(strictest(hits), op, "*" + arg, t, meta=True)
+            _policy.handle(strictest(hits), op, "*" + arg, t, meta=True)
         return
     if t.layout is torch.strided and type(t) in (torch.Tensor, torch.nn.Parameter):
         storage = storage_of(t)
         if storage is not None:
             hits = state.storage_hits(t, storage)
             if hits:
-                handle(strictest(hits), op, arg, t)
+                _policy.handle(strictest(hits), op, arg, t)
         return
 
     # Sparse layouts and wrapper subclasses: judge each tensor that holds their memory.
@@ -89,7 +89,7 @@ def _check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) -
         if storage is not None:
             hits = state.storage_hits(leaf, storage)
             if hits:
-                handle(strictest(hits), op, arg, leaf)
+                _policy.handle(strictest(hits), op, arg, leaf)
 
     memory_leaves(t, visit)
 
@@ -126,10 +126,16 @@ def enter(frame: _registry.Frame) -> None:
     """Activate ``frame`` on this thread, pushing the dispatch mode if it is the first."""
     state = STATE
     if not state.frames:
-        _boundaries.acquire_hooks()
         handle_ = ImmutorchMode(state)
         handle_.__enter__()
         state.mode_handle = handle_
+    # Module boundaries do work only for block guards (module state, argument names), clone
+    # mode (aliases) and torch.compile (compiled modules run outside the mode). Elsewhere the
+    # global hooks would only slow every module call (~6 us each, measured on the encoder);
+    # errors then find the module path by walking the stack.
+    if frame.kind == _registry.BLOCK or frame.mode == "clone" or "torch._dynamo" in sys.modules:
+        _boundaries.acquire_hooks()
+        frame.hooked = True
     state.push(frame)
 
 
@@ -137,7 +143,9 @@ def leave(frame: _registry.Frame) -> None:
     """Deactivate ``frame``; pop the dispatch mode when no frame is left on this thread."""
     state = STATE
     state.pop(frame)
+    if frame.hooked:
+        frame.hooked = False
+        _boundaries.release_hooks()
     if not state.frames and state.mode_handle is not None:
         handle_, state.mode_handle = state.mode_handle, None
         handle_.__exit__(None, None, None)
-        _boundaries.release_hooks()

@@ -15,9 +15,10 @@ from typing import Optional
 import torch
 import wrapt  # noqa: F401  (imported so its frames can be skipped in locations)
 
+from . import _boundaries
 from ._clone import group_of
 from ._errors import ImmutableTensorError, MutationWarning
-from ._registry import STATE, Hit
+from ._registry import Hit
 from ._storage import describe, shape_of
 
 
@@ -53,9 +54,7 @@ def user_frame() -> Optional[FrameType]:
 
 
 def _where(hit: Hit) -> str:
-    if STATE.modules:
-        return STATE.modules[-1][1]
-    return hit.frame.where
+    return _boundaries.current_module_path() or hit.frame.where
 
 
 def handle(hit: Hit, op: str, written_arg: str, t: torch.Tensor, *, meta: bool = False) -> None:

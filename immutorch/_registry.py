@@ -74,6 +74,7 @@ class Frame:
     __slots__ = (
         "allow",
         "boundary",
+        "hooked",
         "kind",
         "mode",
         "module_root",
@@ -107,6 +108,7 @@ class Frame:
         self.stats = stats if stats is not None else CloneStats()
         self.module_root = module_root
         self.boundary = False
+        self.hooked = False  # holds a reference on the module hooks
 
     def exempt(self, cdata: int) -> bool:
         return cdata in self.allow or cdata in self.state
@@ -176,7 +178,7 @@ class ThreadState(threading.local):
         self.bypass = 0
         self.mode_handle: Any = None
         # (module, display path) for each nn.Module call in progress, outermost first.
-        self.modules: list[tuple[torch.nn.Module, str]] = []
+        self.modules: list[torch.nn.Module] = []
         # Module-boundary bookkeeping, one entry per module call in progress.
         self.boundaries: list[Any] = []
         self.watchers: list[Any] = []

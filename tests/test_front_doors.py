@@ -284,3 +284,31 @@ def test_public_classes_show_the_public_path(tmp_path):
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "immutorch.MutationWarning" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "_boundaries",
+        "_mode",
+        "_policy",
+        "_guard",
+        "_decorator",
+        "_pytest_plugin",
+        "_audit",
+        "_compiled",
+        "_clone",
+        "_registry",
+        "_readonly",
+        "_schema",
+        "_storage",
+        "_errors",
+        "nn",
+    ],
+)
+def test_each_module_imports_first_without_a_cycle(module):
+    # The plugin imports _boundaries first, the CLI _audit: any order must work.
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import immutorch.{module}"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr

@@ -107,12 +107,12 @@ class CompiledBoundary:
             if mode == "raise":
                 raise ImmutableTensorError(
                     text + ". It wrote into a private copy; your tensor is unchanged. Write into "
-                    "a new tensor instead, or use mode=\"clone\".",
+                    'a new tensor instead, or use mode="clone".',
                     **attrs,
                 )
             import warnings
 
             warnings.warn(
-                MutationWarning(text + "; the write went ahead (mode=\"warn\").", **attrs),
+                MutationWarning(text + '; the write went ahead (mode="warn").', **attrs),
                 stacklevel=3,
             )

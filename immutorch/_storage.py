@@ -109,3 +109,18 @@ def describe(t: torch.Tensor) -> str:
 
 def get_attr(storage: Any, name: str) -> Any:
     return getattr(storage, name, None)
+
+
+def _storage_objects_persist() -> bool:
+    """Read-only marks and birth records live on storage objects; that needs PyTorch to keep
+    one Python object per live storage (PyObject preservation, torch >= 2.1)."""
+    t = torch.empty(1)
+    t.untyped_storage()._immutorch_probe = True  # type: ignore[attr-defined]
+    return bool(getattr(t[0:].untyped_storage(), "_immutorch_probe", False))
+
+
+if not _storage_objects_persist():  # pragma: no cover - only on unsupported torch
+    raise ImportError(
+        f"immutorch needs torch >= 2.1 (Python storage objects that live as long as their "
+        f"memory); this is torch {torch.__version__}. Upgrade torch."
+    )

@@ -25,7 +25,7 @@ from torch.nn.modules import module as _module_mod
 
 from . import _arguments, _mode
 from ._clone import alias, group_of
-from ._compiled import CompiledBoundary, is_compiled
+from ._compiled import CompiledBoundary, compile_in_use, is_compiled
 from ._config import Mode, check_mode, resolve
 from ._registry import STATE, Frame, strictest
 from ._storage import storage_of
@@ -42,7 +42,7 @@ def acquire_hooks() -> None:
         _users += 1
         if not _handles:
             _install()
-    if "torch._dynamo" in sys.modules:
+    if compile_in_use():
         _hush_compile_hook_warning()
 
 
@@ -52,7 +52,7 @@ def release_hooks() -> None:
     global _users
     with _lock:
         _users -= 1
-        if _users == 0 and "torch._dynamo" in sys.modules:
+        if _users == 0 and compile_in_use():
             # torch warns when a compiled module is called while global hooks exist, before
             # any hook of ours could take them off: once torch.compile is in use, remove now.
             _remove_locked()

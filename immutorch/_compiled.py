@@ -16,6 +16,7 @@ What happened is logged once per compiled callable on the ``immutorch`` logger.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Optional
 
 import torch
@@ -28,6 +29,23 @@ _log = logging.getLogger("immutorch")
 _told: set[str] = set()
 
 COMPILED_OP = "torch.compile"
+
+
+def compile_in_use() -> bool:
+    """Whether torch.compile has been called in this process.
+
+    ``"torch._dynamo" in sys.modules`` is no test: every TorchDispatchMode imports it (its
+    ``__torch_dispatch__`` is wrapped in ``torch._disable_dynamo``). Dynamo records each
+    backend a ``torch.compile`` call set up; the only one present otherwise is ``None``, the
+    disabled backend. Where that record is missing (another torch), assume compile is in use.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is None:
+        return False
+    backends = getattr(eval_frame, "cached_backends", None)
+    if not isinstance(backends, dict):
+        return True
+    return any(backend is not None for backend in backends.values())
 
 
 def is_compiled(obj: Any) -> bool:

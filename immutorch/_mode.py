@@ -7,7 +7,6 @@ thread's registry and the strictest protection decides, *before* the op runs.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import _boundaries, _policy, _registry
 from ._clone import GROUP_ATTR
+from ._compiled import compile_in_use
 from ._registry import STATE, ThreadState, strictest
 from ._schema import META, op_facts, written_values
 from ._storage import BORN_ATTR, memory_leaves, storage_of
@@ -133,7 +133,7 @@ def enter(frame: _registry.Frame) -> None:
     # mode (aliases) and torch.compile (compiled modules run outside the mode). Elsewhere the
     # global hooks would only slow every module call (~6 us each, measured on the encoder);
     # errors then find the module path by walking the stack.
-    if frame.kind == _registry.BLOCK or frame.mode == "clone" or "torch._dynamo" in sys.modules:
+    if frame.kind == _registry.BLOCK or frame.mode == "clone" or compile_in_use():
         _boundaries.acquire_hooks()
         frame.hooked = True
     state.push(frame)

@@ -93,7 +93,7 @@ def _context(
         f"{op} would {what} `{hit.label}` ({tensor_desc}, argument `{arg}` of {op}), "
         f"protected by {hit.frame.where}"
     )
-    place = f"\n  in {where}" if where != hit.frame.where else ""
+    place = f"\n  in {where}" if not hit.frame.where.endswith(where) else ""
     if location:
         place += f"\n  at {location}"
     attrs: dict[str, object] = {

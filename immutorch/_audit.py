@@ -8,15 +8,11 @@ and every write is reported, not only the first.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import inspect
 import linecache
-import os
-import sys
 import warnings
 from dataclasses import asdict, dataclass
-from types import FrameType
 from typing import Any, Callable, Optional
 
 import torch
@@ -143,35 +139,12 @@ def audit(target: Callable[..., Any], inputs: list[torch.Tensor]) -> list[Write]
     ]
 
 
-# -- which line wrote ------------------------------------------------------------------------
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-# immutorch's own user-level code (the reference model, immutorch.nn) is code under audit.
-_AUDITABLE = (
-    os.path.join(_PACKAGE_DIR, "_reference.py"),
-    os.path.join(_PACKAGE_DIR, "nn") + os.sep,
-)
-_MACHINERY = tuple(
-    os.path.dirname(os.path.abspath(path)) + os.sep
-    for path in (torch.__file__, _PACKAGE_DIR + "__init__.py")
-) + tuple(os.path.abspath(m.__file__) for m in (warnings, contextlib) if m.__file__)
-
-
-def _is_machinery(filename: str) -> bool:
-    if filename.startswith("<"):
-        return True
-    path = os.path.abspath(filename)
-    if path.startswith(_AUDITABLE):
-        return False
-    return path.startswith(_MACHINERY) or "wrapt" + os.sep in path
-
-
-def _writing_line(fallback: Optional[str]) -> tuple[Optional[str], str]:
-    """The innermost frame outside torch and immutorch's machinery, and its source text."""
-    frame: Optional[FrameType] = sys._getframe(1)
-    while frame is not None and _is_machinery(frame.f_code.co_filename):
-        frame = frame.f_back
-    if frame is None:
-        return fallback, ""
-    filename, lineno = frame.f_code.co_filename, frame.f_lineno
-    return f"{filename}:{lineno}", linecache.getline(filename, lineno).strip()
+def _writing_line(location: Optional[str]) -> tuple[Optional[str], str]:
+    """The line that wrote (immutorch's ``location``: the innermost frame outside torch and
+    immutorch's machinery) and its source text."""
+    if not location:
+        return None, ""
+    filename, _, lineno = location.rpartition(":")
+    if not lineno.isdigit():
+        return location, ""
+    return location, linecache.getline(filename, int(lineno)).strip()

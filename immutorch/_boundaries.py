@@ -27,7 +27,7 @@ from . import _arguments, _mode
 from ._clone import alias, group_of
 from ._compiled import CompiledBoundary, compile_in_use, is_compiled
 from ._config import Mode, check_mode, resolve
-from ._registry import STATE, Frame, strictest
+from ._registry import STATE, Frame, Hit, strictest
 from ._storage import storage_of
 
 _lock = threading.Lock()
@@ -350,14 +350,19 @@ def _post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
     return None
 
 
-def _hand_over_compiled(t: torch.Tensor, compiled: CompiledBoundary) -> torch.Tensor:
+def _protection_of(t: torch.Tensor) -> Optional[Hit]:
+    """The strictest protection over ``t``'s memory, if any."""
     storage = storage_of(t)
     if storage is None:
-        return t
+        return None
     hits = STATE.storage_hits(t, storage)
-    if not hits:
+    return strictest(hits) if hits else None
+
+
+def _hand_over_compiled(t: torch.Tensor, compiled: CompiledBoundary) -> torch.Tensor:
+    hit = _protection_of(t)
+    if hit is None:
         return t
-    hit = strictest(hits)
     return compiled.hand_over(t, hit.mode, hit.label, hit.frame.stats)
 
 
@@ -365,13 +370,7 @@ def _hand_over(t: torch.Tensor) -> torch.Tensor:
     """In clone mode, a protected tensor crosses a boundary as a copy-on-write alias."""
     if group_of(t) is not None:
         return t  # already an alias from an outer boundary: its writes are isolated
-    storage = storage_of(t)
-    if storage is None:
-        return t
-    hits = STATE.storage_hits(t, storage)
-    if not hits:
-        return t
-    hit = strictest(hits)
-    if hit.mode != "clone":
+    hit = _protection_of(t)
+    if hit is None or hit.mode != "clone":
         return t
     return alias(t, hit.frame.stats)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 
-class _WriteReport:
+class _WriteReport(Exception):
     """Attributes shared by the error and the warning: what was written, where, by whom."""
 
     op: str
@@ -17,16 +17,18 @@ class _WriteReport:
     shape: tuple[int, ...]
     dtype: Optional[torch.dtype]
 
-    def _set_report(
+    def __init__(
         self,
+        message: str,
         *,
-        op: str,
-        argument: str,
-        where: str,
-        location: Optional[str],
-        shape: tuple[int, ...],
-        dtype: Optional[torch.dtype],
+        op: str = "",
+        argument: str = "",
+        where: str = "",
+        location: Optional[str] = None,
+        shape: tuple[int, ...] = (),
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
+        super().__init__(message)
         self.op = op
         self.argument = argument
         self.where = where
@@ -50,22 +52,6 @@ class ImmutableTensorError(_WriteReport, RuntimeError):
     immutorch.ImmutableTensorError: aten::add_ would write into ...
     """
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        op: str = "",
-        argument: str = "",
-        where: str = "",
-        location: Optional[str] = None,
-        shape: tuple[int, ...] = (),
-        dtype: Optional[torch.dtype] = None,
-    ) -> None:
-        super().__init__(message)
-        self._set_report(
-            op=op, argument=argument, where=where, location=location, shape=shape, dtype=dtype
-        )
-
 
 class MutationWarning(_WriteReport, UserWarning):
     """Issued in ``warn`` mode when an operation writes into a protected tensor.
@@ -73,22 +59,6 @@ class MutationWarning(_WriteReport, UserWarning):
     The write goes ahead. It carries the same attributes as :class:`ImmutableTensorError`.
     Turn it into an error with ``-W error::immutorch.MutationWarning``.
     """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        op: str = "",
-        argument: str = "",
-        where: str = "",
-        location: Optional[str] = None,
-        shape: tuple[int, ...] = (),
-        dtype: Optional[torch.dtype] = None,
-    ) -> None:
-        super().__init__(message)
-        self._set_report(
-            op=op, argument=argument, where=where, location=location, shape=shape, dtype=dtype
-        )
 
 
 # Tracebacks and ``-W error::immutorch.MutationWarning`` show and accept the public path.

@@ -3,11 +3,12 @@
 One synthetic mel batch goes through the reference speaker encoder
 (:mod:`immutorch._reference`) in each configuration, always from a fresh copy of the same mel:
 how much the caller's mel changed, whether the embedding equals the unguarded one, and the
-time against the unguarded call (median of a few runs).
+time against the unguarded call (best of several single-thread runs).
 """
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
 from collections.abc import Sequence
@@ -26,22 +27,32 @@ class DemoRow:
     mode: str
     mel_mse: float  # mean squared change of the caller's mel after the call
     embedding: str  # "yes", "no", or what happened instead
-    ratio: Optional[float]  # median time / median unguarded time; None when it did not run
+    ratio: Optional[float]  # best time / best unguarded time; None when it did not run
     note: str = ""
 
 
-def _median_seconds(
+def _best_seconds(
     calls: Sequence[Callable[[torch.Tensor], object]], mel: torch.Tensor, repeats: int
 ) -> list[float]:
     """Best time of each call, round-robin: the minimum is what the code costs when nothing
     else competes for the cores (medians moved by 40% between runs on a busy 2-core machine)."""
     times: list[list[float]] = [[] for _ in calls]
-    for _ in range(repeats + 1):  # the first round warms up and is dropped
-        for i, call in enumerate(calls):
-            fresh = mel.clone()
-            start = time.perf_counter()
-            call(fresh)
-            times[i].append(time.perf_counter() - start)
+    threads = torch.get_num_threads()
+    # One thread: intra-op parallelism on a small batch adds jitter larger than what is measured.
+    torch.set_num_threads(1)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # as timeit does: a collection landing in one run is not the code's cost
+    try:
+        for _ in range(repeats + 1):  # the first round warms up and is dropped
+            for i, call in enumerate(calls):
+                fresh = mel.clone()
+                start = time.perf_counter()
+                call(fresh)
+                times[i].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+        if gc_was_enabled:
+            gc.enable()
     return [min(t[1:]) for t in times]
 
 
@@ -85,7 +96,7 @@ def run(repeats: int = 5, batch: int = 8, frames: int = 300) -> list[DemoRow]:
     ]
     with torch.no_grad():
         reference = unguarded(mel.clone())
-        base, *seconds = _median_seconds([unguarded] + [c for _, c in timed], mel, repeats)
+        base, *seconds = _best_seconds([unguarded] + [c for _, c in timed], mel, repeats)
         rows = [
             DemoRow("unguarded (legacy normalizer)", _changed(unguarded, mel), "reference", 1.0)
         ]
@@ -146,7 +157,7 @@ def main(out: TextIO, repeats: int = 5) -> int:
         print("\n" + "\n".join(notes), file=out)
     print(
         f"\nTimes are the best of {repeats} runs on this machine "
-        f"({torch.get_num_threads()} threads).",
+        "(1 thread).",
         file=out,
     )
     return 0

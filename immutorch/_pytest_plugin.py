@@ -190,6 +190,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="",
         help=f"immutorch mode for the session ({modes}); {ENV_VAR} and --immutorch override it.",
     )
+    group.addoption(
+        "--immutorch-inplace-modules",
+        dest="immutorch_inplace_modules",
+        action="store_true",
+        default=None,
+        help=(
+            "Also protect the inputs of watched modules built to write in place "
+            "(inplace=True, e.g. nn.ReLU(inplace=True)), which are exempt by default."
+        ),
+    )
+    parser.addini(
+        "immutorch_inplace_modules",
+        type="bool",
+        default=False,
+        help="Also watch modules with inplace=True; --immutorch-inplace-modules sets it too.",
+    )
     parser.addini(
         "immutorch_modules",
         type="string",
@@ -251,7 +267,7 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     settings = item.stash.get(_TEST, _Settings())
-    with _marker_override(settings), _watch(settings):
+    with _marker_override(settings), _watch(settings, _include_inplace(item.config)):
         yield
 
 
@@ -278,15 +294,23 @@ def _marker_override(settings: _Settings) -> Iterator[None]:
         _config.set_override(previous)
 
 
+def _include_inplace(config: pytest.Config) -> bool:
+    return bool(
+        config.getoption("immutorch_inplace_modules") or config.getini("immutorch_inplace_modules")
+    )
+
+
 @contextlib.contextmanager
-def _watch(settings: _Settings) -> Iterator[None]:
+def _watch(settings: _Settings, include_inplace: bool = False) -> Iterator[None]:
     """Protect the inputs of the watched packages' modules for the test body."""
     if not settings.watches or settings.mode is None:
         yield
         return
     from . import _boundaries
 
-    with _boundaries.watch_modules(_class_in(settings.modules), settings.mode):
+    with _boundaries.watch_modules(
+        _class_in(settings.modules), settings.mode, include_inplace=include_inplace
+    ):
         yield
 
 

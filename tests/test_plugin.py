@@ -440,3 +440,36 @@ def test_environment_variable_sets_the_mode_outside_pytest() -> None:
         IMMUTORCH_MODE="off",
     )
     assert done.returncode == 0, done.stderr
+
+
+# -- modules built to write in place ---------------------------------------------------------
+def test_inplace_modules_are_exempt_unless_switched_on(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        **{
+            "actpkg/__init__.py": """
+                import torch
+
+
+                class Act(torch.nn.Module):
+                    def __init__(self):
+                        super().__init__()
+                        self.inplace = True
+
+                    def forward(self, x):
+                        return x.clamp_(min=0)
+            """,
+            "test_act.py": """
+                import torch
+                from actpkg import Act
+
+
+                def test_act():
+                    Act()(torch.randn(4))
+            """,
+        }
+    )
+    base = ["-p", "no:cacheprovider", "--immutorch=raise", "--immutorch-modules=actpkg"]
+    pytester.runpytest_subprocess(*base).assert_outcomes(passed=1)
+    switched = pytester.runpytest_subprocess(*base, "--immutorch-inplace-modules")
+    switched.assert_outcomes(failed=1)
+    switched.stdout.fnmatch_lines(["*aten::clamp_*"])

@@ -156,8 +156,7 @@ def main(out: TextIO, repeats: int = 5) -> int:
     if notes:
         print("\n" + "\n".join(notes), file=out)
     print(
-        f"\nTimes are the best of {repeats} runs on this machine "
-        "(1 thread).",
+        f"\nTimes are the best of {repeats} runs on this machine (1 thread).",
         file=out,
     )
     return 0

@@ -1,0 +1,15 @@
+"""The examples in the public docstrings run as written."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize("module", ["_guard", "_decorator", "_readonly", "_stats", "_errors"])
+def test_docstring_examples(module):
+    mod = importlib.import_module(f"immutorch.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

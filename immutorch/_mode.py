@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import _boundaries, _policy, _registry
+from . import _boundaries, _policy, _registry, _tracing
 from ._clone import GROUP_ATTR
 from ._compiled import compile_in_use
 from ._registry import STATE, ThreadState, strictest
@@ -49,7 +49,11 @@ class ImmutorchMode(TorchDispatchMode):
                     for item in value:
                         if isinstance(item, torch.Tensor):
                             _check(state, facts.name, written.name, written.kind == META, item)
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except RuntimeError as exc:
+            _explain_boxed_scalar_failure(func, args, exc)
+            raise
         # lift_fresh also wraps torch.from_numpy(a): a new StorageImpl over bytes numpy owns,
         # maybe those of a tensor from before the block (x.numpy()). Such external memory is
         # not resizable; it must not count as the block's own.
@@ -66,6 +70,28 @@ class ImmutorchMode(TorchDispatchMode):
                 if group is not None and not group.copied:
                     _join(group, out)
         return out
+
+
+def _explain_boxed_scalar_failure(func: Any, args: tuple[Any, ...], exc: RuntimeError) -> None:
+    """TorchScript hands a Python dispatch mode the tensor constants of a traced graph as
+    Python numbers (wrapped-number tensors become scalars on the way to Python), so the op
+    cannot be called again from the mode. An empty TorchDispatchMode fails the same way
+    (torch 2.13). Say so, instead of the bare schema mismatch."""
+    if "Expected a value of type 'Tensor'" not in str(exc):
+        return
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return
+    for arg, value in zip(schema.arguments, args):
+        if isinstance(value, (int, float, bool)) and str(arg.type) == "Tensor":
+            raise RuntimeError(
+                f"immutorch: {schema.name} was handed the number {value!r} where its schema "
+                "takes a Tensor. TorchScript passes the tensor constants of a traced graph to "
+                "any Python dispatch mode as plain numbers (torch's limitation: an empty "
+                "TorchDispatchMode fails the same way), so this TorchScript code cannot run "
+                "under an immutorch guard. Call it outside the guard, or script the code with "
+                "torch.jit.script instead of tracing it."
+            ) from exc
 
 
 def _check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) -> None:
@@ -126,6 +152,8 @@ def enter(frame: _registry.Frame) -> None:
     """Activate ``frame`` on this thread, pushing the dispatch mode if it is the first."""
     state = STATE
     if not state.frames:
+        state.refused = None
+        _tracing.install()
         handle_ = ImmutorchMode(state)
         handle_.__enter__()
         state.mode_handle = handle_

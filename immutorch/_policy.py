@@ -15,10 +15,10 @@ from typing import Optional
 import torch
 import wrapt  # noqa: F401  (imported so its frames can be skipped in locations)
 
-from . import _boundaries
+from . import _boundaries, _provenance
 from ._clone import group_of
 from ._errors import ImmutableTensorError, MutationWarning
-from ._registry import Hit
+from ._registry import BLOCK, OUTSIDE, STATE, Hit
 from ._storage import describe, shape_of
 
 
@@ -89,13 +89,27 @@ def _context(
         else (f"a {str(dtype).replace('torch.', '')} tensor of shape {list(shape)}")
     )
     arg = written_arg.lstrip("*")
+    label = f"`{hit.label}`"
+    allow_hint: Optional[str] = None
+    if hit.frame.kind == BLOCK and hit.label == OUTSIDE:
+        found = _provenance.find(t, frame)
+        if found is not None:
+            label = f"{found.label}, {OUTSIDE}"
+            allow_hint = found.allow
+        else:
+            allow_hint = "allow=..."
     head = (
-        f"{op} would {what} `{hit.label}` ({tensor_desc}, argument `{arg}` of {op}), "
+        f"{op} would {what} {label} ({tensor_desc}, argument `{arg}` of {op}), "
         f"protected by {hit.frame.where}"
     )
     place = f"\n  in {where}" if not hit.frame.where.endswith(where) else ""
     if location:
         place += f"\n  at {location}"
+    if allow_hint is not None:
+        place += (
+            f"\nIf the block may write it (state of a model, an optimizer or a framework), "
+            f"exempt it: guard(..., {allow_hint}); allow= takes tensors, modules and optimizers."
+        )
     attrs: dict[str, object] = {
         "op": op,
         "argument": hit.label,
@@ -125,7 +139,26 @@ def _fail(
             'out-of-place op), clone it first (`x = x.clone()`), or use mode="clone" to let '
             "the call write into a private copy."
         )
-    raise ImmutableTensorError("immutorch: " + text, **attrs)  # type: ignore[arg-type]
+    error = ImmutableTensorError("immutorch: " + text, **attrs)  # type: ignore[arg-type]
+    STATE.refused = error
+    raise error
+
+
+def recover_refusal(exc: BaseException) -> Optional[BaseException]:
+    """The ImmutableTensorError behind ``exc``, if ``exc`` is TorchScript's rewrap of it.
+
+    A refusal raised while TorchScript code runs reaches Python as a RuntimeError "The
+    following operation failed in the TorchScript interpreter" whose last line has lost the
+    message. The front doors call this on a RuntimeError leaving them and raise the original
+    (chained to TorchScript's error, which shows the TorchScript line).
+    """
+    refused = STATE.refused
+    if refused is None or isinstance(exc, ImmutableTensorError):
+        return None
+    if isinstance(exc, RuntimeError) and "TorchScript" in str(exc):
+        STATE.refused = None
+        return refused
+    return None
 
 
 def _warn(hit: Hit, op: str, written_arg: str, t: torch.Tensor) -> None:

@@ -35,6 +35,9 @@ TOTAL_STATS = CloneStats()
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
+# The label of memory a block guard protects when no boundary named it.
+OUTSIDE = "a tensor from outside the block"
+
 NAMED = "named"  # protects the tensors it was given
 BLOCK = "block"  # protects everything that existed before it started
 
@@ -110,7 +113,7 @@ class Frame:
         self.module_root = module_root
         self.boundary = False
         self.hooked = False  # holds a reference on the module hooks
-        self.seen_modules: dict[tuple[int, bool], torch.nn.Module] = {}
+        self.seen_modules: dict[tuple[int, object], torch.nn.Module] = {}
 
     def exempt(self, cdata: int) -> bool:
         return cdata in self.allow or cdata in self.state
@@ -145,6 +148,16 @@ class Frame:
                 self._add_state(p.grad)
         for b in module.buffers(recurse=recurse):
             self._add_state(b)
+
+    def add_framework_state(self, owner: torch.nn.Module, find: Any) -> None:
+        """Exempt memory a framework module owns beyond its parameters (DDP's gradient
+        buckets), found by ``find(owner)``, once per module per frame."""
+        key = (id(owner), "framework")
+        if key in self.seen_modules:
+            return
+        self.seen_modules[key] = owner
+        for t in find(owner):
+            self._add_state(t)
 
     def _add_state(self, t: torch.Tensor) -> None:
         for leaf in tensor_leaves(t):
@@ -184,6 +197,10 @@ class ThreadState(threading.local):
         self.blocks: list[Frame] = []
         self.clone_frames = 0
         self.bypass = 0
+        # The last ImmutableTensorError raised on this thread: TorchScript's interpreter turns
+        # an exception raised inside it into a RuntimeError with an empty message, and the
+        # front doors put this one back (see _policy.recover_refusal).
+        self.refused: Optional[BaseException] = None
         self.mode_handle: Any = None
         # (module, display path) for each nn.Module call in progress, outermost first.
         self.modules: list[torch.nn.Module] = []
@@ -257,7 +274,7 @@ class ThreadState(threading.local):
             label: Optional[str] = boundary.labels.get(cdata)
             if label is not None:
                 return label
-        return "a tensor from outside the block"
+        return OUTSIDE
 
     def object_hits(self, t: torch.Tensor) -> list[Hit]:
         """Protections of the tensor object itself, for ops that change its size or strides."""
@@ -274,7 +291,7 @@ class ThreadState(threading.local):
                     if born < f.start and not f.exempt(storage._cdata):
                         if not f.protect_state and isinstance(t, torch.nn.Parameter):
                             continue
-                        hits.append(Hit(f, "a tensor from outside the block", f.mode, (), None))
+                        hits.append(Hit(f, OUTSIDE, f.mode, (), None))
         return hits
 
 

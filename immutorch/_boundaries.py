@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import sys
 import threading
+import types
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from . import _arguments, _mode
 from ._clone import alias, group_of
 from ._compiled import CompiledBoundary, compile_in_use, is_compiled
 from ._config import Mode, check_mode, resolve
+from ._distributed import ddp_buckets, is_ddp
 from ._registry import STATE, Frame, Hit, strictest
 from ._storage import storage_of
 
@@ -162,6 +164,8 @@ def display_path(module: torch.nn.Module, outermost: Optional[torch.nn.Module] =
         inner: torch.nn.Module = getattr(module, "_orig_mod")  # noqa: B009
         module = inner
         cls = f"{type(module).__name__}, compiled"
+    elif isinstance(module, torch.jit.ScriptModule):
+        cls = f"{getattr(module, 'original_name', cls)}, scripted"
     for root in _roots(outermost):
         if root is module:
             return cls
@@ -209,17 +213,27 @@ def _roots(outermost: Optional[torch.nn.Module]) -> list[torch.nn.Module]:
 
 
 def _forward_param_names(module: torch.nn.Module) -> list[str]:
+    """The names of ``forward``'s positional parameters, for labels; [] where unknown.
+
+    A ScriptModule's class attribute ``forward`` raises AttributeError on access (its
+    ``_CachedForward`` descriptor); its compiled method carries a schema instead.
+    """
     cls = type(module)
     names = _param_names.get(cls)
-    if names is None:
+    if names is not None:
+        return names
+    if isinstance(module, torch.jit.ScriptModule):
         try:
-            params = list(inspect.signature(cls.forward).parameters.values())[1:]
-            names = [
-                p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-            ]
-        except (TypeError, ValueError):
-            names = []
-        _param_names[cls] = names
+            schema = module.forward.schema  # type: ignore[attr-defined]
+            return [a.name for a in schema.arguments[1:]]  # per instance: no class cache
+        except (AttributeError, RuntimeError):
+            return []
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+        names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError, AttributeError):
+        names = []
+    _param_names[cls] = names
     return names
 
 
@@ -259,9 +273,14 @@ def _enter_boundary(
             _remove_if_unused()  # the first module call after the last guard takes them off
         return None
     state.modules.append(module)
+    # A ScriptModule calls its submodules inside TorchScript, where no hook sees them.
+    scripted = isinstance(module, torch.jit.ScriptModule)
+    ddp = is_ddp(module)
     for block in state.blocks:
         if not block.protect_state:
-            block.add_module_state(module, recurse=False)
+            block.add_module_state(module, recurse=scripted)
+            if ddp:
+                block.add_framework_state(module, ddp_buckets)
     names = _forward_param_names(module)
     frame: Optional[Frame] = None
     for watch in state.watchers:
@@ -312,11 +331,44 @@ def _replace_arguments(
     return tuple(new_args), new_kwargs
 
 
+# The frames that call global hooks: Module._call_impl, or (2.x) the ``inner`` closure it
+# defines, which shares ``kwargs`` with it as a cell.
+_CALL_IMPL_CODES = (
+    torch.nn.Module._call_impl.__code__,
+    *(
+        c
+        for c in torch.nn.Module._call_impl.__code__.co_consts
+        if isinstance(c, types.CodeType) and c.co_name == "inner"
+    ),
+)
+
+
+def _caller_kwargs() -> Optional[dict[str, Any]]:
+    """The keyword arguments of the module call whose pre-hook is running.
+
+    Where global pre-hooks cannot take keyword arguments (torch 2.13 and older), they are the
+    ``kwargs`` dict of ``Module._call_impl``, the frame that calls the hook. That dict is built
+    afresh for each call and is the one ``forward`` is called with, so replacing values in it
+    (clone mode) reaches ``forward`` and never the caller's own dict.
+    """
+    frame = sys._getframe(2)  # _caller_kwargs <- _pre_hook <- Module._call_impl
+    if frame.f_code not in _CALL_IMPL_CODES:
+        return None
+    kwargs = frame.f_locals.get("kwargs")
+    return kwargs if isinstance(kwargs, dict) else None
+
+
 def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
     if torch.compiler.is_compiling():
         return None  # Dynamo traces hooks: keep them out of compiled graphs
-    replaced = _enter_boundary(module, args, {})
-    return None if replaced is None else replaced[0]
+    kwargs = _caller_kwargs() or {}
+    replaced = _enter_boundary(module, args, kwargs)
+    if replaced is None:
+        return None
+    new_args, new_kwargs = replaced
+    if new_kwargs is not kwargs:
+        kwargs.update(new_kwargs)
+    return new_args
 
 
 def _pre_hook_with_kwargs(

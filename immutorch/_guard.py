@@ -12,7 +12,7 @@ import wrapt
 from . import _arguments
 from ._config import Mode, check_mode, resolve
 from ._mode import enter, leave
-from ._policy import user_frame
+from ._policy import recover_refusal, user_frame
 from ._registry import BLOCK, NAMED, CloneStats, Frame
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -83,6 +83,10 @@ class Guard:
         frame = self._active.pop()
         if frame is not None:
             leave(frame)
+        if exc is not None:
+            refused = recover_refusal(exc)
+            if refused is not None:
+                raise refused from exc
 
     def __call__(self, fn: F) -> F:
         @wrapt.decorator  # type: ignore[misc]
@@ -94,6 +98,11 @@ class Guard:
             enter(frame)
             try:
                 return wrapped(*args, **kwargs)
+            except RuntimeError as exc:
+                refused = recover_refusal(exc)
+                if refused is not None:
+                    raise refused from exc
+                raise
             finally:
                 leave(frame)
 

@@ -20,6 +20,7 @@ import contextlib
 import os
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
+from types import TracebackType
 from typing import TYPE_CHECKING, Callable, Optional, cast
 
 import pytest
@@ -225,10 +226,27 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     settings = _session_settings(config)
     config.stash[_SESSION] = settings
+    if settings.mode is not None or settings.modules:
+        _check_core_imports(settings)
     if settings.forced:
         from . import _config
 
         config.stash[_PREVIOUS_OVERRIDE] = _config.set_override(settings.mode)
+
+
+def _check_core_imports(settings: _Settings) -> None:
+    """Import the core now, once: a missing dependency (torch, wrapt) then stops the run at
+    start-up with one message, instead of failing every test in its call phase."""
+    try:
+        from . import _boundaries, _config  # noqa: F401
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        raise pytest.UsageError(
+            f"immutorch: the plugin is on (mode={settings.mode} from {settings.mode_source}) "
+            f"but immutorch cannot be imported: {exc}. Install what it needs "
+            f"(`pip install {missing}`, or reinstall immutorch), or turn the plugin off with "
+            "-p no:immutorch."
+        ) from exc
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -269,6 +287,61 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     settings = item.stash.get(_TEST, _Settings())
     with _marker_override(settings), _watch(settings, _include_inplace(item.config)):
         yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, None, None]:
+    """Make a refused write read like the user's bug: the ImmutableTensorError (recovered
+    from TorchScript's rewrap) with the user's line last, torch's frames between that line and
+    immutorch's dispatch mode (Module._call_impl, the dynamo disable-wrapper) left out."""
+    if call.excinfo is not None:
+        _readable_refusal(call)
+    yield
+
+
+def _readable_refusal(call: pytest.CallInfo[None]) -> None:
+    import sys
+
+    excinfo = call.excinfo
+    if excinfo is None or "immutorch._policy" not in sys.modules:
+        return  # nothing of immutorch's ran: no refusal to show
+    from ._errors import ImmutableTensorError, MutationWarning
+    from ._policy import recover_refusal
+
+    value = excinfo.value
+    if not isinstance(value, (ImmutableTensorError, MutationWarning)):
+        refused = recover_refusal(value)
+        if refused is None or not hasattr(pytest.ExceptionInfo, "from_exception"):
+            return
+        refused.__cause__ = value
+        excinfo = call.excinfo = pytest.ExceptionInfo.from_exception(refused)
+    torch_dir = _package_dir("torch")
+    if torch_dir is None:
+        return
+    _unlink_frames(excinfo.tb, torch_dir)
+    excinfo.traceback = pytest.ExceptionInfo.from_exception(excinfo.value).traceback
+
+
+def _unlink_frames(tb: Optional[TracebackType], prefix: str) -> None:
+    """Drop the frames of files under ``prefix`` from the traceback chain itself (pytest
+    rebuilds its view from the raw chain when it cuts to the test, so filtering its view is
+    not enough). The first frame, pytest's own, always stays."""
+    while tb is not None:
+        after = tb.tb_next
+        while after is not None and after.tb_frame.f_code.co_filename.startswith(prefix):
+            after = after.tb_next
+        tb.tb_next = after
+        tb = after
+
+
+def _package_dir(name: str) -> Optional[str]:
+    import sys
+
+    module = sys.modules.get(name)
+    path = getattr(module, "__file__", None)
+    return os.path.dirname(os.path.abspath(path)) + os.sep if path else None
 
 
 @pytest.hookimpl(hookwrapper=True)

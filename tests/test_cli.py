@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -19,6 +21,13 @@ from immutorch._cli import main
 ENCODER_INPUT = ["--input", "4,80,60", "--lengths"]
 LEGACY = "immutorch._reference:LegacyInputNormalization"  # norm_type="global" unless --init
 SENTENCE = ["--init", '{"norm_type": "sentence"}']
+README = Path(__file__).resolve().parent.parent / "README.md"
+# The README's "Audit a model" examples: each command, then the output it shows.
+README_AUDITS = re.findall(
+    r"```bash\n(.*?)```\n\n```text\n(.*?)```",
+    README.read_text().split("### Audit a model", 1)[1].split("\n### ", 1)[0],
+    flags=re.S,
+)
 MODES = (
     "unguarded (legacy normalizer)",
     'guard(mode="raise")',
@@ -213,6 +222,16 @@ def test_the_output_says_what_was_run() -> None:
         _audit_json("immutorch._reference:mse", "--input", "3,4", "--input", "3,4")[1]["training"]
         is None
     )
+
+
+@pytest.mark.parametrize(("command", "shown"), README_AUDITS, ids=["encoder", "init-train-runs"])
+def test_readme_audit_examples_print_what_the_readme_shows(
+    command: str, shown: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(README.parent)  # the table shows paths relative to the working directory
+    argv = shlex.split(command.replace("\\\n", " "))
+    assert argv[:3] == ["python", "-m", "immutorch"]
+    assert _run(*argv[3:]) == (1, shown)
 
 
 @pytest.mark.parametrize(

@@ -38,3 +38,13 @@ class PaddingZeroer(nn.Module):
 def padded_from(length: float, frames: int) -> int:
     """The first padding frame of an item of relative ``length``, as SpeechBrain rounds it."""
     return int(torch.round(torch.tensor(length) * frames))
+
+
+class CoinFlipScale(nn.Module):
+    """Scales its input in place on a coin flip from torch's global generator, as dropout-like
+    code does: whether a run writes is chance, and the seed decides it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if float(torch.rand(())) < 0.5:
+            x.mul_(2.0)  # the write: in about half the runs
+        return x

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from audit_targets import padded_from
 
 from immutorch import _demo
@@ -191,6 +192,20 @@ def test_seed_makes_runs_reproducible() -> None:
     _, moved = _audit_json(*argv, "--seed", "7")
     assert moved["seed"] == 7
     assert moved["lengths"][1:] != _audit_json(*argv)[1]["lengths"][1:]
+
+
+def test_a_write_by_chance_shows_in_some_runs_the_same_ones_each_time() -> None:
+    argv = ["audit_targets:CoinFlipScale", "--input", "3,4", "--runs", "8"]
+    before = torch.random.get_rng_state()
+    code, report = _audit_json(*argv)
+    # run i seeds torch's global generator with --seed + i, and the caller's state comes back
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert code == 1
+    (write,) = report["writes"]
+    assert 0 < write["runs"] < 8
+    assert write["per_run"] == _audit_json(*argv)[1]["writes"][0]["per_run"]
+    shifted = _audit_json(*argv, "--seed", "1")[1]["writes"][0]["per_run"]
+    assert shifted[:7] == write["per_run"][1:]  # run i of seed 1 is run i + 1 of seed 0
 
 
 def test_the_output_says_what_was_run() -> None:

@@ -177,8 +177,6 @@ def _run_audit(args: argparse.Namespace, out: TextIO) -> int:
         return _usage_error(parser, f"--input: {exc}")
     if args.lengths and (not shapes or not shapes[0]):
         return _usage_error(parser, "--lengths needs an --input with a batch dimension first")
-    if args.runs < 1:
-        return _usage_error(parser, f"--runs must be at least 1, got {args.runs}")
     if args.seed < 0:
         return _usage_error(parser, f"--seed must be 0 or more, got {args.seed}")
     try:

@@ -12,20 +12,37 @@ from typing import Optional, TextIO
 
 AUDIT_EPILOG = """\
 TARGET is package.module:name. A module instance is audited as is; a class is instantiated
-with no arguments; a function without required parameters is a factory whose result (a
-module or function) is audited; any other function is audited itself.
+with --init's arguments (none by default); a function without required parameters is a
+factory whose result (a module or function) is audited; any other function is audited itself.
 
-The target is called once as target(*inputs): one random float32 tensor per --input, then,
-with --lengths, a relative-lengths tensor of ones (one per item of the first input's first
-dimension). The inputs, and every argument of every nn.Module call inside the run, are
-protected in warn mode: each write goes ahead, so every write is found, not only the first.
-Each row is one place that wrote (module path and class, op, argument, source line), with how
-many times it wrote there.
+--init takes JSON: an object of keyword arguments or a list of positional ones, for a class
+TARGET only. A module target runs in the mode it was built in (nn.Module's default is
+training; many factories call eval()) unless --train or --eval sets it; the output says which.
 
-exit status: 0 no writes, 1 writes found, 2 bad usage or the target could not be loaded or run.
+The target is called as target(*inputs): one random float32 tensor per --input, then, with
+--lengths, relative lengths (one per item of the first input's first dimension). --runs N
+calls the same built target N times; run i draws its inputs, and seeds torch's global
+generator, from --seed + i, so a given --seed and --runs repeat exactly. With --lengths, the
+first run passes lengths of 1.0 and later runs random ones: 1.0 for the first item (the
+longest, as in a padded SpeechBrain batch), uniform in [0.1, 1.0] for the others, so writes
+that happen only for padded items show up.
 
-example:
+The inputs, and every argument of every nn.Module call inside the run, are protected in warn
+mode: each write goes ahead, so every write is found, not only the first. Each row is one
+place that wrote (module path and class, op, argument, source line), with how many times it
+wrote there over all runs and, with --runs, in how many runs. A header line says what was
+run. --json prints an object: "version" (2), what was run ("target", "init", "training",
+"training_from", "inputs", "lengths" of each run, "runs", "seed") and "writes", the rows
+("count" all runs together, "runs", "per_run" counts). Version 1 (immutorch 0.1) printed the
+bare list that is now "writes".
+
+exit status: 0 no writes, 1 writes found, 2 bad usage or the target could not be loaded,
+built or run.
+
+examples:
   python -m immutorch audit immutorch._reference:legacy_encoder --input 8,80,300 --lengths
+  python -m immutorch audit immutorch._reference:LegacyInputNormalization \\
+      --init '{"norm_type": "sentence"}' --train --runs 3 --input 4,100,80 --lengths
 """
 
 
@@ -52,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit = commands.add_parser(
         "audit",
-        help="run a model once and list every write into its inputs",
-        description="Run TARGET once and list every write into a tensor it was handed.",
+        help="run a model on random inputs and list every write into them",
+        description=(
+            "Run TARGET on random inputs (once, or --runs times) and list every write into "
+            "a tensor it was handed."
+        ),
         epilog=AUDIT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -69,9 +89,46 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument(
         "--lengths",
         action="store_true",
-        help="also pass relative lengths (a tensor of ones) after the inputs",
+        help="also pass relative lengths after the inputs (1.0 in the first run, random after)",
     )
-    audit.add_argument("--json", action="store_true", help="print a JSON list of writes")
+    audit.add_argument(
+        "--init",
+        metavar="JSON",
+        help="""constructor arguments for a class TARGET: '{"norm_type": "sentence"}' """
+        "(keywords) or '[true, false]' (positional)",
+    )
+    mode = audit.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--train",
+        dest="train",
+        action="store_const",
+        const=True,
+        help="run a module target in training mode (default: the mode it was built in)",
+    )
+    mode.add_argument(
+        "--eval",
+        dest="train",
+        action="store_const",
+        const=False,
+        help="run a module target in eval mode (default: the mode it was built in)",
+    )
+    audit.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N times with fresh random inputs and merge the writes (default 1)",
+    )
+    audit.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="run i uses seed S+i for its inputs and torch's generator (default 0)",
+    )
+    audit.add_argument(
+        "--json", action="store_true", help="print what was run and the writes as JSON"
+    )
     audit.set_defaults(subparser=audit)
     return parser
 
@@ -120,24 +177,65 @@ def _run_audit(args: argparse.Namespace, out: TextIO) -> int:
         return _usage_error(parser, f"--input: {exc}")
     if args.lengths and (not shapes or not shapes[0]):
         return _usage_error(parser, "--lengths needs an --input with a batch dimension first")
+    if args.seed < 0:
+        return _usage_error(parser, f"--seed must be 0 or more, got {args.seed}")
     try:
-        target = _audit.load_target(args.target)
-        writes = _audit.audit(target, _audit.make_inputs(shapes, args.lengths))
+        init = None if args.init is None else _audit.parse_init(args.init)
+        result = _audit.audit_runs(
+            args.target,
+            shapes,
+            args.lengths,
+            init=init,
+            train=args.train,
+            runs=args.runs,
+            seed=args.seed,
+        )
     except _audit.AuditError as exc:
         return _usage_error(parser, str(exc))
 
+    writes = result.writes
     if args.json:
-        print(json.dumps([w.as_dict() for w in writes], indent=2), file=out)
-    elif not writes:
+        print(json.dumps(result.as_dict(), indent=2), file=out)
+        return 1 if writes else 0
+    print(_header(result), file=out)
+    if not writes:
         print(f"{args.target}: no writes into its inputs.", file=out)
+        return 0
+    print("", file=out)
+    print(_table(writes, result.runs), file=out)
+    total = sum(w.count for w in writes)
+    over = f" over {result.runs} runs" if result.runs > 1 else ""
+    print(
+        f"\n{args.target}: {total} write(s) into its inputs at {len(writes)} place(s){over}.",
+        file=out,
+    )
+    return 1
+
+
+def _header(result: object) -> str:
+    """One line: the target as called, its mode, the inputs, the runs and seeds."""
+    from ._audit import MIN_LENGTH, Audit
+
+    assert isinstance(result, Audit)
+    target = result.target
+    if isinstance(result.init, list):
+        target += "(" + ", ".join(map(repr, result.init)) + ")"
+    elif isinstance(result.init, dict):
+        target += "(" + ", ".join(f"{k}={v!r}" for k, v in result.init.items()) + ")"
+    if result.training is None:
+        mode = "not a module (no train/eval mode)"
     else:
-        print(_table(writes), file=out)
-        total = sum(w.count for w in writes)
-        print(
-            f"\n{args.target}: {total} write(s) into its inputs at {len(writes)} place(s).",
-            file=out,
+        mode = f"{'training' if result.training else 'eval'} mode ({result.training_from})"
+    inputs = ", ".join("x".join(map(str, shape)) for shape in result.shapes) or "none"
+    if result.lengths is not None:
+        inputs += " + lengths" + (
+            f" (1.0 in run 1, random in [{MIN_LENGTH}, 1.0] after)" if result.runs > 1 else ""
         )
-    return 1 if writes else 0
+    if result.runs == 1:
+        runs = f"1 run, seed {result.seed}"
+    else:
+        runs = f"{result.runs} runs, seeds {result.seed}-{result.seed + result.runs - 1}"
+    return f"audit: {target}; {mode}; inputs {inputs}; {runs}"
 
 
 def _usage_error(parser: argparse.ArgumentParser, message: str) -> int:
@@ -153,13 +251,18 @@ def _short(location: Optional[str]) -> str:
     return location if rel.startswith("..") else rel
 
 
-def _table(writes: Sequence[object]) -> str:
+def _table(writes: Sequence[object], runs: int = 1) -> str:
     from ._audit import Write
 
-    rows = [("module", "op", "argument", "times", "line", "source")]
+    rows: list[tuple[str, ...]] = [("module", "op", "argument", "times", "runs", "line", "source")]
     for w in writes:
         assert isinstance(w, Write)
-        rows.append((w.where, w.op, w.argument, str(w.count), _short(w.location), w.source))
+        seen_in = f"{w.runs}/{runs}"
+        rows.append(
+            (w.where, w.op, w.argument, str(w.count), seen_in, _short(w.location), w.source)
+        )
+    if runs == 1:  # the runs column says nothing about a single run
+        rows = [(*r[:4], *r[5:]) for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for r in rows:

@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shlex
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from audit_targets import padded_from
 
 from immutorch import _demo
 from immutorch._cli import main
 
 ENCODER_INPUT = ["--input", "4,80,60", "--lengths"]
+LEGACY = "immutorch._reference:LegacyInputNormalization"  # norm_type="global" unless --init
+SENTENCE = ["--init", '{"norm_type": "sentence"}']
+README = Path(__file__).resolve().parent.parent / "README.md"
+# The README's "Audit a model" examples: each command, then the output it shows.
+README_AUDITS = re.findall(
+    r"```bash\n(.*?)```\n\n```text\n(.*?)```",
+    README.read_text().split("### Audit a model", 1)[1].split("\n### ", 1)[0],
+    flags=re.S,
+)
 MODES = (
     "unguarded (legacy normalizer)",
     'guard(mode="raise")',
@@ -33,7 +47,7 @@ def _run(*argv: str) -> tuple[int, str]:
 def test_audit_finds_the_legacy_write_with_its_module_and_line() -> None:
     code, text = _run("audit", "immutorch._reference:legacy_encoder", *ENCODER_INPUT, "--json")
     assert code == 1
-    (write,) = json.loads(text)
+    (write,) = json.loads(text)["writes"]
     assert write["where"] == "mods.normalizer (LegacyInputNormalization)"
     assert write["op"] == "aten::copy_"
     assert write["argument"] == "x"
@@ -69,7 +83,7 @@ def test_audit_finds_nothing_in_code_that_does_not_write(argv: list[str]) -> Non
     assert code == 0, text
     assert "no writes into its inputs" in text
     code, text = _run("audit", *argv, "--json")
-    assert (code, json.loads(text)) == (0, [])
+    assert (code, json.loads(text)["writes"]) == (0, [])
 
 
 def test_audit_of_a_writing_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,10 +99,154 @@ def test_audit_of_a_writing_function(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.syspath_prepend(str(tmp_path))
     code, text = _run("audit", "scaler_pkg:scale_", "--input", "3,4", "--json")
     assert code == 1
-    (write,) = json.loads(text)
+    (write,) = json.loads(text)["writes"]
     assert write["op"] == "aten::mul_"
     assert write["location"].endswith("scaler_pkg.py:3")
     assert write["source"] == "x.mul_(factor)"
+
+
+def _audit_json(*argv: str) -> tuple[int, dict[str, Any]]:
+    code, text = _run("audit", *argv, "--json")
+    return code, json.loads(text)
+
+
+def _places(report: dict[str, Any]) -> list[tuple[str, str, int, int]]:
+    return [(w["where"], w["op"], w["count"], w["runs"]) for w in report["writes"]]
+
+
+def test_init_builds_the_class_with_those_arguments() -> None:
+    # By default the class is built with no arguments: norm_type="global", out of place.
+    assert _audit_json(LEGACY, "--input", "4,60,80")[0] == 0
+    code, report = _audit_json(LEGACY, *SENTENCE, "--input", "4,60,80")
+    assert code == 1
+    assert _places(report) == [("LegacyInputNormalization", "aten::copy_", 4, 1)]
+    assert report["init"] == {"norm_type": "sentence"}
+    # a JSON list is positional: mean_norm, std_norm, norm_type
+    code, report = _audit_json(LEGACY, "--init", '[true, false, "sentence"]', "--input", "4,60,80")
+    assert code == 1
+    assert _places(report) == [("LegacyInputNormalization", "aten::copy_", 4, 1)]
+    assert report["init"] == [True, False, "sentence"]
+
+
+def test_a_write_made_only_in_training_is_found_with_train_not_eval() -> None:
+    target = ["audit_targets:TrainingTimeMask", "--input", "2,20,3"]
+    code, report = _audit_json(*target, "--train")
+    assert code == 1
+    assert _places(report) == [("TrainingTimeMask", "aten::fill_", 1, 1)]
+    assert (report["training"], report["training_from"]) == (True, "--train")
+    code, report = _audit_json(*target, "--eval")
+    assert (code, report["writes"]) == (0, [])
+    assert (report["training"], report["training_from"]) == (False, "--eval")
+    # Without either, the module runs as built: nn.Module's default is training.
+    code, report = _audit_json(*target)
+    assert (code, report["training"], report["training_from"]) == (1, True, "as built")
+
+
+def test_eval_is_set_on_a_module_a_factory_built_in_training() -> None:
+    # legacy_encoder() calls eval(); --train must reach the submodules too.
+    code, report = _audit_json("immutorch._reference:legacy_encoder", *ENCODER_INPUT)
+    assert (report["training"], report["training_from"]) == (False, "as built")
+    code, report = _audit_json("immutorch._reference:legacy_encoder", *ENCODER_INPUT, "--train")
+    assert code == 1
+    assert report["training"] is True
+
+
+def test_runs_merge_one_row_per_place_with_counts() -> None:
+    argv = ["immutorch._reference:legacy_normalizer", "--input", "4,60,80", "--lengths"]
+    code, report = _audit_json(*argv, "--runs", "3")
+    assert code == 1
+    (write,) = report["writes"]
+    assert (write["count"], write["runs"], write["per_run"]) == (12, 3, [4, 4, 4])
+    assert (report["runs"], report["seed"]) == (3, 0)
+    code, text = _run("audit", *argv, "--runs", "3")
+    assert code == 1
+    assert "3/3" in text
+    assert "12 write(s) into its inputs at 1 place(s) over 3 runs" in text
+
+
+def test_lengths_vary_after_the_first_run_and_find_writes_into_padding() -> None:
+    argv = ["audit_targets:PaddingZeroer", "--input", "4,20,3", "--lengths"]
+    # One run passes lengths of 1.0: no padding, no write.
+    code, report = _audit_json(*argv)
+    assert (code, report["writes"], report["lengths"]) == (0, [], [[1.0] * 4])
+    code, report = _audit_json(*argv, "--runs", "3")
+    assert code == 1
+    first, *later = report["lengths"]
+    assert first == [1.0] * 4
+    assert len(later) == 2
+    for lengths in later:
+        assert lengths[0] == 1.0  # the longest item, as in a padded batch
+        assert all(0.1 <= n <= 1.0 for n in lengths)
+        assert lengths[1:] != [1.0] * 3
+    padded = [sum(padded_from(n, 20) < 20 for n in lengths) for lengths in report["lengths"]]
+    (write,) = report["writes"]
+    assert write["per_run"] == padded
+    assert write["per_run"][0] == 0
+    assert write["runs"] == sum(1 for n in padded if n) == 2
+    assert write["count"] == sum(padded)
+
+
+def test_seed_makes_runs_reproducible() -> None:
+    argv = ["audit_targets:PaddingZeroer", "--input", "4,20,3", "--lengths", "--runs", "3"]
+    assert _audit_json(*argv) == _audit_json(*argv, "--seed", "0")
+    _, moved = _audit_json(*argv, "--seed", "7")
+    assert moved["seed"] == 7
+    assert moved["lengths"][1:] != _audit_json(*argv)[1]["lengths"][1:]
+
+
+def test_a_write_by_chance_shows_in_some_runs_the_same_ones_each_time() -> None:
+    argv = ["audit_targets:CoinFlipScale", "--input", "3,4", "--runs", "8"]
+    before = torch.random.get_rng_state()
+    code, report = _audit_json(*argv)
+    # run i seeds torch's global generator with --seed + i, and the caller's state comes back
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert code == 1
+    (write,) = report["writes"]
+    assert 0 < write["runs"] < 8
+    assert write["per_run"] == _audit_json(*argv)[1]["writes"][0]["per_run"]
+    shifted = _audit_json(*argv, "--seed", "1")[1]["writes"][0]["per_run"]
+    assert shifted[:7] == write["per_run"][1:]  # run i of seed 1 is run i + 1 of seed 0
+
+
+def test_the_output_says_what_was_run() -> None:
+    argv = [LEGACY, *SENTENCE, "--eval", "--input", "4,60,80", "--lengths", "--runs", "2"]
+    code, text = _run("audit", *argv, "--seed", "5")
+    assert code == 1
+    assert text.splitlines()[0] == (
+        "audit: immutorch._reference:LegacyInputNormalization(norm_type='sentence'); "
+        "eval mode (--eval); inputs 4x60x80 + lengths (1.0 in run 1, random in [0.1, 1.0] "
+        "after); 2 runs, seeds 5-6"
+    )
+    code, report = _audit_json(*argv, "--seed", "5")
+    assert {k: v for k, v in report.items() if k not in ("lengths", "writes")} == {
+        "version": 2,
+        "target": LEGACY,
+        "init": {"norm_type": "sentence"},
+        "training": False,
+        "training_from": "--eval",
+        "inputs": [[4, 60, 80]],
+        "runs": 2,
+        "seed": 5,
+    }
+    code, text = _run("audit", "immutorch._reference:mse", "--input", "3,4", "--input", "3,4")
+    assert text.splitlines()[0] == (
+        "audit: immutorch._reference:mse; not a module (no train/eval mode); "
+        "inputs 3x4, 3x4; 1 run, seed 0"
+    )
+    assert (
+        _audit_json("immutorch._reference:mse", "--input", "3,4", "--input", "3,4")[1]["training"]
+        is None
+    )
+
+
+@pytest.mark.parametrize(("command", "shown"), README_AUDITS, ids=["encoder", "init-train-runs"])
+def test_readme_audit_examples_print_what_the_readme_shows(
+    command: str, shown: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(README.parent)  # the table shows paths relative to the working directory
+    argv = shlex.split(command.replace("\\\n", " "))
+    assert argv[:3] == ["python", "-m", "immutorch"]
+    assert _run(*argv[3:]) == (1, shown)
 
 
 @pytest.mark.parametrize(
@@ -101,6 +259,18 @@ def test_audit_of_a_writing_function(tmp_path: Path, monkeypatch: pytest.MonkeyP
         (["immutorch._reference:fixed_encoder", "--lengths"], "--lengths needs"),
         (["immutorch._reference:fixed_encoder", "--input", "2,80"], "running the target raised"),
         (["immutorch._reference:ENCODER_NORMALIZER"], "not a module, class or function"),
+        ([LEGACY, "--init", "{norm_type: sentence}"], "--init is not valid JSON"),
+        ([LEGACY, "--init", '"sentence"'], "JSON object (keyword arguments) or list"),
+        ([LEGACY, "--init", '{"nrom_type": "sentence"}'], "fix the arguments given to --init"),
+        ([LEGACY, *SENTENCE, "--input", "2", "--runs", "2"], "run 1 of 2 (seed 0): running"),
+        (["immutorch._reference:legacy_encoder", *SENTENCE], "is a function; name the class"),
+        (["immutorch._reference:mse", "--init", "[]"], "--init builds a class"),
+        (["immutorch._reference:mse", "--train", "--input", "3"], "--train sets an nn.Module"),
+        (["immutorch._reference:mse", "--eval", "--input", "3"], "leave out --eval"),
+        ([LEGACY, "--train", "--eval"], "not allowed with argument"),
+        ([LEGACY, "--runs", "0"], "--runs must be at least 1"),
+        ([LEGACY, "--seed", "-1"], "--seed must be 0 or more"),
+        ([LEGACY, "--runs", "two"], "invalid int value"),
     ],
 )
 def test_audit_usage_errors_exit_2_and_say_why(
@@ -169,5 +339,5 @@ def test_audit_and_demo_ignore_a_forced_mode(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("IMMUTORCH_MODE", "raise")
     code, text = _run("audit", "immutorch._reference:legacy_encoder", *ENCODER_INPUT, "--json")
     assert code == 1
-    assert json.loads(text)[0]["count"] == 4
+    assert json.loads(text)["writes"][0]["count"] == 4
     assert _run("demo", "--repeats", "0")[0] == 2

@@ -139,6 +139,13 @@ def watch_modules(
     STATE.watchers.append(watch)
     try:
         yield
+    except RuntimeError as exc:
+        from ._policy import recover_dispatch_error
+
+        original = recover_dispatch_error(exc)
+        if original is not None:
+            raise original from exc
+        raise
     finally:
         STATE.watchers.remove(watch)
         release_hooks()

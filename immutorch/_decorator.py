@@ -15,7 +15,7 @@ from ._clone import alias
 from ._compiled import CompiledBoundary, is_compiled
 from ._config import Mode, check_mode, resolve
 from ._mode import enter, leave
-from ._policy import recover_refusal
+from ._policy import recover_dispatch_error
 from ._registry import Frame
 
 P = ParamSpec("P")
@@ -138,7 +138,7 @@ def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]]) -> Any:
         try:
             return fn(*args, **kwargs)
         except RuntimeError as exc:
-            refused = recover_refusal(exc)
+            refused = recover_dispatch_error(exc)
             if refused is not None:
                 raise refused from exc
             raise

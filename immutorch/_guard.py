@@ -12,7 +12,7 @@ import wrapt
 from . import _arguments
 from ._config import Mode, check_mode, resolve
 from ._mode import enter, leave
-from ._policy import recover_refusal, user_frame
+from ._policy import recover_dispatch_error, user_frame
 from ._registry import BLOCK, NAMED, CloneStats, Frame
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -84,7 +84,7 @@ class Guard:
         if frame is not None:
             leave(frame)
         if exc is not None:
-            refused = recover_refusal(exc)
+            refused = recover_dispatch_error(exc)
             if refused is not None:
                 raise refused from exc
 
@@ -99,7 +99,7 @@ class Guard:
             try:
                 return wrapped(*args, **kwargs)
             except RuntimeError as exc:
-                refused = recover_refusal(exc)
+                refused = recover_dispatch_error(exc)
                 if refused is not None:
                     raise refused from exc
                 raise

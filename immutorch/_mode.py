@@ -7,7 +7,7 @@ thread's registry and the strictest protection decides, *before* the op runs.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -51,8 +51,11 @@ class ImmutorchMode(TorchDispatchMode):
                             _check(state, facts.name, written.name, written.kind == META, item)
         try:
             out = func(*args, **kwargs)
-        except RuntimeError as exc:
-            _explain_boxed_scalar_failure(func, args, exc)
+        except Exception as exc:
+            explained = _explain_boxed_scalar_failure(func, args, exc)
+            state.dispatch_error = explained or exc
+            if explained is not None:
+                raise explained from exc
             raise
         # lift_fresh also wraps torch.from_numpy(a): a new StorageImpl over bytes numpy owns,
         # maybe those of a tensor from before the block (x.numpy()). Such external memory is
@@ -72,26 +75,29 @@ class ImmutorchMode(TorchDispatchMode):
         return out
 
 
-def _explain_boxed_scalar_failure(func: Any, args: tuple[Any, ...], exc: RuntimeError) -> None:
+def _explain_boxed_scalar_failure(
+    func: Any, args: tuple[Any, ...], exc: Exception
+) -> Optional[RuntimeError]:
     """TorchScript hands a Python dispatch mode the tensor constants of a traced graph as
     Python numbers (wrapped-number tensors become scalars on the way to Python), so the op
     cannot be called again from the mode. An empty TorchDispatchMode fails the same way
     (torch 2.13). Say so, instead of the bare schema mismatch."""
-    if "Expected a value of type 'Tensor'" not in str(exc):
-        return
+    if not isinstance(exc, RuntimeError) or "Expected a value of type 'Tensor'" not in str(exc):
+        return None
     schema = getattr(func, "_schema", None)
     if schema is None:
-        return
+        return None
     for arg, value in zip(schema.arguments, args):
         if isinstance(value, (int, float, bool)) and str(arg.type) == "Tensor":
-            raise RuntimeError(
+            return RuntimeError(
                 f"immutorch: {schema.name} was handed the number {value!r} where its schema "
                 "takes a Tensor. TorchScript passes the tensor constants of a traced graph to "
                 "any Python dispatch mode as plain numbers (torch's limitation: an empty "
                 "TorchDispatchMode fails the same way), so this TorchScript code cannot run "
                 "under an immutorch guard. Call it outside the guard, or script the code with "
                 "torch.jit.script instead of tracing it."
-            ) from exc
+            )
+    return None
 
 
 def _check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) -> None:
@@ -152,7 +158,7 @@ def enter(frame: _registry.Frame) -> None:
     """Activate ``frame`` on this thread, pushing the dispatch mode if it is the first."""
     state = STATE
     if not state.frames:
-        state.refused = None
+        state.dispatch_error = None
         _tracing.install()
         handle_ = ImmutorchMode(state)
         handle_.__enter__()

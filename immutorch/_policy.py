@@ -140,24 +140,26 @@ def _fail(
             "the call write into a private copy."
         )
     error = ImmutableTensorError("immutorch: " + text, **attrs)  # type: ignore[arg-type]
-    STATE.refused = error
+    STATE.dispatch_error = error
     raise error
 
 
-def recover_refusal(exc: BaseException) -> Optional[BaseException]:
-    """The ImmutableTensorError behind ``exc``, if ``exc`` is TorchScript's rewrap of it.
+def recover_dispatch_error(exc: BaseException) -> Optional[BaseException]:
+    """The exception raised inside the dispatch mode behind ``exc``, if ``exc`` is
+    TorchScript's rewrap of it.
 
-    A refusal raised while TorchScript code runs reaches Python as a RuntimeError "The
-    following operation failed in the TorchScript interpreter" whose last line has lost the
-    message. The front doors call this on a RuntimeError leaving them and raise the original
-    (chained to TorchScript's error, which shows the TorchScript line).
+    An exception raised while TorchScript code runs an op through a Python dispatch mode (an
+    immutorch refusal, or the op's own error) reaches Python as a RuntimeError "The following
+    operation failed in the TorchScript interpreter" whose last line has lost the message. The
+    front doors call this on a RuntimeError leaving them and raise the original, chained to
+    TorchScript's error, which shows the TorchScript line.
     """
-    refused = STATE.refused
-    if refused is None or isinstance(exc, ImmutableTensorError):
+    original = STATE.dispatch_error
+    if original is None or original is exc or isinstance(exc, ImmutableTensorError):
         return None
     if isinstance(exc, RuntimeError) and "TorchScript" in str(exc):
-        STATE.refused = None
-        return refused
+        STATE.dispatch_error = None
+        return original
     return None
 
 

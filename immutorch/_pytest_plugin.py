@@ -308,11 +308,11 @@ def _readable_refusal(call: pytest.CallInfo[None]) -> None:
     if excinfo is None or "immutorch._policy" not in sys.modules:
         return  # nothing of immutorch's ran: no refusal to show
     from ._errors import ImmutableTensorError, MutationWarning
-    from ._policy import recover_refusal
+    from ._policy import recover_dispatch_error
 
     value = excinfo.value
     if not isinstance(value, (ImmutableTensorError, MutationWarning)):
-        refused = recover_refusal(value)
+        refused = recover_dispatch_error(value)
         if refused is None or not hasattr(pytest.ExceptionInfo, "from_exception"):
             return
         refused.__cause__ = value

@@ -197,10 +197,11 @@ class ThreadState(threading.local):
         self.blocks: list[Frame] = []
         self.clone_frames = 0
         self.bypass = 0
-        # The last ImmutableTensorError raised on this thread: TorchScript's interpreter turns
-        # an exception raised inside it into a RuntimeError with an empty message, and the
-        # front doors put this one back (see _policy.recover_refusal).
-        self.refused: Optional[BaseException] = None
+        # The last exception raised inside the dispatch mode on this thread (a refusal, or an
+        # op's own error): TorchScript's interpreter turns an exception raised inside it into
+        # a RuntimeError with an empty message, and the front doors put this one back (see
+        # _policy.recover_dispatch_error).
+        self.dispatch_error: Optional[BaseException] = None
         self.mode_handle: Any = None
         # (module, display path) for each nn.Module call in progress, outermost first.
         self.modules: list[torch.nn.Module] = []

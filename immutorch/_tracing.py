@@ -68,22 +68,16 @@ def install() -> None:
             original = getattr(owner, name, None)
             if original is None or getattr(original, "_immutorch_wrapped", False):
                 continue
-            setattr(owner, name, _wrap(original, method=isinstance(owner, type)))
+            setattr(owner, name, _wrap(original))
         _installed = True
 
 
-def _wrap(original: Callable[..., Any], *, method: bool) -> Callable[..., Any]:
-    if method:
-
-        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-            with stepped_aside():
-                return original(self, *args, **kwargs)
-
-    else:
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with stepped_aside():
-                return original(*args, **kwargs)
+def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+    # One plain function serves both: set on a class it binds like a method, and ``self``
+    # arrives as args[0], which is what the unbound original takes first.
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with stepped_aside():
+            return original(*args, **kwargs)
 
     functools.update_wrapper(wrapper, original, assigned=("__name__", "__qualname__", "__doc__"))
     wrapper._immutorch_wrapped = True  # type: ignore[attr-defined]

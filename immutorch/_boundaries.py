@@ -28,7 +28,7 @@ from . import _arguments, _mode
 from ._clone import alias, group_of
 from ._compiled import CompiledBoundary, compile_in_use, is_compiled
 from ._config import Mode, check_mode, resolve
-from ._distributed import ddp_buckets, is_ddp
+from ._distributed import framework_state, is_framework
 from ._registry import STATE, Frame, Hit, strictest
 from ._storage import storage_of
 
@@ -280,14 +280,15 @@ def _enter_boundary(
             _remove_if_unused()  # the first module call after the last guard takes them off
         return None
     state.modules.append(module)
-    # A ScriptModule calls its submodules inside TorchScript, where no hook sees them.
-    scripted = isinstance(module, torch.jit.ScriptModule)
-    ddp = is_ddp(module)
+    # A ScriptModule calls its submodules inside TorchScript, where no hook sees them; DDP
+    # broadcasts the wrapped module's buffers before any submodule is called.
+    framework = is_framework(module)
+    whole = framework or isinstance(module, torch.jit.ScriptModule)
     for block in state.blocks:
         if not block.protect_state:
-            block.add_module_state(module, recurse=scripted)
-            if ddp:
-                block.add_framework_state(module, ddp_buckets)
+            block.add_module_state(module, recurse=whole)
+            if framework:
+                block.add_framework_state(module, framework_state)
     names = _forward_param_names(module)
     frame: Optional[Frame] = None
     for watch in state.watchers:

@@ -1,4 +1,4 @@
-"""Distributed training: the memory DistributedDataParallel owns.
+"""Distributed training: the memory DistributedDataParallel and FSDP2 own.
 
 DDP's reducer copies each gradient into a flat bucket allocated when the DDP module was built
 (``aten::copy_``, and ``aten::mul`` with ``out=`` to divide by the world size), all-reduces the
@@ -9,6 +9,10 @@ parameters and gradients, and are exempt the same way.
 Python sees the buckets nowhere, but ``Reducer._get_zeros_like_grad_buckets()`` calls
 ``zeros_like`` on each of them: a dispatch mode that records that op's argument, and answers
 with an empty tensor instead of allocating, finds them without a copy.
+
+FSDP2 (``fully_shard``) all-gathers each step into buffers it keeps between steps (their
+storage is resized to nothing after resharding and grown again) and copies them out with
+``fsdp::split_with_sizes_copy``: the tensors its ``FSDPParam`` objects hold are its state.
 """
 
 from __future__ import annotations
@@ -24,6 +28,42 @@ _ZEROS_LIKE = torch.ops.aten.zeros_like.default
 def is_ddp(module: torch.nn.Module) -> bool:
     cls = type(module)
     return cls.__name__ == "DistributedDataParallel" and cls.__module__.startswith("torch.")
+
+
+def is_fsdp2(module: torch.nn.Module) -> bool:
+    return callable(getattr(module, "_get_fsdp_state", None))
+
+
+def is_framework(module: torch.nn.Module) -> bool:
+    """A wrapper that owns memory beyond its parameters and buffers."""
+    return is_ddp(module) or is_fsdp2(module)
+
+
+def framework_state(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The memory a DDP or FSDP2 module owns beyond its parameters and buffers."""
+    if is_ddp(module):
+        return ddp_buckets(module)
+    if is_fsdp2(module):
+        return fsdp2_buffers(module)
+    return []
+
+
+def fsdp2_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Every tensor an FSDP2 module's parameter group keeps (all-gather outputs, unsharded
+    and sharded parameter data); [] where the layout is not the one known (torch 2.13)."""
+    try:
+        group = module._get_fsdp_state()._fsdp_param_group  # type: ignore[operator]
+        params = list(group.fsdp_params) if group is not None else []
+    except (AttributeError, RuntimeError):
+        return []
+    found: list[torch.Tensor] = []
+    for fsdp_param in params:
+        for value in vars(fsdp_param).values():
+            if isinstance(value, torch.Tensor):
+                found.append(value)
+            elif isinstance(value, (list, tuple)):
+                found.extend(v for v in value if isinstance(v, torch.Tensor))
+    return found
 
 
 class _BucketFinder(TorchDispatchMode):

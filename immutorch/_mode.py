@@ -134,15 +134,28 @@ def _owns_memory(out: Any) -> bool:
 def _tag_births(out: Any) -> None:
     epoch = _registry.current_epoch
     if isinstance(out, torch.Tensor):
-        storage = storage_of(out)
-        if storage is not None:
-            setattr(storage, BORN_ATTR, epoch)
+        _tag_birth(out, epoch)
     elif isinstance(out, (tuple, list)):
         for item in out:
             if isinstance(item, torch.Tensor):
-                storage = storage_of(item)
-                if storage is not None:
-                    setattr(storage, BORN_ATTR, epoch)
+                _tag_birth(item, epoch)
+
+
+def _tag_birth(t: torch.Tensor, epoch: int) -> None:
+    if type(t) is torch.Tensor:
+        storage = storage_of(t)
+        if storage is not None:
+            setattr(storage, BORN_ATTR, epoch)
+        return
+
+    # A wrapper subclass (DTensor: FSDP2's parameters and optimizer state) holds its memory in
+    # inner tensors allocated past this mode; they are as new as the wrapper.
+    def tag(leaf: torch.Tensor) -> None:
+        storage = storage_of(leaf)
+        if storage is not None:
+            setattr(storage, BORN_ATTR, epoch)
+
+    memory_leaves(t, tag)
 
 
 def _join(group: Any, out: Any) -> None:

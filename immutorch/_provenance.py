@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from ._distributed import ddp_buckets, is_ddp
+from ._distributed import framework_state, is_ddp, is_framework
 from ._registry import STATE
 from ._storage import storage_of
 
@@ -88,14 +88,14 @@ def _search(name: Optional[str], obj: Any, target: int) -> Optional[Provenance]:
         if _same(b, target):
             return Provenance(f"`{owner}.{path}` (a buffer)", allow)
     for path, sub in module.named_modules():
-        if is_ddp(sub):
-            for bucket in ddp_buckets(sub):
-                if _same(bucket, target):
+        if is_framework(sub):
+            for buffer in framework_state(sub):
+                if _same(buffer, target):
                     where = f"{owner}.{path}" if path else owner
+                    kind = "DistributedDataParallel" if is_ddp(sub) else "FSDP"
                     return Provenance(
-                        f"a gradient bucket of DistributedDataParallel `{where}` (framework "
-                        "state; immutorch exempts it when the DDP module is called inside the "
-                        "block)",
+                        f"a communication buffer of {kind} `{where}` (framework state; "
+                        "immutorch exempts it when that module is called inside the block)",
                         allow,
                     )
     return None

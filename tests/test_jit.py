@@ -4,7 +4,6 @@ immutorch were not there. Each case is checked against the same call unguarded o
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Callable
@@ -19,7 +18,9 @@ from immutorch._boundaries import watch_modules
 MODES = ("raise", "warn", "clone")
 
 # torch 2.13 deprecates TorchScript; the code under test still meets it in the wild.
-pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"
+)
 
 
 class Scale(torch.nn.Module):
@@ -238,6 +239,6 @@ def test_traced_graph_with_tensor_constants_says_why_it_cannot_run_guarded():
         return t * 2  # traced as a wrapped-number tensor constant
 
     traced = torch.jit.trace(double, torch.zeros(3), check_trace=False)
-    with pytest.raises(RuntimeError, match="script the code with torch.jit.script"):
+    with pytest.raises(RuntimeError, match=r"script the code with torch\.jit\.script"):
         with immutorch.guard():
             traced(torch.zeros(3))

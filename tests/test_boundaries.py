@@ -245,3 +245,71 @@ def test_keyword_arguments_are_handed_over_where_hooks_see_them():
         _boundaries._post_hook_with_kwargs(norm, args, kwargs, out)
     assert torch.equal(x, before)
     assert torch.equal(out, RowNormalizer()(before.clone()))
+
+
+class KeywordScaler(torch.nn.Module):
+    """Writes into a tensor it is handed by keyword only."""
+
+    def forward(self, x: torch.Tensor, *, scale: torch.Tensor) -> torch.Tensor:
+        scale.mul_(2)
+        return x * scale
+
+
+class PassesByKeyword(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = KeywordScaler()
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.inner(x, scale=scale)
+
+
+def _keyword_door(door: str, mode: str):  # type: ignore[no-untyped-def]
+    if door == "watch":
+        return watch_modules(lambda m: isinstance(m, KeywordScaler), mode)  # type: ignore[arg-type]
+    return immutorch.guard(mode=mode)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("door", ["watch", "guard()"])
+def test_keyword_tensor_write_is_refused_on_this_torch(door):
+    # Global pre-hooks on torch 2.13 take no kwargs: immutorch reads them from the module call.
+    x, scale = torch.ones(3), torch.arange(3.0)
+    before = scale.clone()
+    with pytest.raises(immutorch.ImmutableTensorError, match="`scale`") as info:
+        with _keyword_door(door, "raise"):
+            PassesByKeyword()(x, scale)
+    assert torch.equal(scale, before)
+    assert info.value.argument == "scale"
+
+
+@pytest.mark.parametrize("door", ["watch", "guard()"])
+def test_keyword_tensor_write_lands_in_a_private_copy_in_clone_mode(door):
+    x, scale = torch.ones(3), torch.arange(3.0)
+    before = scale.clone()
+    want = PassesByKeyword()(x.clone(), scale.clone())
+    with _keyword_door(door, "clone"):
+        got = PassesByKeyword()(x, scale)
+    assert torch.equal(got, want)
+    assert torch.equal(scale, before)
+
+
+@pytest.mark.parametrize("door", ["watch", "guard()"])
+def test_keyword_tensor_write_is_reported_in_warn_mode(door):
+    x, scale = torch.ones(3), torch.arange(3.0)
+    oracle_scale = scale.clone()
+    want = PassesByKeyword()(x.clone(), oracle_scale)
+    with pytest.warns(immutorch.MutationWarning, match="`scale`"):
+        with _keyword_door(door, "warn"):
+            got = PassesByKeyword()(x, scale)
+    assert torch.equal(got, want) and torch.equal(scale, oracle_scale)
+
+
+def test_keyword_arguments_of_the_callers_dict_are_never_replaced():
+    # Clone mode swaps in aliases inside the dict forward is called with, which torch builds
+    # for each call: a dict the caller passes with ** keeps its own tensors.
+    x, scale = torch.ones(3), torch.arange(3.0)
+    kwargs = {"scale": scale}
+    with immutorch.guard(mode="clone"):
+        KeywordScaler()(x, **kwargs)
+    assert kwargs["scale"] is scale
+    assert torch.equal(scale, torch.arange(3.0))

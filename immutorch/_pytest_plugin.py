@@ -396,8 +396,27 @@ def _class_in(packages: tuple[str, ...]) -> Callable[[torch.nn.Module], bool]:
         cls = type(module)
         hit = seen.get(cls)
         if hit is None:
+            name = _scripted_source_module(module)
+            if name is not None:  # every scripted module shares one class: no cache
+                return name in packages or name.startswith(prefixes)
             name = getattr(cls, "__module__", None) or ""
             hit = seen[cls] = name in packages or name.startswith(prefixes)
         return hit
 
     return accepts
+
+
+def _scripted_source_module(module: torch.nn.Module) -> Optional[str]:
+    """For a ScriptModule, the Python module its original class was defined in (TorchScript
+    keeps it in the type's qualified name: ``__torch__.pkg.layers.___torch_mangle_3.Zeroing``);
+    None for any other module."""
+    import torch
+
+    if not isinstance(module, torch.jit.ScriptModule):
+        return None
+    try:
+        qualified: str = module._c._type().qualified_name()
+    except (AttributeError, RuntimeError):
+        return ""
+    parts = [p for p in qualified.split(".")[1:-1] if not p.startswith("___torch_mangle")]
+    return ".".join(parts)

@@ -473,3 +473,80 @@ def test_inplace_modules_are_exempt_unless_switched_on(pytester: pytest.Pytester
     switched = pytester.runpytest_subprocess(*base, "--immutorch-inplace-modules")
     switched.assert_outcomes(failed=1)
     switched.stdout.fnmatch_lines(["*aten::clamp_*"])
+
+
+# -- readable failures --------------------------------------------------------------------------
+def test_a_refusal_ends_on_the_users_line_without_torchs_frames(project: pytest.Pytester) -> None:
+    import torch
+
+    result = project.runpytest_subprocess(
+        "--immutorch=raise", "--immutorch-modules=pkg", "test_models.py::test_zeroing"
+    )
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    assert torch_dir not in out, "torch's own frames (Module._call_impl, dynamo) are trimmed"
+    # The last frame shown is the module's write, right above the error.
+    frames = re.findall(r"^(\S+\.py):(\d+): ", out, flags=re.MULTILINE)
+    assert frames and frames[-1][0].replace("\\", "/").endswith("pkg/layers.py")
+    assert frames[-1][1] == "6"
+
+
+def test_a_refusal_inside_torchscript_is_reported_as_itself(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        scripted="""
+        import torch
+
+
+        class Zeroing(torch.nn.Module):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                x[0] = 0
+                return x
+        """,
+        test_scripted="""
+        import warnings
+        import torch
+        from scripted import Zeroing
+
+        warnings.simplefilter("ignore", DeprecationWarning)
+
+
+        def test_scripted():
+            torch.jit.script(Zeroing())(torch.ones(3))
+        """,
+    )
+    result = pytester.runpytest_subprocess(
+        "--immutorch=raise", "--immutorch-modules=scripted", "test_scripted.py"
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["FAILED test_scripted.py::test_scripted - *ImmutableTensorError*"])
+    assert "would write into `x`" in result.stdout.str()
+
+
+def test_a_missing_dependency_stops_the_run_once_at_start(pytester: pytest.Pytester) -> None:
+    # A plugin loaded before immutorch's configure hides wrapt, as if it were not installed.
+    pytester.makepyfile(
+        hide_wrapt="""
+        import sys
+
+        sys.modules["wrapt"] = None
+        """,
+        test_many="""
+        def test_a():
+            pass
+
+
+        def test_b():
+            pass
+        """,
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "hide_wrapt", "--immutorch=raise", "--immutorch-modules=pkg", "test_many.py"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    err = result.stderr.str()
+    assert err.count("immutorch cannot be imported") == 1
+    assert "wrapt" in err and "-p no:immutorch" in err
+    # Without the plugin switched on, the same environment runs as usual.
+    result = pytester.runpytest_subprocess("-p", "hide_wrapt", "test_many.py")
+    result.assert_outcomes(passed=2)

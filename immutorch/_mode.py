@@ -53,7 +53,7 @@ class ImmutorchMode(TorchDispatchMode):
             out = func(*args, **kwargs)
         except Exception as exc:
             explained = _explain_boxed_scalar_failure(func, args, exc)
-            state.dispatch_error = explained or exc
+            _policy.remember_dispatch_error(explained or exc)
             if explained is not None:
                 raise explained from exc
             raise

@@ -6,6 +6,7 @@ the function or module that wrote, the user's source line, the tensor, and what 
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import warnings
@@ -140,8 +141,18 @@ def _fail(
             "the call write into a private copy."
         )
     error = ImmutableTensorError("immutorch: " + text, **attrs)  # type: ignore[arg-type]
-    STATE.dispatch_error = error
+    remember_dispatch_error(error)
     raise error
+
+
+def remember_dispatch_error(error: BaseException) -> None:
+    """Keep a copy of ``error`` for :func:`recover_dispatch_error`. A copy, without the
+    traceback the raised one collects: that traceback holds the frames, and so the tensors,
+    of the code that failed, which must not outlive the call."""
+    try:
+        STATE.dispatch_error = copy.copy(error)
+    except Exception:  # an exception type that cannot be rebuilt: nothing to put back
+        STATE.dispatch_error = None
 
 
 def recover_dispatch_error(exc: BaseException) -> Optional[BaseException]:

@@ -21,7 +21,7 @@ import os
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Callable, Optional, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 import pytest
 
@@ -234,19 +234,39 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_PREVIOUS_OVERRIDE] = _config.set_override(settings.mode)
 
 
+# What immutorch imports; looked up without importing them, so that a run with a mode only
+# still leaves torch to the code under test.
+_DEPENDENCIES = ("torch", "wrapt", "typing_extensions")
+
+
 def _check_core_imports(settings: _Settings) -> None:
-    """Import the core now, once: a missing dependency (torch, wrapt) then stops the run at
-    start-up with one message, instead of failing every test in its call phase."""
-    try:
-        from . import _boundaries, _config  # noqa: F401
-    except ImportError as exc:
-        missing = getattr(exc, "name", None) or str(exc)
+    """Stop the run at start-up, once, when immutorch's dependencies are missing, instead of
+    failing every test that reaches a guard. With a module watch the core is imported now
+    (the watch needs it for every test anyway)."""
+    import importlib.util
+
+    missing = [name for name in _DEPENDENCIES if _find_spec(importlib.util, name) is None]
+    problem: Optional[BaseException] = None
+    if not missing and settings.watches:
+        try:
+            from . import _boundaries  # noqa: F401
+        except ImportError as exc:
+            problem = exc
+            missing = [getattr(exc, "name", None) or str(exc)]
+    if missing:
         raise pytest.UsageError(
             f"immutorch: the plugin is on (mode={settings.mode} from {settings.mode_source}) "
-            f"but immutorch cannot be imported: {exc}. Install what it needs "
-            f"(`pip install {missing}`, or reinstall immutorch), or turn the plugin off with "
-            "-p no:immutorch."
-        ) from exc
+            f"but immutorch cannot be imported: {', '.join(missing)} is missing. Install it "
+            f"(`pip install {' '.join(missing)}`, or reinstall immutorch), or turn the plugin "
+            "off with -p no:immutorch."
+        ) from problem
+
+
+def _find_spec(util: Any, name: str) -> Any:
+    try:
+        return util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -315,6 +335,8 @@ def _readable_refusal(call: pytest.CallInfo[None]) -> None:
         refused = recover_dispatch_error(value)
         if refused is None or not hasattr(pytest.ExceptionInfo, "from_exception"):
             return
+        # The remembered copy has no traceback: it takes the frames the rewrap went through.
+        refused = refused.with_traceback(value.__traceback__)
         refused.__cause__ = value
         excinfo = call.excinfo = pytest.ExceptionInfo.from_exception(refused)
     torch_dir = _package_dir("torch")

@@ -66,14 +66,14 @@ _UNDECLARED: dict[str, tuple[WrittenArg, ...]] = {
 # each writes was read from its schema on 2.13.0 and confirmed by the audit's 2-process gloo run
 # (rank-dependent data, bytes compared before and after) unless the comment says otherwise.
 _BROADCAST_ROOT = RootRule(group=1, root=2, on_root=False)
-_REDUCE_ROOT = RootRule(group=1, root=3, on_root=True)
 _COLLECTIVE_WRITES: dict[str, tuple[WrittenArg, ...]] = {
     "c10d::allreduce_": (WrittenArg(0, "tensors", DATA),),
     "c10d::allreduce_coalesced_": (WrittenArg(0, "tensors", DATA),),
     # Every rank but the root receives; the root's tensors are only read.
     "c10d::broadcast_": (WrittenArg(0, "tensors", DATA, root=_BROADCAST_ROOT),),
-    # Only the root receives the reduction (gloo leaves the other ranks' tensors as they were).
-    "c10d::reduce_": (WrittenArg(0, "tensors", DATA, root=_REDUCE_ROOT),),
+    # Only the root receives the result, but gloo leaves partial sums in the other ranks'
+    # tensors too (seen on rank 1 of 2 by the audit): written on every rank.
+    "c10d::reduce_": (WrittenArg(0, "tensors", DATA),),
     "c10d::allgather_": (WrittenArg(0, "output_tensors", DATA),),
     "c10d::_allgather_base_": (WrittenArg(0, "output_tensor", DATA),),
     # The two *_coalesced_ gathers and reduce_scatter_tensor_coalesced_ are reached through

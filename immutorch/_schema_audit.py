@@ -607,7 +607,29 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     return report(writes, parts, recorder.ops_seen, time.perf_counter() - start, out)
 
 
-def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m immutorch schema-audit", description=__doc__)
+EPILOG = """\
+exit status: 0 every undeclared write found is in immutorch's table, 1 a write is missing
+from it (the mode would let it through).
+
+examples:
+  python -m immutorch schema-audit                      # all of op_db and the collectives
+  python -m immutorch schema-audit --ops 'nn.functional.*norm*' --no-collectives
+"""
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    """Register ``schema-audit`` on the CLI's subparsers."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "schema-audit",
+        help="find ops that write an argument their schema does not declare",
+        description=(
+            "Run PyTorch's OpInfo samples (op_db, float32, CPU) and the torch.distributed "
+            "collectives (gloo, loopback) under a mode that compares each argument's bytes, "
+            "size and strides before and after each op; list the writes the schemas do not "
+            "declare and check them against immutorch's table."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
-    return run(parser.parse_args(argv), out if out is not None else sys.stdout)
+    return parser

@@ -215,6 +215,8 @@ class Coverage(NamedTuple):
     failed: int  # calls that raised (bad sample for this variant, unsupported on gloo ...)
     timed_out: int
     errors: dict[str, int]  # exception type -> count
+    # The first failure of each call that failed: "<variant><OpInfo> sample i" -> message.
+    failures: dict[str, str] = {}
 
 
 class _SampleTimeout(Exception):
@@ -270,6 +272,7 @@ def audit_opinfos(
     """Run every selected OpInfo's samples (function and in-place variants) under ``recorder``."""
     targets = skipped = samples = failed = timed_out = 0
     errors: Counter[str] = Counter()
+    failures: dict[str, str] = {}
     for opinfo in _load_op_db():
         if not _selected(opinfo, patterns):
             continue
@@ -314,7 +317,9 @@ def audit_opinfos(
                     except Exception as exc:
                         failed += 1
                         errors[type(exc).__name__] += 1
-    return Coverage(targets, skipped, samples, failed, timed_out, dict(errors))
+                        message = (str(exc).strip().splitlines() or [""])[0][:200]
+                        failures[recorder.label] = f"{type(exc).__name__}: {message}"
+    return Coverage(targets, skipped, samples, failed, timed_out, dict(errors), failures)
 
 
 # -- the collectives: each rank runs this list under a recorder and reports back as JSON --

@@ -198,7 +198,10 @@ class WriteRecorder(TorchDispatchMode):
         refused = {w.position for w, _ in written_values(op_facts(func), args, kwargs)}
         op = _overload_name(func)
         for b, kind in changed:
-            if b.position in declared or b.storage in declared_storages:
+            if b.position in declared:
+                continue
+            # Metadata belongs to the tensor object: only a write to the object itself changes it.
+            if kind == "data" and b.storage in declared_storages:
                 continue
             status = IN_TABLE if b.position in refused else NEW
             key = (op, b.name, kind)
@@ -216,7 +219,7 @@ class Coverage(NamedTuple):
     timed_out: int
     errors: dict[str, int]  # exception type -> count
     # The first failure of each call that failed: "<variant><OpInfo> sample i" -> message.
-    failures: dict[str, str] = {}
+    failures: dict[str, str]
 
 
 class _SampleTimeout(Exception):
@@ -429,9 +432,7 @@ def _collective_child(rank: int, world: int, init_file: str, timeout: float) -> 
     print("SCHEMA-AUDIT " + json.dumps(report), flush=True)
 
 
-def audit_collectives(
-    recorder: WriteRecorder, world: int = 2, timeout: float = 120.0
-) -> tuple[Coverage, dict[str, str]]:
+def audit_collectives(recorder: WriteRecorder, world: int = 2, timeout: float = 120.0) -> Coverage:
     """Run the collectives on a ``world``-process gloo group on loopback; merge what they saw.
 
     Each rank's findings are merged into ``recorder``. Ranks that do not finish within
@@ -488,8 +489,9 @@ def audit_collectives(
     ran -= failed  # a collective that failed on any rank counts as failed
     errors = {f"dist.{k} ({v.split(':')[0]})": 1 for k, v in problems.items() if k in failed}
     errors.update({f"{k}: {v}": 1 for k, v in problems.items() if k.startswith("rank ")})
-    coverage = Coverage(len(ran | failed), 0, len(ran | failed), len(failed), timed_out, errors)
-    return coverage, problems
+    return Coverage(
+        len(ran | failed), 0, len(ran | failed), len(failed), timed_out, errors, problems
+    )
 
 
 # -- the report --
@@ -606,7 +608,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         )
         parts.append(("op_db OpInfos (float32, CPU)", coverage))
     if not args.no_collectives:
-        coverage, _ = audit_collectives(recorder, world=args.world_size)
+        coverage = audit_collectives(recorder, world=args.world_size)
         parts.append((f"c10d collectives ({args.world_size}-process gloo)", coverage))
     writes = sorted(recorder.writes.values())
     return report(writes, parts, recorder.ops_seen, time.perf_counter() - start, out)

@@ -112,7 +112,7 @@ def test_finds_a_collective_write_that_the_table_lists(world_of_one: None) -> No
 
 def _report(writes: list[Write]) -> tuple[int, str]:
     out = io.StringIO()
-    coverage = Coverage(3, 1, 10, 2, 1, {"RuntimeError": 2})
+    coverage = Coverage(3, 1, 10, 2, 1, {"RuntimeError": 2}, {})
     code = _schema_audit.report(writes, [("op_db", coverage)], {"aten::add_.Tensor"}, 1.0, out)
     return code, out.getvalue()
 

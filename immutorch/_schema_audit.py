@@ -509,6 +509,37 @@ def _schema_name(op: str) -> str:
     return op.split(".", 1)[0]
 
 
+def stale_table_entries() -> list[str]:
+    """Table entries whose schema no longer has the named argument at that position.
+
+    A torch release that reorders or renames an argument would otherwise make the mode check
+    the wrong one, silently; an op that no longer exists is only reported.
+    """
+    import torch.distributed  # registers the c10d schemas
+
+    schemas: dict[str, list[Any]] = {}
+    for schema in torch._C._jit_get_all_schemas():
+        schemas.setdefault(schema.name, []).append(schema)
+    problems = []
+    for op, entries in sorted(_UNDECLARED.items()):
+        if op not in schemas:
+            problems.append(f"{op}: no such operator in this torch (kept for other builds)")
+            continue
+        for schema in schemas[op]:
+            names = [a.name for a in schema.arguments]
+            for w in entries:
+                expected = [(w.position, w.name)]
+                if w.when is not None:
+                    expected.append((w.when, "training"))
+                if w.root is not None:
+                    expected += [(w.root.group, "process_group"), (w.root.root, "root_rank")]
+                for position, name in expected:
+                    if position >= len(names) or names[position] != name:
+                        overload = f"{op}.{schema.overload_name}".rstrip(".")
+                        problems.append(f"{overload}: argument {position} is not `{name}`")
+    return problems
+
+
 def report(
     writes: Sequence[Write],
     parts: Sequence[tuple[str, Coverage]],
@@ -519,8 +550,9 @@ def report(
     """Print what was covered and found; return 1 if a write is missing from the table."""
     print(f"immutorch schema-audit on torch {torch.__version__} ({seconds:.0f} s)", file=out)
     for title, c in parts:
+        skipped = f" ({c.skipped} skipped: no float32 on CPU)" if c.skipped else ""
         print(
-            f"  {title}: {c.targets} run ({c.skipped} skipped: no float32 on CPU), "
+            f"  {title}: {c.targets} run{skipped}, "
             f"{c.samples} calls, {c.failed} failed, {c.timed_out} timed out",
             file=out,
         )
@@ -550,6 +582,12 @@ def report(
             print(f"  {line}", file=out)
     if not_run:
         print(f"\nTable entries whose op did not run: {', '.join(not_run)}", file=out)
+    stale = stale_table_entries()
+    moved = [line for line in stale if "no such operator" not in line]
+    if stale:
+        print("\nTable entries that do not match this torch's schemas:", file=out)
+        for line in stale:
+            print(f"  {line}", file=out)
     new = missing_from_table(writes)
     if new:
         print(
@@ -557,6 +595,9 @@ def report(
             "the mode lets them through. Add them to the table.",
             file=out,
         )
+        return 1
+    if moved:
+        print(f"\n{len(moved)} table entry(ies) point at the wrong argument: fix them.", file=out)
         return 1
     print(f"\nEvery undeclared write found ({len(writes)}) is in the table.", file=out)
     return 0

@@ -128,6 +128,19 @@ def test_report_exits_1_on_a_write_missing_from_the_table() -> None:
     assert _report([known])[0] == 0
 
 
+def test_report_exits_1_when_a_table_entry_names_the_wrong_argument(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from immutorch import _schema
+
+    assert _schema_audit.stale_table_entries() == []
+    wrong = (_schema.WrittenArg(2, "running_mean", _schema.DATA, when=5),)
+    monkeypatch.setitem(_schema._UNDECLARED, "aten::native_batch_norm", wrong)
+    code, text = _report([])
+    assert code == 1
+    assert "aten::native_batch_norm: argument 2 is not `running_mean`" in text
+
+
 def test_cli_runs_the_audit() -> None:
     out = io.StringIO()
     assert cli_main(["schema-audit", "--no-opinfo", "--no-collectives"], out=out) == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 import warnings
 from datetime import timedelta
 from typing import Any, Callable
@@ -109,7 +110,12 @@ def one_rank_refuses(rank: int, world: int) -> dict[str, Any]:
     """Only rank 1 guards x: it refuses, rank 0 enters all_reduce and waits for it."""
     x = data(rank)
     protect = [x] if rank == 1 else []
-    return {"all_reduce": guarded("raise", protect, lambda: dist.all_reduce(x), [x])}
+    result = {"all_reduce": guarded("raise", protect, lambda: dist.all_reduce(x), [x])}
+    if rank == 1:
+        # Stay connected past rank 0's timeout: a rank that exits instead makes its peer fail
+        # at once with "Connection closed by peer".
+        time.sleep(PG_TIMEOUT_S + 2)
+    return result
 
 
 SCENARIOS = {"symmetric": symmetric, "one_rank_refuses": one_rank_refuses}

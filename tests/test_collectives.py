@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -175,9 +176,11 @@ def test_two_ranks_refuse_before_the_collective_and_stay_in_step(tmp_path: Path)
 def test_a_rank_whose_peer_refuses_times_out_instead_of_hanging(tmp_path: Path) -> None:
     # Protection is per process: if only rank 1 protects x, only rank 1 refuses, and rank 0,
     # already inside all_reduce, waits for a peer that never comes until the process group's
-    # timeout (3 s here; 30 min by default for gloo) and then raises.
+    # timeout (3 s here; 30 min by default for gloo) and then raises: no hang, but a failed
+    # step on a rank that protected nothing.
     rank0, rank1 = _run_pair("one_rank_refuses", tmp_path)
     assert rank1["all_reduce"]["error"].startswith("ImmutableTensorError")
     assert rank1["all_reduce"]["after"] == [[20.0, 21.0, 22.0, 23.0]]
     assert rank0["all_reduce"]["error"].startswith("RuntimeError")
-    assert "Timed out" in rank0["all_reduce"]["error"]
+    # Timed out while rank 1 stays connected (as here); "Connection closed by peer" if it exits.
+    assert re.search("Timed out|Connection closed by peer", rank0["all_reduce"]["error"])

@@ -23,8 +23,8 @@ class RootRule(NamedTuple):
     """A collective that writes on the root rank only, or everywhere but the root."""
 
     group: int  # index of the ``process_group`` argument
-    root: int  # index of the root rank argument
-    on_root: bool  # True: only the root is written (reduce_); False: all but the root
+    root: int  # index of the root rank argument (a rank in that group)
+    on_root: bool  # True: only the root is written; False: all but the root (broadcast_)
 
 
 class WrittenArg(NamedTuple):
@@ -33,7 +33,7 @@ class WrittenArg(NamedTuple):
     kind: str
     # For undeclared writes that happen only when a flag argument is true (training=True).
     when: Optional[int] = None
-    # For collectives whose write depends on this process's rank (broadcast_, reduce_).
+    # For collectives whose write depends on this process's rank (broadcast_).
     root: Optional[RootRule] = None
 
 
@@ -181,7 +181,7 @@ def written_values(
 
 
 def _rank_writes(rule: RootRule, args: tuple[Any, ...]) -> bool:
-    """Whether this process is written by a collective with a root (broadcast_, reduce_)."""
+    """Whether a collective with a root (broadcast_) writes this process's tensors."""
     try:
         group = args[rule.group]
         if isinstance(group, torch.ScriptObject):

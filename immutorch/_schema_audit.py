@@ -383,7 +383,10 @@ def _collective_call(name: str, rank: int, world: int) -> Callable[[], Any]:
         "monitored_barrier": lambda: dist.monitored_barrier(),
     }
     if world > 1:
-        calls["send_recv"] = lambda: dist.send(x, 1) if rank == 0 else dist.recv(sentinel(), 0)
+        # Rank 0 sends to rank 1; other ranks (world > 2) sit these two out.
+        calls["send_recv"] = lambda: (
+            dist.send(x, 1) if rank == 0 else dist.recv(sentinel(), 0) if rank == 1 else None
+        )
         calls["recv_any_source"] = lambda: (
             dist.send(x, 1) if rank == 0 else dist.recv(sentinel()) if rank == 1 else None
         )

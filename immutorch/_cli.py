@@ -1,4 +1,4 @@
-"""The command line: ``python -m immutorch demo`` and ``python -m immutorch audit TARGET``."""
+"""The command line: ``python -m immutorch demo``, ``audit TARGET`` and ``schema-audit``."""
 
 from __future__ import annotations
 
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print what was run and the writes as JSON"
     )
     audit.set_defaults(subparser=audit)
+    from ._schema_audit import add_parser as add_schema_audit
+
+    add_schema_audit(commands)
     return parser
 
 
@@ -148,6 +151,10 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
             from . import _demo
 
             return _demo.main(out, repeats=args.repeats)
+        if args.command == "schema-audit":
+            from . import _schema_audit
+
+            return _schema_audit.run(args, out)
         return _run_audit(args, out)
 
 

@@ -3,7 +3,8 @@
 A dispatched ``OpOverload`` writes argument *i* when ``arguments[i].alias_info.is_write`` is
 set: in-place ops, ``out=`` arguments, written tensor lists (``_foreach_*_``) and metadata ops
 tagged ``inplace_view``. A few operators write without saying so in their schema; they are
-listed in ``_UNDECLARED``.
+listed in ``_UNDECLARED``, which ``python -m immutorch schema-audit`` (``_schema_audit.py``)
+checks against what PyTorch's own operator samples actually write.
 """
 
 from __future__ import annotations
@@ -18,12 +19,22 @@ DATA = "data"
 META = "meta"
 
 
+class RootRule(NamedTuple):
+    """A collective that writes on the root rank only, or everywhere but the root."""
+
+    group: int  # index of the ``process_group`` argument
+    root: int  # index of the root rank argument (a rank in that group)
+    on_root: bool  # True: only the root is written; False: all but the root (broadcast_)
+
+
 class WrittenArg(NamedTuple):
     position: int
     name: str
     kind: str
     # For undeclared writes that happen only when a flag argument is true (training=True).
     when: Optional[int] = None
+    # For collectives whose write depends on this process's rank (broadcast_).
+    root: Optional[RootRule] = None
 
 
 class OpFacts(NamedTuple):
@@ -35,15 +46,53 @@ class OpFacts(NamedTuple):
     view_of: Optional[int]
 
 
-# Writes that schemas do not declare: the batch-norm kernels update running statistics in
-# training mode (argument 5, ``training``) without an ``(a!)`` annotation.
+# Writes that schemas do not declare, keyed by schema name (every overload). Each entry says how
+# it was found and on which torch; ``python -m immutorch schema-audit`` re-checks the table
+# against PyTorch's OpInfo samples and the c10d collectives, and exits 1 on a write missing here.
 _UNDECLARED: dict[str, tuple[WrittenArg, ...]] = {
+    # The batch-norm kernels update running statistics in training mode (argument 5,
+    # ``training``) without an ``(a!)``. native_batch_norm: found by hand, confirmed by the
+    # audit on 2.13.0 (OpInfo nn.functional.batch_norm, training=True samples). cudnn/miopen:
+    # the same signature on GPU builds, by reading their schemas; no CPU sample runs them.
     name: (
         WrittenArg(3, "running_mean", DATA, when=5),
         WrittenArg(4, "running_var", DATA, when=5),
     )
     for name in ("aten::native_batch_norm", "aten::cudnn_batch_norm", "aten::miopen_batch_norm")
 }
+
+# The c10d collectives behind torch.distributed (all_reduce, broadcast, all_gather, ...) take
+# ``Tensor[]`` / ``Tensor[][]`` with no alias annotation and write them in place. Which argument
+# each writes was read from its schema on 2.13.0 and confirmed by the audit's 2-process gloo run
+# (rank-dependent data, bytes compared before and after) unless the comment says otherwise.
+_BROADCAST_ROOT = RootRule(group=1, root=2, on_root=False)
+_COLLECTIVE_WRITES: dict[str, tuple[WrittenArg, ...]] = {
+    "c10d::allreduce_": (WrittenArg(0, "tensors", DATA),),
+    "c10d::allreduce_coalesced_": (WrittenArg(0, "tensors", DATA),),
+    # Every rank but the root receives; the root's tensors are only read.
+    "c10d::broadcast_": (WrittenArg(0, "tensors", DATA, root=_BROADCAST_ROOT),),
+    # Only the root receives the result, but gloo leaves partial sums in the other ranks'
+    # tensors too (seen on rank 1 of 2 by the audit): written on every rank.
+    "c10d::reduce_": (WrittenArg(0, "tensors", DATA),),
+    "c10d::allgather_": (WrittenArg(0, "output_tensors", DATA),),
+    "c10d::_allgather_base_": (WrittenArg(0, "output_tensor", DATA),),
+    # The two *_coalesced_ gathers and reduce_scatter_tensor_coalesced_ are reached through
+    # torch.distributed._coalescing_manager; read from their schemas, not run by the audit.
+    "c10d::allgather_coalesced_": (WrittenArg(0, "output_lists", DATA),),
+    "c10d::allgather_into_tensor_coalesced_": (WrittenArg(0, "outputs", DATA),),
+    "c10d::reduce_scatter_": (WrittenArg(0, "output_tensors", DATA),),
+    "c10d::_reduce_scatter_base_": (WrittenArg(0, "output_tensor", DATA),),
+    "c10d::reduce_scatter_tensor_coalesced_": (WrittenArg(0, "outputs", DATA),),
+    "c10d::alltoall_": (WrittenArg(0, "output_tensors", DATA),),
+    "c10d::alltoall_base_": (WrittenArg(0, "output", DATA),),
+    "c10d::scatter_": (WrittenArg(0, "output_tensors", DATA),),
+    # Non-root ranks pass an empty output list, so no rank rule is needed.
+    "c10d::gather_": (WrittenArg(0, "output_tensors", DATA),),
+    "c10d::recv_": (WrittenArg(0, "tensors", DATA),),
+    "c10d::recv_any_source_": (WrittenArg(0, "tensors", DATA),),
+    # send, barrier, monitored_barrier_ and check_for_nan write nothing.
+}
+_UNDECLARED.update(_COLLECTIVE_WRITES)
 
 # Declared writes that are not writes into user data: stream bookkeeping, autograd metadata and
 # AMP scaler state.
@@ -107,24 +156,48 @@ def _compute(func: Any) -> OpFacts:
 def written_values(
     facts: OpFacts, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> list[tuple[WrittenArg, Any]]:
-    """The (argument, value) pairs this call writes, skipping conditional writes that are off."""
+    """The (argument, value) pairs this call writes, skipping conditional writes that are off.
+
+    A value is a tensor or a flat list of tensors: nested ``Tensor[][]`` arguments (the gather
+    collectives' outputs) are flattened.
+    """
     out: list[tuple[WrittenArg, Any]] = []
     for w in facts.writes:
         if w.when is not None:
             flag = args[w.when] if w.when < len(args) else None
             if not flag:
                 continue
+        if w.root is not None and not _rank_writes(w.root, args):
+            continue
         value = args[w.position] if w.position < len(args) else kwargs.get(w.name)
-        if value is not None:
-            out.append((w, value))
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)) and any(isinstance(v, (list, tuple)) for v in value):
+            flat: list[torch.Tensor] = []
+            iter_tensors(value, flat.append)
+            value = flat
+        out.append((w, value))
     return out
 
 
+def _rank_writes(rule: RootRule, args: tuple[Any, ...]) -> bool:
+    """Whether a collective with a root (broadcast_) writes this process's tensors."""
+    try:
+        group = args[rule.group]
+        if isinstance(group, torch.ScriptObject):
+            import torch.distributed as dist
+
+            group = dist.ProcessGroup.unbox(group)
+        is_root = bool(group.rank() == args[rule.root])
+    except Exception:  # an unknown group object: assume the write happens
+        return True
+    return is_root == rule.on_root
+
+
 def iter_tensors(value: Any, visit: Callable[[torch.Tensor], None]) -> None:
-    """Call ``visit`` on each tensor in a written argument (a tensor or a list of tensors)."""
+    """Call ``visit`` on each tensor in a written argument (a tensor or a nested list of them)."""
     if isinstance(value, torch.Tensor):
         visit(value)
     elif isinstance(value, (list, tuple)):
         for item in value:
-            if isinstance(item, torch.Tensor):
-                visit(item)
+            iter_tensors(item, visit)

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Optional, TextIO
+from typing import Any, Optional, TextIO
 
 AUDIT_EPILOG = """\
 TARGET is package.module:name. A module instance is audited as is; a class is instantiated
@@ -130,10 +130,67 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print what was run and the writes as JSON"
     )
     audit.set_defaults(subparser=audit)
-    from ._schema_audit import add_parser as add_schema_audit
-
-    add_schema_audit(commands)
+    _add_schema_audit(commands)
     return parser
+
+
+# schema-audit's options live here, not in _schema_audit: that module imports torch, and
+# `python -m immutorch --help` should not.
+SCHEMA_AUDIT_EPILOG = """\
+exit status: 0 every undeclared write found is in immutorch's table, 1 a write is missing
+from it (the mode would let it through).
+
+examples:
+  python -m immutorch schema-audit                      # all of op_db and the collectives
+  python -m immutorch schema-audit --ops 'nn.functional.*norm*' --no-collectives
+"""
+
+
+def _add_schema_audit(commands: Any) -> argparse.ArgumentParser:
+    """Register ``schema-audit`` on the CLI's subparsers."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "schema-audit",
+        help="find ops that write an argument their schema does not declare",
+        description=(
+            "Run PyTorch's OpInfo samples (op_db, float32, CPU) and the torch.distributed "
+            "collectives (gloo, loopback) under a mode that compares each argument's bytes, "
+            "size and strides before and after each op; list the writes the schemas do not "
+            "declare and check them against immutorch's table."
+        ),
+        epilog=SCHEMA_AUDIT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_schema_audit_arguments(parser)
+    return parser
+
+
+def _add_schema_audit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ops",
+        nargs="*",
+        default=[],
+        metavar="PATTERN",
+        help="OpInfo names to run (fnmatch patterns, e.g. 'nn.functional.*'); default: all",
+    )
+    parser.add_argument(
+        "--no-opinfo", action="store_true", help="skip op_db; run the collectives only"
+    )
+    parser.add_argument("--no-collectives", action="store_true", help="skip the collectives")
+    parser.add_argument(
+        "--world-size", type=int, default=2, help="processes in the gloo group (default 2)"
+    )
+    parser.add_argument(
+        "--grad",
+        action="store_true",
+        help="also run each sample with requires_grad=True inputs (about twice the time)",
+    )
+    parser.add_argument(
+        "--max-samples", type=int, default=0, help="samples per OpInfo (0: all, the default)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds per sample before it is abandoned"
+    )
+    parser.add_argument("--progress", action="store_true", help="print each OpInfo as it starts")
 
 
 def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> int:

@@ -606,35 +606,6 @@ def report(
     return 0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--ops",
-        nargs="*",
-        default=[],
-        metavar="PATTERN",
-        help="OpInfo names to run (fnmatch patterns, e.g. 'nn.functional.*'); default: all",
-    )
-    parser.add_argument(
-        "--no-opinfo", action="store_true", help="skip op_db; run the collectives only"
-    )
-    parser.add_argument("--no-collectives", action="store_true", help="skip the collectives")
-    parser.add_argument(
-        "--world-size", type=int, default=2, help="processes in the gloo group (default 2)"
-    )
-    parser.add_argument(
-        "--grad",
-        action="store_true",
-        help="also run each sample with requires_grad=True inputs (about twice the time)",
-    )
-    parser.add_argument(
-        "--max-samples", type=int, default=0, help="samples per OpInfo (0: all, the default)"
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds per sample before it is abandoned"
-    )
-    parser.add_argument("--progress", action="store_true", help="print each OpInfo as it starts")
-
-
 def run(args: argparse.Namespace, out: TextIO) -> int:
     """Run the audit the parsed ``args`` ask for; print the report; return the exit status."""
     start = time.perf_counter()
@@ -656,31 +627,3 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         parts.append((f"c10d collectives ({args.world_size}-process gloo)", coverage))
     writes = sorted(recorder.writes.values())
     return report(writes, parts, recorder.ops_seen, time.perf_counter() - start, out)
-
-
-EPILOG = """\
-exit status: 0 every undeclared write found is in immutorch's table, 1 a write is missing
-from it (the mode would let it through).
-
-examples:
-  python -m immutorch schema-audit                      # all of op_db and the collectives
-  python -m immutorch schema-audit --ops 'nn.functional.*norm*' --no-collectives
-"""
-
-
-def add_parser(commands: Any) -> argparse.ArgumentParser:
-    """Register ``schema-audit`` on the CLI's subparsers."""
-    parser: argparse.ArgumentParser = commands.add_parser(
-        "schema-audit",
-        help="find ops that write an argument their schema does not declare",
-        description=(
-            "Run PyTorch's OpInfo samples (op_db, float32, CPU) and the torch.distributed "
-            "collectives (gloo, loopback) under a mode that compares each argument's bytes, "
-            "size and strides before and after each op; list the writes the schemas do not "
-            "declare and check them against immutorch's table."
-        ),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return parser

@@ -44,8 +44,10 @@ def acquire_hooks() -> None:
         _users += 1
         if not _handles:
             _install()
-    if compile_in_use():
-        _hush_compile_hook_warning()
+    # Also before torch.compile is first used: a watch opened at the start of a test is
+    # already there when the test compiles a module (found in kornia's suite, where the
+    # warning failed `-W error` runs).
+    _hush_compile_hook_warning()
 
 
 def release_hooks() -> None:
@@ -172,7 +174,8 @@ def display_path(module: torch.nn.Module, outermost: Optional[torch.nn.Module] =
         module = inner
         cls = f"{type(module).__name__}, compiled"
     elif isinstance(module, torch.jit.ScriptModule):
-        cls = f"{getattr(module, 'original_name', cls)}, scripted"
+        how = "traced" if "Traced" in cls else "scripted"
+        cls = f"{getattr(module, 'original_name', cls)}, {how}"
     for root in _roots(outermost):
         if root is module:
             return cls

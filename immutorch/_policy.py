@@ -134,11 +134,17 @@ def _fail(
             "called inside the guard). Pass the tensor through such a boundary, or clone it "
             "before writing."
         )
+    elif written_arg.startswith("*"):
+        text += (
+            "\nUse the out-of-place form, which returns a new tensor object (e.g. "
+            "`x = x.unsqueeze(0)` for `x.unsqueeze_(0)`), or clone first (`x = x.clone()`)."
+        )
     else:
         text += (
             "\nWrite into a new tensor instead (e.g. `out = torch.empty_like(x)` or an "
-            'out-of-place op), clone it first (`x = x.clone()`), or use mode="clone" to let '
-            "the call write into a private copy."
+            "out-of-place op), clone it first (`x = x.clone()`), or use clone mode to let the "
+            'call write into a private copy (mode="clone" in code; --immutorch=clone or '
+            "IMMUTORCH_MODE=clone for a whole run)."
         )
     error = ImmutableTensorError("immutorch: " + text, **attrs)  # type: ignore[arg-type]
     remember_dispatch_error(error)

@@ -291,3 +291,11 @@ def test_clone_stats_snapshot_is_independent() -> None:
     immutable_inputs(mode="clone")(lambda x: x.add_(1))(torch.zeros(4))
     after = immutorch.clone_stats()
     assert (after.copies - before.copies, after.bytes_copied - before.bytes_copied) == (1, 16)
+
+
+def test_a_refused_metadata_write_suggests_the_out_of_place_form():
+    x = torch.zeros(3)
+    with pytest.raises(immutorch.ImmutableTensorError, match=r"x = x\.unsqueeze\(0\)"):
+        with immutorch.guard(x):
+            x.unsqueeze_(0)
+    assert x.shape == (3,)

@@ -550,3 +550,21 @@ def test_a_missing_dependency_stops_the_run_once_at_start(pytester: pytest.Pytes
     # Without the plugin switched on, the same environment runs as usual.
     result = pytester.runpytest_subprocess("-p", "hide_wrapt", "test_many.py")
     result.assert_outcomes(passed=2)
+
+
+def test_a_watch_adds_no_torch_warning_to_compiled_modules(pytester: pytest.Pytester) -> None:
+    # torch warns when torch.compile(module) meets global module hooks; the watch's hooks are
+    # there from the start of each test (found in kornia's suite, failing -W error runs).
+    pytester.makepyfile(
+        test_compile="""
+        import torch
+
+
+        def test_compile():
+            torch.compile(torch.nn.ReLU(), backend="eager")(torch.ones(3))
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-W", "error::UserWarning", "--immutorch=raise", "--immutorch-modules=otherpkg"
+    )
+    result.assert_outcomes(passed=1)

@@ -16,7 +16,7 @@ from ._compiled import CompiledBoundary, is_compiled
 from ._config import Mode, check_mode, resolve
 from ._mode import enter, leave
 from ._policy import recover_dispatch_error
-from ._registry import Frame
+from ._registry import STATE, Frame
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -109,7 +109,7 @@ def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]]) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True
         effective = resolve(mode)
-        if effective == "off":
+        if effective == "off" or STATE.bypass:  # bypass: immutorch stepped aside (tracing)
             return fn(*args, **kwargs)
         root = bound_to if bound_to is not None else (args[0] if args else None)
         frame = Frame(

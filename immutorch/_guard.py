@@ -13,7 +13,7 @@ from . import _arguments
 from ._config import Mode, check_mode, resolve
 from ._mode import enter, leave
 from ._policy import recover_dispatch_error, user_frame
-from ._registry import BLOCK, NAMED, CloneStats, Frame
+from ._registry import BLOCK, NAMED, STATE, CloneStats, Frame
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,7 +49,7 @@ class Guard:
 
     def _frame(self) -> Optional[Frame]:
         mode = resolve(self.mode)
-        if mode == "off":
+        if mode == "off" or STATE.bypass:  # bypass: immutorch stepped aside (tracing)
             return None
         user = user_frame()
         where = "guard()"

@@ -86,33 +86,36 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
 
 @contextlib.contextmanager
 def stepped_aside() -> Iterator[None]:
-    """Run a trace with immutorch's mode off the stack on this thread, if it is on top."""
+    """Run a trace with immutorch out of the way on this thread: its mode off the stack (if
+    it is on top), and every front door passing calls straight through (``STATE.bypass``), so
+    that a decorated or watched module met while tracing pushes no mode of its own."""
     state = STATE
-    handle = state.mode_handle
     depth: int = getattr(_depth, "value", 0)
-    if handle is None or depth:
+    if depth:
         _depth.value = depth + 1
         try:
             yield
         finally:
             _depth.value = depth
         return
-    if _get_current_dispatch_mode() is not handle:
+    handle = state.mode_handle
+    popped = None
+    if handle is not None and _get_current_dispatch_mode() is not handle:
         # Another mode above ours: popping would pop that one. Leave the stack alone.
         _tell(
             "immutorch: torch.jit.trace runs under another dispatch mode pushed after "
             "immutorch's; immutorch leaves the mode stack as it is, and the trace may fail."
         )
-        yield
-        return
-    _tell(
-        "immutorch: torch.jit.trace ran under an immutorch guard; the trace is recorded with "
-        "immutorch's dispatch mode off (a Python dispatch mode breaks tracing), so writes made "
-        "while tracing are not stopped, only reported afterwards as a MutationWarning. Guards "
-        "apply again to the traced module when it runs."
-    )
+    elif handle is not None or state.watchers:
+        _tell(
+            "immutorch: torch.jit.trace ran under an immutorch guard or watch; the trace is "
+            "recorded with immutorch out of the way (a Python dispatch mode breaks tracing), "
+            "so writes made while tracing are not stopped, only reported afterwards as a "
+            "MutationWarning. Guards apply again to the traced module when it runs."
+        )
+        if handle is not None:
+            popped = _pop_mode()
     watched = [(p, p.obj._version) for ps in state.by_storage.values() for p in ps]
-    popped = _pop_mode()
     state.bypass += 1
     _depth.value = 1
     try:
@@ -120,7 +123,8 @@ def stepped_aside() -> Iterator[None]:
     finally:
         _depth.value = 0
         state.bypass -= 1
-        _push_mode(popped)
+        if popped is not None:
+            _push_mode(popped)
     for protection, version in watched:
         if protection.obj._version != version:
             t = protection.obj

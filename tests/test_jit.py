@@ -242,3 +242,19 @@ def test_traced_graph_with_tensor_constants_says_why_it_cannot_run_guarded():
     with pytest.raises(RuntimeError, match=r"script the code with torch\.jit\.script"):
         with immutorch.guard():
             traced(torch.zeros(3))
+
+
+@pytest.mark.parametrize("boundary", ["decorated", "watched"])
+def test_trace_of_a_module_that_is_itself_a_boundary(boundary):
+    # Found on kornia's HardNet under --immutorch-modules: the boundary of the traced module
+    # pushed immutorch's mode during the trace, and tracing a conv then failed.
+    torch.manual_seed(0)
+    model = Traced().eval()
+    x = torch.randn(2, 3, 10)
+    want = torch.jit.trace(model, x)
+    if boundary == "decorated":
+        got = torch.jit.trace(immutorch.immutable_inputs(model), x)
+    else:
+        with _watch_all("raise"):
+            got = torch.jit.trace(model, x)
+    assert got.code == want.code

@@ -62,15 +62,24 @@ class CowGroup:
         try:
             copy = self.storage.clone()  # type: ignore[no-untyped-call]
             setattr(copy, BORN_ATTR, PRIVATE_BORN)
+            live = [t for t in (ref() for ref in self.members) if t is not None]
+            moved: list[tuple[torch.Tensor, int]] = []
             with torch.no_grad(), disable_torch_dispatch():
-                for ref in self.members:
-                    t = ref()
-                    if t is None:
-                        continue
-                    version = t._version
-                    t.set_(copy, t.storage_offset(), t.size(), t.stride())
-                    set_version_counter(t, version)
-                    t.__dict__.pop(GROUP_ATTR, None)
+                try:
+                    for t in live:
+                        version = t._version
+                        moved.append((t, version))
+                        t.set_(copy, t.storage_offset(), t.size(), t.stride())
+                        set_version_counter(t, version)
+                except BaseException:
+                    # All members or none: a group half on the copy and half on the original
+                    # would let the callee's views disagree about what they hold.
+                    for t, version in moved:
+                        t.set_(self.storage, t.storage_offset(), t.size(), t.stride())
+                        set_version_counter(t, version)
+                    raise
+            for t in live:
+                t.__dict__.pop(GROUP_ATTR, None)
         finally:
             STATE.bypass -= 1
         nbytes = copy.nbytes()

@@ -66,6 +66,7 @@ class CompiledBoundary:
         self.checks: list[tuple[torch.Tensor, int, str, str]] = []
         self.popped: Optional[Any] = None
         self.flags: Optional[contextlib.AbstractContextManager[None]] = None
+        self.entered = False
 
     def hand_over(self, t: torch.Tensor, mode: str, label: str, stats: CloneStats) -> torch.Tensor:
         if mode == "warn":
@@ -97,22 +98,36 @@ class CompiledBoundary:
         # Our mode must not be on the stack while Dynamo looks at the frame.
         from ._mode import ImmutorchMode
 
-        if isinstance(current_dispatch_mode(), ImmutorchMode):
-            self.popped = pop_dispatch_mode()
-            # Popping is not enough on 2.5 to 2.12: Dynamo reads flags that only __exit__ clears.
-            self.flags = dispatch_mode_flags_match_stack()
-            self.flags.__enter__()
-        STATE.bypass += 1
+        try:
+            if isinstance(current_dispatch_mode(), ImmutorchMode):
+                self.popped = pop_dispatch_mode()
+                # Popping is not enough on 2.5 to 2.12: Dynamo reads flags only __exit__ clears.
+                flags = dispatch_mode_flags_match_stack()
+                flags.__enter__()
+                self.flags = flags
+            STATE.bypass += 1
+            self.entered = True
+        except BaseException:
+            self._restore()
+            raise
         return self
 
+    def _restore(self) -> None:
+        """Undo what __enter__ did, and only that (it may have failed half way)."""
+        try:
+            if self.entered:
+                self.entered = False
+                STATE.bypass -= 1
+            if self.flags is not None:
+                flags, self.flags = self.flags, None
+                flags.__exit__(None, None, None)
+        finally:
+            if self.popped is not None:
+                popped, self.popped = self.popped, None
+                push_dispatch_mode(popped)
+
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        STATE.bypass -= 1
-        if self.flags is not None:
-            self.flags.__exit__(None, None, None)
-            self.flags = None
-        if self.popped is not None:
-            push_dispatch_mode(self.popped)
-            self.popped = None
+        self._restore()
         if exc_type is None:
             self.check()
 

@@ -42,13 +42,16 @@ class ImmutorchMode(TorchDispatchMode):
             return func(*args, **kwargs)
         facts = op_facts(func)
         if facts.writes:
-            for written, value in written_values(facts, args, kwargs):
-                if isinstance(value, torch.Tensor):
-                    _check(state, facts.name, written.name, written.kind == META, value)
-                elif isinstance(value, (list, tuple)):
-                    for item in value:
-                        if isinstance(item, torch.Tensor):
-                            _check(state, facts.name, written.name, written.kind == META, item)
+            try:
+                for written, value in written_values(facts, args, kwargs):
+                    if isinstance(value, torch.Tensor):
+                        _check(state, facts.name, written.name, written.kind == META, value)
+                    elif isinstance(value, (list, tuple)):
+                        for item in value:
+                            if isinstance(item, torch.Tensor):
+                                _check(state, facts.name, written.name, written.kind == META, item)
+            except TypeError as err:
+                raise _internal_error(facts.name, err) from err
         out = func(*args, **kwargs)
         # lift_fresh also wraps torch.from_numpy(a): a new StorageImpl over bytes numpy owns,
         # maybe those of a tensor from before the block (x.numpy()). Such external memory is
@@ -66,6 +69,21 @@ class ImmutorchMode(TorchDispatchMode):
                 if group is not None and not group.copied:
                     _join(group, out)
         return out
+
+
+def _internal_error(op: str, err: TypeError) -> RuntimeError:
+    """A TypeError raised by immutorch while it checks an op, as a RuntimeError.
+
+    Tensor operators (``__iadd__``, ``__add__`` ...) turn a TypeError into NotImplemented, and
+    Python then silently falls back: a failed check inside ``x += 1`` became ``x = x + 1``
+    (seen on torch 2.5). Nothing from immutorch's own machinery may be mistaken for "this
+    operand type is not supported".
+    """
+    return RuntimeError(
+        f"immutorch: internal error while checking {op}: {type(err).__name__}: {err}. "
+        f"The op did not run. This is a bug in immutorch (torch {torch.__version__}); "
+        "please report it with this traceback."
+    )
 
 
 def _check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) -> None:
@@ -123,29 +141,50 @@ def _join(group: Any, out: Any) -> None:
 
 
 def enter(frame: _registry.Frame) -> None:
-    """Activate ``frame`` on this thread, pushing the dispatch mode if it is the first."""
+    """Activate ``frame`` on this thread, pushing the dispatch mode if it is the first.
+
+    All or nothing: if any step fails, the steps before it are undone, so no mode, hook
+    reference or frame is left behind on the thread.
+    """
     state = STATE
-    if not state.frames:
-        handle_ = ImmutorchMode(state)
-        handle_.__enter__()
-        state.mode_handle = handle_
-    # Module boundaries do work only for block guards (module state, argument names), clone
-    # mode (aliases) and torch.compile (compiled modules run outside the mode). Elsewhere the
-    # global hooks would only slow every module call (~6 us each, measured on the encoder);
-    # errors then find the module path by walking the stack.
-    if frame.kind == _registry.BLOCK or frame.mode == "clone" or compile_in_use():
-        _boundaries.acquire_hooks()
-        frame.hooked = True
-    state.push(frame)
+    pushed: ImmutorchMode | None = None
+    try:
+        if not state.frames:
+            pushed = ImmutorchMode(state)
+            pushed.__enter__()
+            state.mode_handle = pushed
+        # Module boundaries do work only for block guards (module state, argument names),
+        # clone mode (aliases) and torch.compile (compiled modules run outside the mode).
+        # Elsewhere the global hooks would only slow every module call (~6 us each, measured
+        # on the encoder); errors then find the module path by walking the stack.
+        if frame.kind == _registry.BLOCK or frame.mode == "clone" or compile_in_use():
+            _boundaries.acquire_hooks()
+            frame.hooked = True
+        state.push(frame)
+    except BaseException:
+        if frame.hooked:
+            frame.hooked = False
+            _boundaries.release_hooks()
+        if pushed is not None and state.mode_handle is pushed:
+            state.mode_handle = None
+            pushed.__exit__(None, None, None)
+        raise
 
 
 def leave(frame: _registry.Frame) -> None:
-    """Deactivate ``frame``; pop the dispatch mode when no frame is left on this thread."""
+    """Deactivate ``frame``; pop the dispatch mode when no frame is left on this thread.
+
+    Each step runs even if an earlier one raised: a failure here must not strand the mode.
+    """
     state = STATE
-    state.pop(frame)
-    if frame.hooked:
-        frame.hooked = False
-        _boundaries.release_hooks()
-    if not state.frames and state.mode_handle is not None:
-        handle_, state.mode_handle = state.mode_handle, None
-        handle_.__exit__(None, None, None)
+    try:
+        state.pop(frame)
+    finally:
+        try:
+            if frame.hooked:
+                frame.hooked = False
+                _boundaries.release_hooks()
+        finally:
+            if not state.frames and state.mode_handle is not None:
+                handle_, state.mode_handle = state.mode_handle, None
+                handle_.__exit__(None, None, None)

@@ -24,6 +24,8 @@ TORCH_RELEASES = ["2.5.1", "2.9.1", "2.13.0", "2.15.0"]
 
 # What each release needs beside torch: wheels built against numpy 1 break on numpy 2 below 2.3.
 _EXTRA_PINS = {release: ["numpy<2"] for release in ("2.1.2", "2.2.2")}
+# Below the floor, for trying a lower one: `python -m nox -s below_floor` (not run by default).
+BELOW_FLOOR = ["2.1.2", "2.2.2", "2.3.1", "2.4.1"]
 
 
 def _constraints(session: nox.Session, torch: str) -> str:
@@ -37,22 +39,38 @@ def _constraints(session: nox.Session, torch: str) -> str:
     return str(path)
 
 
-@nox.session
-@nox.parametrize("torch", TORCH_RELEASES)
-def tests(session: nox.Session, torch: str) -> None:
-    """README's test suite, the demo and every example on one torch release."""
+def _install(session: nox.Session, torch: str) -> None:
     env = {"PIP_CONSTRAINT": _constraints(session, torch)}
     session.install(f"torch=={torch}", env=env)
     session.install("-e", ".[test]", env=env)
     session.run("python", "-c", "import torch; print('torch', torch.__version__)")
-    session.run("python", "-m", "pytest", "-q", "-p", "no:randomly", *session.posargs)
-    session.run("python", "-m", "immutorch", "demo", silent=True)
+
+
+def _run(session: nox.Session, env: dict[str, str]) -> None:
+    session.run("python", "-m", "pytest", "-q", "-p", "no:randomly", *session.posargs, env=env)
+    session.run("python", "-m", "immutorch", "demo", silent=True, env=env)
     examples = [
         *sorted(Path("examples").glob("*.py")),
         Path("examples/strict_test_suite/run_strict.py"),
     ]
     for example in examples:
-        session.run("python", str(example), silent=True)
+        session.run("python", str(example), silent=True, env=env)
+
+
+@nox.session
+@nox.parametrize("torch", TORCH_RELEASES)
+def tests(session: nox.Session, torch: str) -> None:
+    """README's test suite, the demo and every example on one torch release."""
+    _install(session, torch)
+    _run(session, {})
+
+
+@nox.session(default=False)
+@nox.parametrize("torch", BELOW_FLOOR)
+def below_floor(session: nox.Session, torch: str) -> None:
+    """The same on a release below the floor, with immutorch's torch check switched off."""
+    _install(session, torch)
+    _run(session, {"IMMUTORCH_IGNORE_TORCH_FLOOR": "1"})
 
 
 if __name__ == "__main__":  # pragma: no cover - `python noxfile.py` is not how nox runs it

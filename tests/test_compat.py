@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -100,3 +102,50 @@ def test_guard_works_on_this_release() -> None:
     with pytest.raises(immutorch.ImmutableTensorError), immutorch.guard(x):
         x.add_(1)
     assert torch.__version__
+
+
+class _InplaceScale(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2)
+        return x.sin()
+
+
+def _counting_backend() -> tuple[list[int], object]:
+    runs: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: object) -> object:
+        def run(*args: object) -> object:
+            runs.append(1)
+            return gm.forward(*args)
+
+        return run
+
+    return runs, backend
+
+
+@pytest.mark.parametrize("mode", ["raise", "clone", "warn"])
+@pytest.mark.parametrize("kind", ["module", "function"])
+def test_a_guarded_compiled_call_runs_its_graph_during_and_after_the_guard(
+    mode: str, kind: str
+) -> None:
+    """On 2.5-2.12 Dynamo read flags that popping the mode left set, skipped the frame, and
+    kept skipping the code object for the rest of the process (eager, silently)."""
+    torch._dynamo.reset()
+    runs, backend = _counting_backend()
+    if kind == "module":
+        compiled = torch.compile(_InplaceScale(), backend=backend)
+        guarded = compiled
+    else:
+        compiled = torch.compile(_InplaceScale().forward, backend=backend)
+        guarded = immutorch.immutable_inputs(mode=mode)(compiled)  # type: ignore[arg-type]
+    x = torch.randn(4)
+    warns: Any = pytest.warns(immutorch.MutationWarning) if mode == "warn" else nullcontext()
+    with warns, immutorch.guard(x, mode=mode):  # type: ignore[arg-type]
+        try:
+            guarded(x)
+        except immutorch.ImmutableTensorError:
+            assert mode == "raise"
+    assert runs, "inside the guard the compiled graph must run, not eager code"
+    before = len(runs)
+    compiled(torch.randn(4))
+    assert len(runs) == before + 1, "after the guard the call must still be compiled"

@@ -6,7 +6,7 @@ every supported release, so a change upstream breaks this file and nothing else.
 also checks the installed torch against the supported range: an older torch gets an
 ImportError that names both versions at first use, not a TypeError deep inside a write.
 
-Supported: torch >= 2.5 (``TORCH_FLOOR``), the releases README's matrix table was run on.
+Supported: torch >= 2.4 (``TORCH_FLOOR``); README's release table says which releases ran.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-# Keep in step with pyproject's `torch>=` and noxfile.TORCH_RELEASES. Below it: 2.1.2 has no
-# Python storage objects that outlive their tensor (read-only marks and births live on them);
-# 2.2 to 2.4 were not run.
-TORCH_FLOOR = (2, 5)
+# Keep in step with pyproject's `torch>=` and noxfile.TORCH_RELEASES[0]. Below it: 2.3.1 fails
+# the suite (see README's release table); 2.1.2 keeps no Python storage object alive with its
+# memory (read-only marks and birth records live on them); 2.2 was not run.
+TORCH_FLOOR = (2, 4)
 
 
 def torch_release(version: Optional[str] = None) -> tuple[int, int]:
@@ -78,9 +78,11 @@ def push_dispatch_mode(mode: Any) -> None:
 # Module globals that ``TorchDispatchMode.__enter__`` sets and that Dynamo reads to decide
 # whether to skip a frame. ``_pop_mode`` does not clear them: on 2.5 to 2.12 a compiled call
 # made with the mode popped is still skipped, and Dynamo caches the skip for the code object
-# for the rest of the process. 2.5 reads `_is_in_non_infra_torch_dispatch_mode`; 2.9 reads
+# for the rest of the process. 2.4 does not look; 2.5 reads
+# `_is_in_non_infra_torch_dispatch_mode`; 2.9 reads
 # `_is_in_any_mode_without_ignore_compile_internals` (and mirrors it into C++); 2.13 walks the
-# real stack when `inline_torch_dispatch_torch_compile` is on (its default).
+# real stack when `inline_torch_dispatch_torch_compile` is on (its default). Each release has
+# only some of these names: set the ones that exist.
 _MODE_FLAGS = (
     "_is_in_torch_dispatch_mode",
     "_is_in_non_infra_torch_dispatch_mode",
@@ -139,9 +141,9 @@ def _pick_version_setter() -> Callable[[torch.Tensor, int], None]:
     setter: Any = torch._C._autograd._unsafe_set_version_counter
     probe = torch.empty(0)
     try:
-        setter((probe,), (0,))  # 2.6 and later: (Sequence[Tensor], Sequence[int])
+        setter((probe,), (0,))  # 2.9 and later: (Sequence[Tensor], Sequence[int])
     except TypeError:
-        setter(probe, 0)  # 2.5: (Tensor, int)
+        setter(probe, 0)  # 2.4 and 2.5: (Tensor, int)
         return setter  # type: ignore[no-any-return]
 
     def set_many(t: torch.Tensor, version: int) -> None:

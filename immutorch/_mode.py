@@ -40,9 +40,9 @@ class ImmutorchMode(TorchDispatchMode):
         state = self.state
         if state.bypass:
             return func(*args, **kwargs)
-        facts = op_facts(func)
-        if facts.writes:
-            try:
+        try:
+            facts = op_facts(func)
+            if facts.writes:
                 for written, value in written_values(facts, args, kwargs):
                     if isinstance(value, torch.Tensor):
                         _check(state, facts.name, written.name, written.kind == META, value)
@@ -50,39 +50,44 @@ class ImmutorchMode(TorchDispatchMode):
                         for item in value:
                             if isinstance(item, torch.Tensor):
                                 _check(state, facts.name, written.name, written.kind == META, item)
-            except TypeError as err:
-                raise _internal_error(facts.name, err) from err
+        except TypeError as err:
+            raise _internal_error(str(func), err, ran=False) from err
         out = func(*args, **kwargs)
-        # lift_fresh also wraps torch.from_numpy(a): a new StorageImpl over bytes numpy owns,
-        # maybe those of a tensor from before the block (x.numpy()). Such external memory is
-        # not resizable; it must not count as the block's own.
-        if (
-            state.blocks
-            and facts.fresh_outputs
-            and (facts.name != "aten::lift_fresh" or _owns_memory(out))
-        ):
-            _tag_births(out)
-        if state.clone_frames and facts.view_of is not None:
-            source = args[facts.view_of] if facts.view_of < len(args) else None
-            if isinstance(source, torch.Tensor):
-                group = source.__dict__.get(GROUP_ATTR)
-                if group is not None and not group.copied:
-                    _join(group, out)
+        try:
+            # lift_fresh also wraps torch.from_numpy(a): a new StorageImpl over bytes numpy
+            # owns, maybe those of a tensor from before the block (x.numpy()). Such external
+            # memory is not resizable; it must not count as the block's own.
+            if (
+                state.blocks
+                and facts.fresh_outputs
+                and (facts.name != "aten::lift_fresh" or _owns_memory(out))
+            ):
+                _tag_births(out)
+            if state.clone_frames and facts.view_of is not None:
+                source = args[facts.view_of] if facts.view_of < len(args) else None
+                if isinstance(source, torch.Tensor):
+                    group = source.__dict__.get(GROUP_ATTR)
+                    if group is not None and not group.copied:
+                        _join(group, out)
+        except TypeError as err:
+            # After the op: a NotImplemented here would make `x += 1` run a second time.
+            raise _internal_error(facts.name, err, ran=True) from err
         return out
 
 
-def _internal_error(op: str, err: TypeError) -> RuntimeError:
-    """A TypeError raised by immutorch while it checks an op, as a RuntimeError.
+def _internal_error(op: str, err: TypeError, *, ran: bool) -> RuntimeError:
+    """A TypeError raised by immutorch's own bookkeeping around an op, as a RuntimeError.
 
     Tensor operators (``__iadd__``, ``__add__`` ...) turn a TypeError into NotImplemented, and
     Python then silently falls back: a failed check inside ``x += 1`` became ``x = x + 1``
-    (seen on torch 2.5). Nothing from immutorch's own machinery may be mistaken for "this
-    operand type is not supported".
+    (seen on torch 2.5). Nothing from immutorch's machinery may be mistaken for "this operand
+    type is not supported".
     """
+    outcome = "The op ran." if ran else "The op did not run."
     return RuntimeError(
-        f"immutorch: internal error while checking {op}: {type(err).__name__}: {err}. "
-        f"The op did not run. This is a bug in immutorch (torch {torch.__version__}); "
-        "please report it with this traceback."
+        f"immutorch: internal error around {op}: {type(err).__name__}: {err}. {outcome} "
+        f"This is a bug in immutorch (torch {torch.__version__}); please report it with this "
+        "traceback."
     )
 
 

@@ -101,10 +101,34 @@ def test_materialize_failure_propagates_and_is_not_notimplemented(
         return x
 
     x = torch.ones(3)
-    with pytest.raises(RuntimeError, match=r"internal error while checking aten::add_") as info:
+    with pytest.raises(
+        RuntimeError,
+        match=r"internal error around aten\.add_\.Tensor: TypeError: .*The op did not run",
+    ) as info:
         f(x)
     assert isinstance(info.value.__cause__, TypeError)
     assert reached == []
+    assert torch.equal(x, torch.ones(3))
+    monkeypatch.undo()
+
+
+def test_a_failure_after_the_op_is_not_notimplemented(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the op has written, a NotImplemented would make ``x += 1`` add a second time."""
+
+    def broken_join(group: Any, out: Any) -> None:
+        raise TypeError("injected")
+
+    monkeypatch.setattr(_mode, "_join", broken_join)
+
+    @immutable_inputs(mode="clone")
+    def f(x: Tensor) -> Tensor:
+        y = x[0:]  # a view of the alias: joins its group (after the op ran)
+        y += 1
+        return y
+
+    x = torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"internal error around aten::slice.*The op ran"):
+        f(x)
     assert torch.equal(x, torch.ones(3))
     monkeypatch.undo()
 

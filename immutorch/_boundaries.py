@@ -252,7 +252,29 @@ class _Boundary:
 def _enter_boundary(
     module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
-    """A module call begins: returns replacement (args, kwargs), or None to keep them."""
+    """A module call begins: returns replacement (args, kwargs), or None to keep them.
+
+    If it raises, it leaves nothing behind on the thread: once the boundary is on record,
+    the ``always_call`` post hook (which torch runs when a pre hook raises) takes it off with
+    its module and frame; before that, it is undone here.
+    """
+    state = STATE
+    n_modules, n_boundaries, n_frames = len(state.modules), len(state.boundaries), len(state.frames)
+    try:
+        return _begin_boundary(module, args, kwargs)
+    except BaseException:
+        if len(state.boundaries) == n_boundaries:
+            try:
+                for frame in reversed(state.frames[n_frames:]):
+                    _mode.leave(frame)
+            finally:
+                del state.modules[n_modules:]
+        raise
+
+
+def _begin_boundary(
+    module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
     state = STATE
     if state.bypass or not (state.frames or state.watchers):
         if _users == 0:
@@ -290,28 +312,6 @@ def _enter_boundary(
     return None
 
 
-def _enter_boundary_safely(
-    module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
-    """``_enter_boundary``, leaving nothing behind on the thread if it raises.
-
-    Once the boundary is on record, the ``always_call`` post hook (which torch runs when a
-    pre hook raises) takes it off with its module and frame; before that, undo here.
-    """
-    state = STATE
-    n_modules, n_boundaries, n_frames = len(state.modules), len(state.boundaries), len(state.frames)
-    try:
-        return _enter_boundary(module, args, kwargs)
-    except BaseException:
-        if len(state.boundaries) == n_boundaries:
-            try:
-                for frame in reversed(state.frames[n_frames:]):
-                    _mode.leave(frame)
-            finally:
-                del state.modules[n_modules:]
-        raise
-
-
 def _label_arguments(
     names: list[str],
     args: tuple[Any, ...],
@@ -337,7 +337,7 @@ def _replace_arguments(
 def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
     if torch.compiler.is_compiling():
         return None  # Dynamo traces hooks: keep them out of compiled graphs
-    replaced = _enter_boundary_safely(module, args, {})
+    replaced = _enter_boundary(module, args, {})
     return None if replaced is None else replaced[0]
 
 
@@ -346,7 +346,7 @@ def _pre_hook_with_kwargs(
 ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
     if torch.compiler.is_compiling():
         return None
-    return _enter_boundary_safely(module, args, kwargs)
+    return _enter_boundary(module, args, kwargs)
 
 
 def _post_hook_with_kwargs(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:

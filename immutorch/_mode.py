@@ -7,7 +7,8 @@ thread's registry and the strictest protection decides, *before* the op runs.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -40,57 +41,62 @@ class ImmutorchMode(TorchDispatchMode):
         state = self.state
         if state.bypass:
             return func(*args, **kwargs)
-        try:
-            facts = op_facts(func)
-            if facts.writes:
-                for written, value in written_values(facts, args, kwargs):
-                    if isinstance(value, torch.Tensor):
-                        _check(state, facts.name, written.name, written.kind == META, value)
-                    elif isinstance(value, (list, tuple)):
-                        for item in value:
-                            if isinstance(item, torch.Tensor):
-                                _check(state, facts.name, written.name, written.kind == META, item)
-        except TypeError as err:
-            raise _internal_error(str(func), err, ran=False) from err
+        facts = op_facts(func)
+        if facts.writes:
+            for written, value in written_values(facts, args, kwargs):
+                if isinstance(value, torch.Tensor):
+                    _check(state, facts.name, written.name, written.kind == META, value)
+                elif isinstance(value, (list, tuple)):
+                    for item in value:
+                        if isinstance(item, torch.Tensor):
+                            _check(state, facts.name, written.name, written.kind == META, item)
         out = func(*args, **kwargs)
-        try:
-            # lift_fresh also wraps torch.from_numpy(a): a new StorageImpl over bytes numpy
-            # owns, maybe those of a tensor from before the block (x.numpy()). Such external
-            # memory is not resizable; it must not count as the block's own.
-            if (
-                state.blocks
-                and facts.fresh_outputs
-                and (facts.name != "aten::lift_fresh" or _owns_memory(out))
-            ):
-                _tag_births(out)
-            if state.clone_frames and facts.view_of is not None:
-                source = args[facts.view_of] if facts.view_of < len(args) else None
-                if isinstance(source, torch.Tensor):
-                    group = source.__dict__.get(GROUP_ATTR)
-                    if group is not None and not group.copied:
-                        _join(group, out)
-        except TypeError as err:
-            # After the op: a NotImplemented here would make `x += 1` run a second time.
-            raise _internal_error(facts.name, err, ran=True) from err
+        # lift_fresh also wraps torch.from_numpy(a): a new StorageImpl over bytes numpy owns,
+        # maybe those of a tensor from before the block (x.numpy()). Such external memory is
+        # not resizable; it must not count as the block's own.
+        if (
+            state.blocks
+            and facts.fresh_outputs
+            and (facts.name != "aten::lift_fresh" or _owns_memory(out))
+        ):
+            _tag_births(out)
+        if state.clone_frames and facts.view_of is not None:
+            source = args[facts.view_of] if facts.view_of < len(args) else None
+            if isinstance(source, torch.Tensor):
+                group = source.__dict__.get(GROUP_ATTR)
+                if group is not None and not group.copied:
+                    _join(group, out)
         return out
 
 
-def _internal_error(op: str, err: TypeError, *, ran: bool) -> RuntimeError:
-    """A TypeError raised by immutorch's own bookkeeping around an op, as a RuntimeError.
+F = TypeVar("F", bound=Callable[..., Any])
 
-    Tensor operators (``__iadd__``, ``__add__`` ...) turn a TypeError into NotImplemented, and
-    Python then silently falls back: a failed check inside ``x += 1`` became ``x = x + 1``
-    (seen on torch 2.5). Nothing from immutorch's machinery may be mistaken for "this operand
-    type is not supported".
+
+def _never_type_error(fn: F) -> F:
+    """Re-raise a TypeError from immutorch's bookkeeping around an op as a RuntimeError.
+
+    Tensor operators (``__iadd__``, ``__add__`` ...) turn a TypeError into NotImplemented and
+    Python then silently falls back: a failed copy-on-write inside ``x += 1`` became
+    ``x = x + 1`` (seen on torch 2.5), and a failure after the write would add a second time.
+    Nothing from immutorch's machinery may pass for "this operand type is not supported".
     """
-    outcome = "The op ran." if ran else "The op did not run."
-    return RuntimeError(
-        f"immutorch: internal error around {op}: {type(err).__name__}: {err}. {outcome} "
-        f"This is a bug in immutorch (torch {torch.__version__}); please report it with this "
-        "traceback."
-    )
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        __tracebackhide__ = True
+        try:
+            return fn(*args)
+        except TypeError as err:
+            raise RuntimeError(
+                f"immutorch: internal error in {fn.__name__}: {type(err).__name__}: {err}. "
+                f"This is a bug in immutorch (torch {torch.__version__}); please report it "
+                "with this traceback."
+            ) from err
+
+    return wrapper  # type: ignore[return-value]
 
 
+@_never_type_error
 def _check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) -> None:
     __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
     if meta:
@@ -122,6 +128,7 @@ def _owns_memory(out: Any) -> bool:
     return storage is not None and bool(storage.resizable())
 
 
+@_never_type_error
 def _tag_births(out: Any) -> None:
     epoch = _registry.current_epoch
     if isinstance(out, torch.Tensor):
@@ -136,6 +143,7 @@ def _tag_births(out: Any) -> None:
                     setattr(storage, BORN_ATTR, epoch)
 
 
+@_never_type_error
 def _join(group: Any, out: Any) -> None:
     if isinstance(out, torch.Tensor):
         group.add(out)
@@ -146,18 +154,13 @@ def _join(group: Any, out: Any) -> None:
 
 
 def enter(frame: _registry.Frame) -> None:
-    """Activate ``frame`` on this thread, pushing the dispatch mode if it is the first.
-
-    All or nothing: if any step fails, the steps before it are undone, so no mode, hook
-    reference or frame is left behind on the thread.
-    """
+    """Activate ``frame`` on this thread, pushing the dispatch mode if it is the first."""
     state = STATE
-    pushed: ImmutorchMode | None = None
+    if not state.frames:
+        handle_ = ImmutorchMode(state)
+        handle_.__enter__()
+        state.mode_handle = handle_
     try:
-        if not state.frames:
-            pushed = ImmutorchMode(state)
-            pushed.__enter__()
-            state.mode_handle = pushed
         # Module boundaries do work only for block guards (module state, argument names),
         # clone mode (aliases) and torch.compile (compiled modules run outside the mode).
         # Elsewhere the global hooks would only slow every module call (~6 us each, measured
@@ -167,20 +170,27 @@ def enter(frame: _registry.Frame) -> None:
             frame.hooked = True
         state.push(frame)
     except BaseException:
-        if frame.hooked:
-            frame.hooked = False
-            _boundaries.release_hooks()
-        if pushed is not None and state.mode_handle is pushed:
-            state.mode_handle = None
-            pushed.__exit__(None, None, None)
+        _undo_enter(state, frame)
         raise
 
 
-def leave(frame: _registry.Frame) -> None:
-    """Deactivate ``frame``; pop the dispatch mode when no frame is left on this thread.
+def _undo_enter(state: ThreadState, frame: _registry.Frame) -> None:
+    """All or nothing: a frame that failed to enter leaves no hook reference, no half-pushed
+    frame and, if it was the first, no dispatch mode behind on the thread."""
+    try:
+        if frame in state.frames:
+            state.pop(frame)
+        if frame.hooked:
+            frame.hooked = False
+            _boundaries.release_hooks()
+    finally:
+        if not state.frames and state.mode_handle is not None:
+            handle_, state.mode_handle = state.mode_handle, None
+            handle_.__exit__(None, None, None)
 
-    Each step runs even if an earlier one raised: a failure here must not strand the mode.
-    """
+
+def leave(frame: _registry.Frame) -> None:
+    """Deactivate ``frame``; pop the dispatch mode when no frame is left on this thread."""
     state = STATE
     try:
         state.pop(frame)
@@ -190,6 +200,7 @@ def leave(frame: _registry.Frame) -> None:
                 frame.hooked = False
                 _boundaries.release_hooks()
         finally:
+            # A failure above must not strand the mode on the thread.
             if not state.frames and state.mode_handle is not None:
                 handle_, state.mode_handle = state.mode_handle, None
                 handle_.__exit__(None, None, None)

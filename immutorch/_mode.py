@@ -7,8 +7,7 @@ thread's registry and the strictest protection decides, *before* the op runs.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -19,6 +18,30 @@ from ._compiled import compile_in_use
 from ._registry import STATE, ThreadState, strictest
 from ._schema import META, op_facts, written_values
 from ._storage import BORN_ATTR, memory_leaves, storage_of
+
+
+def _never_type_error(fn: Any) -> Any:
+    """Re-raise a TypeError from immutorch's bookkeeping around an op as a RuntimeError.
+
+    Tensor operators (``__iadd__``, ``__add__`` ...) turn a TypeError into NotImplemented and
+    Python then silently falls back: a failed copy-on-write inside ``x += 1`` became
+    ``x = x + 1`` (seen on torch 2.5), and a failure after the write would add a second time.
+    Nothing from immutorch's machinery may pass for "this operand type is not supported".
+    """
+
+    def wrapper(*args: Any) -> Any:
+        __tracebackhide__ = True
+        try:
+            return fn(*args)
+        except TypeError as err:
+            raise RuntimeError(
+                f"immutorch: internal error in {fn.__name__}: {type(err).__name__}: {err}. "
+                f"This is a bug in immutorch (torch {torch.__version__}); please report it "
+                "with this traceback."
+            ) from err
+
+    wrapper.__name__ = wrapper.__qualname__ = fn.__name__
+    return wrapper
 
 
 class ImmutorchMode(TorchDispatchMode):
@@ -67,33 +90,6 @@ class ImmutorchMode(TorchDispatchMode):
                 if group is not None and not group.copied:
                     _join(group, out)
         return out
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _never_type_error(fn: F) -> F:
-    """Re-raise a TypeError from immutorch's bookkeeping around an op as a RuntimeError.
-
-    Tensor operators (``__iadd__``, ``__add__`` ...) turn a TypeError into NotImplemented and
-    Python then silently falls back: a failed copy-on-write inside ``x += 1`` became
-    ``x = x + 1`` (seen on torch 2.5), and a failure after the write would add a second time.
-    Nothing from immutorch's machinery may pass for "this operand type is not supported".
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any) -> Any:
-        __tracebackhide__ = True
-        try:
-            return fn(*args)
-        except TypeError as err:
-            raise RuntimeError(
-                f"immutorch: internal error in {fn.__name__}: {type(err).__name__}: {err}. "
-                f"This is a bug in immutorch (torch {torch.__version__}); please report it "
-                "with this traceback."
-            ) from err
-
-    return wrapper  # type: ignore[return-value]
 
 
 @_never_type_error

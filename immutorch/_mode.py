@@ -92,7 +92,6 @@ class ImmutorchMode(TorchDispatchMode):
         return out
 
 
-@_never_type_error
 def _check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) -> None:
     __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
     if meta:
@@ -117,6 +116,10 @@ def _check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) -
                 _policy.handle(strictest(hits), op, arg, leaf)
 
     memory_leaves(t, visit)
+
+
+# Like _tag_births and _join: a TypeError from the check must not become NotImplemented.
+_check = _never_type_error(_check)
 
 
 def _owns_memory(out: Any) -> bool:

@@ -39,7 +39,8 @@ def main() -> None:
     try:
         lookup_once(ids)
     except immutorch.ImmutableTensorError as err:
-        print(f"with the mark: {err.op} refused at {err.location}")
+        # err.op is what torch dispatched: index_put_ (up to 2.14) or index_fill_ (2.15).
+        print(f"with the mark: the write was refused before it landed ({err.op} at {err.location})")
     print(f"row 1 intact: {TABLE[1].tolist()}")
     assert torch.equal(TABLE, backup)
 

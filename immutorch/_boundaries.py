@@ -276,7 +276,29 @@ class _Boundary:
 def _enter_boundary(
     module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
-    """A module call begins: returns replacement (args, kwargs), or None to keep them."""
+    """A module call begins: returns replacement (args, kwargs), or None to keep them.
+
+    If it raises, it leaves nothing behind on the thread: once the boundary is on record,
+    the ``always_call`` post hook (which torch runs when a pre hook raises) takes it off with
+    its module and frame; before that, it is undone here.
+    """
+    state = STATE
+    n_modules, n_boundaries, n_frames = len(state.modules), len(state.boundaries), len(state.frames)
+    try:
+        return _begin_boundary(module, args, kwargs)
+    except BaseException:
+        if len(state.boundaries) == n_boundaries:
+            try:
+                for frame in reversed(state.frames[n_frames:]):
+                    _mode.leave(frame)
+            finally:
+                del state.modules[n_modules:]
+        raise
+
+
+def _begin_boundary(
+    module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
     state = STATE
     if state.bypass or not (state.frames or state.watchers):
         if _users == 0:

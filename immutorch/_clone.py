@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ._compat import disable_torch_dispatch, set_version_counter
 from ._registry import STATE, TOTAL_STATS, CloneStats
 from ._storage import BORN_ATTR, PRIVATE_BORN, storage_of
 
@@ -61,15 +62,24 @@ class CowGroup:
         try:
             copy = self.storage.clone()  # type: ignore[no-untyped-call]
             setattr(copy, BORN_ATTR, PRIVATE_BORN)
-            with torch.no_grad(), torch._C._DisableTorchDispatch():
-                for ref in self.members:
-                    t = ref()
-                    if t is None:
-                        continue
-                    version = t._version
-                    t.set_(copy, t.storage_offset(), t.size(), t.stride())
-                    torch._C._autograd._unsafe_set_version_counter((t,), (version,))
-                    t.__dict__.pop(GROUP_ATTR, None)
+            live = [t for t in (ref() for ref in self.members) if t is not None]
+            moved: list[tuple[torch.Tensor, int]] = []
+            with torch.no_grad(), disable_torch_dispatch():
+                try:
+                    for t in live:
+                        version = t._version
+                        moved.append((t, version))
+                        t.set_(copy, t.storage_offset(), t.size(), t.stride())
+                        set_version_counter(t, version)
+                except BaseException:
+                    # All members or none: a group half on the copy and half on the original
+                    # would let the callee's views disagree about what they hold.
+                    for t, version in moved:
+                        t.set_(self.storage, t.storage_offset(), t.size(), t.stride())
+                        set_version_counter(t, version)
+                    raise
+            for t in live:
+                t.__dict__.pop(GROUP_ATTR, None)
         finally:
             STATE.bypass -= 1
         nbytes = copy.nbytes()
@@ -103,7 +113,7 @@ class _Alias(torch.autograd.Function):
 def _raw_alias(x: torch.Tensor) -> torch.Tensor:
     # Past the Python dispatch key: these two ops are immutorch's own, and going through a
     # Python mode costs ~9 us each (measured), more than the rest of alias() together.
-    with torch._C._DisableTorchDispatch():
+    with disable_torch_dispatch():
         out = torch.empty(0, dtype=x.dtype, device=x.device)
         return out.set_(x.untyped_storage(), x.storage_offset(), x.size(), x.stride())
 

@@ -15,13 +15,19 @@ What happened is logged once per compiled callable on the ``immutorch`` logger.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import sys
 from typing import Any, Optional
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode, _push_mode
 
+from ._compat import (
+    current_dispatch_mode,
+    dispatch_mode_flags_match_stack,
+    dynamo_backends,
+    pop_dispatch_mode,
+    push_dispatch_mode,
+)
 from ._errors import ImmutableTensorError, MutationWarning
 from ._registry import STATE, TOTAL_STATS, CloneStats
 
@@ -39,11 +45,8 @@ def compile_in_use() -> bool:
     backend a ``torch.compile`` call set up; the only one present otherwise is ``None``, the
     disabled backend. Where that record is missing (another torch), assume compile is in use.
     """
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    if eval_frame is None:
-        return False
-    backends = getattr(eval_frame, "cached_backends", None)
-    if not isinstance(backends, dict):
+    backends = dynamo_backends()
+    if backends is None:
         return True
     return any(backend is not None for backend in backends.values())
 
@@ -62,6 +65,8 @@ class CompiledBoundary:
         self.where = where
         self.checks: list[tuple[torch.Tensor, int, str, str]] = []
         self.popped: Optional[Any] = None
+        self.flags: Optional[contextlib.AbstractContextManager[None]] = None
+        self.entered = False
 
     def hand_over(self, t: torch.Tensor, mode: str, label: str, stats: CloneStats) -> torch.Tensor:
         if mode == "warn":
@@ -93,16 +98,36 @@ class CompiledBoundary:
         # Our mode must not be on the stack while Dynamo looks at the frame.
         from ._mode import ImmutorchMode
 
-        if isinstance(_get_current_dispatch_mode(), ImmutorchMode):
-            self.popped = _pop_mode()
-        STATE.bypass += 1
+        try:
+            if isinstance(current_dispatch_mode(), ImmutorchMode):
+                self.popped = pop_dispatch_mode()
+                # Popping is not enough on 2.5 to 2.12: Dynamo reads flags only __exit__ clears.
+                flags = dispatch_mode_flags_match_stack()
+                flags.__enter__()
+                self.flags = flags
+            STATE.bypass += 1
+            self.entered = True
+        except BaseException:
+            self._restore()
+            raise
         return self
 
+    def _restore(self) -> None:
+        """Undo what __enter__ did, and only that (it may have failed half way)."""
+        try:
+            if self.entered:
+                self.entered = False
+                STATE.bypass -= 1
+            if self.flags is not None:
+                flags, self.flags = self.flags, None
+                flags.__exit__(None, None, None)
+        finally:
+            if self.popped is not None:
+                popped, self.popped = self.popped, None
+                push_dispatch_mode(popped)
+
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        STATE.bypass -= 1
-        if self.popped is not None:
-            _push_mode(self.popped)
-            self.popped = None
+        self._restore()
         if exc_type is None:
             self.check()
 

@@ -20,6 +20,30 @@ from ._schema import META, op_facts, written_values
 from ._storage import BORN_ATTR, memory_leaves, storage_of
 
 
+def _never_type_error(fn: Any) -> Any:
+    """Re-raise a TypeError from immutorch's bookkeeping around an op as a RuntimeError.
+
+    Tensor operators (``__iadd__``, ``__add__`` ...) turn a TypeError into NotImplemented and
+    Python then silently falls back: a failed copy-on-write inside ``x += 1`` became
+    ``x = x + 1`` (seen on torch 2.5), and a failure after the write would add a second time.
+    Nothing from immutorch's machinery may pass for "this operand type is not supported".
+    """
+
+    def wrapper(*args: Any) -> Any:
+        __tracebackhide__ = True
+        try:
+            return fn(*args)
+        except TypeError as err:
+            raise RuntimeError(
+                f"immutorch: internal error in {fn.__name__}: {type(err).__name__}: {err}. "
+                f"This is a bug in immutorch (torch {torch.__version__}); please report it "
+                "with this traceback."
+            ) from err
+
+    wrapper.__name__ = wrapper.__qualname__ = fn.__name__
+    return wrapper
+
+
 class ImmutorchMode(TorchDispatchMode):
     """Checks each op's written arguments against the thread's protections."""
 
@@ -126,11 +150,16 @@ def _check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) -
     memory_leaves(t, visit)
 
 
+# Like _tag_births and _join: a TypeError from the check must not become NotImplemented.
+_check = _never_type_error(_check)
+
+
 def _owns_memory(out: Any) -> bool:
     storage = storage_of(out) if isinstance(out, torch.Tensor) else None
     return storage is not None and bool(storage.resizable())
 
 
+@_never_type_error
 def _tag_births(out: Any) -> None:
     epoch = _registry.current_epoch
     if isinstance(out, torch.Tensor):
@@ -158,6 +187,7 @@ def _tag_birth(t: torch.Tensor, epoch: int) -> None:
     memory_leaves(t, tag)
 
 
+@_never_type_error
 def _join(group: Any, out: Any) -> None:
     if isinstance(out, torch.Tensor):
         group.add(out)
@@ -176,23 +206,47 @@ def enter(frame: _registry.Frame) -> None:
         handle_ = ImmutorchMode(state)
         handle_.__enter__()
         state.mode_handle = handle_
-    # Module boundaries do work only for block guards (module state, argument names), clone
-    # mode (aliases) and torch.compile (compiled modules run outside the mode). Elsewhere the
-    # global hooks would only slow every module call (~6 us each, measured on the encoder);
-    # errors then find the module path by walking the stack.
-    if frame.kind == _registry.BLOCK or frame.mode == "clone" or compile_in_use():
-        _boundaries.acquire_hooks()
-        frame.hooked = True
-    state.push(frame)
+    try:
+        # Module boundaries do work only for block guards (module state, argument names),
+        # clone mode (aliases) and torch.compile (compiled modules run outside the mode).
+        # Elsewhere the global hooks would only slow every module call (~6 us each, measured
+        # on the encoder); errors then find the module path by walking the stack.
+        if frame.kind == _registry.BLOCK or frame.mode == "clone" or compile_in_use():
+            _boundaries.acquire_hooks()
+            frame.hooked = True
+        state.push(frame)
+    except BaseException:
+        _undo_enter(state, frame)
+        raise
+
+
+def _undo_enter(state: ThreadState, frame: _registry.Frame) -> None:
+    """All or nothing: a frame that failed to enter leaves no hook reference, no half-pushed
+    frame and, if it was the first, no dispatch mode behind on the thread."""
+    try:
+        if frame in state.frames:
+            state.pop(frame)
+        if frame.hooked:
+            frame.hooked = False
+            _boundaries.release_hooks()
+    finally:
+        if not state.frames and state.mode_handle is not None:
+            handle_, state.mode_handle = state.mode_handle, None
+            handle_.__exit__(None, None, None)
 
 
 def leave(frame: _registry.Frame) -> None:
     """Deactivate ``frame``; pop the dispatch mode when no frame is left on this thread."""
     state = STATE
-    state.pop(frame)
-    if frame.hooked:
-        frame.hooked = False
-        _boundaries.release_hooks()
-    if not state.frames and state.mode_handle is not None:
-        handle_, state.mode_handle = state.mode_handle, None
-        handle_.__exit__(None, None, None)
+    try:
+        state.pop(frame)
+    finally:
+        try:
+            if frame.hooked:
+                frame.hooked = False
+                _boundaries.release_hooks()
+        finally:
+            # A failure above must not strand the mode on the thread.
+            if not state.frames and state.mode_handle is not None:
+                handle_, state.mode_handle = state.mode_handle, None
+                handle_.__exit__(None, None, None)

@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ._compat import TORCH_FLOOR
+
 # Attribute names set on UntypedStorage objects.
 READONLY_ATTR = "_immutorch_readonly"
 BORN_ATTR = "_immutorch_born"
@@ -113,7 +115,7 @@ def get_attr(storage: Any, name: str) -> Any:
 
 def _storage_objects_persist() -> bool:
     """Read-only marks and birth records live on storage objects; that needs PyTorch to keep
-    one Python object per live storage (PyObject preservation, torch >= 2.1)."""
+    one Python object per live storage (PyObject preservation, not in torch 2.1)."""
     t = torch.empty(1)
     t.untyped_storage()._immutorch_probe = True  # type: ignore[attr-defined]
     return bool(getattr(t[0:].untyped_storage(), "_immutorch_probe", False))
@@ -121,6 +123,6 @@ def _storage_objects_persist() -> bool:
 
 if not _storage_objects_persist():  # pragma: no cover - only on unsupported torch
     raise ImportError(
-        f"immutorch needs torch >= 2.1 (Python storage objects that live as long as their "
-        f"memory); this is torch {torch.__version__}. Upgrade torch."
+        f"immutorch needs torch >= {'.'.join(map(str, TORCH_FLOOR))} (Python storage objects "
+        f"that live as long as their memory); this is torch {torch.__version__}. Upgrade torch."
     )

@@ -11,10 +11,11 @@ judged against that, never against what immutorch prints.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +24,29 @@ from torch import Tensor
 
 Effect = Literal["data", "meta", "clean"]
 
+# What one statement dispatches is torch's choice and changes between releases: 2.15 lowers
+# `x[mask] = v` to masked_fill_ and `x[idx] = v` to index_fill_ (2.5 to 2.14: index_put_),
+# and `x[0] = 0` on a 1-D tensor to fill_ (2.5 to 2.14: copy_). A test accepts any op of the
+# statement's set, as the guard names what torch actually dispatched; never one release's.
+MASK_ASSIGN = ("aten::index_put_", "aten::masked_fill_")
+INDEX_ASSIGN = ("aten::index_put_", "aten::index_fill_")
+ELEMENT_ASSIGN = ("aten::copy_", "aten::fill_")
+
+
+def any_op(ops: Union[str, Sequence[str]]) -> str:
+    """A regex that matches any of ``ops`` (one op name, or a statement's set)."""
+    names = [ops] if isinstance(ops, str) else list(ops)
+    return "(?:" + "|".join(re.escape(name) for name in names) + ")"
+
 
 @dataclass(frozen=True)
 class Pattern:
     name: str
     fn: Callable[..., Any]
     effect: Effect
-    # The aten op the guard must name, and the schema argument it writes.
-    op: str = ""
+    # The aten op the guard must name (or the set a statement lowers to across torch
+    # releases), and the schema argument it writes.
+    op: Union[str, tuple[str, ...]] = ""
     arg: str = "self"
     shape: tuple[int, ...] = (4, 5)
     dtype: torch.dtype = torch.float32
@@ -42,6 +58,10 @@ class Pattern:
     isolable: bool = True
     # Runs on tensors without autograd history only (numpy(), from_dlpack of a leaf ...).
     cpu_only: bool = False
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return (self.op,) if isinstance(self.op, str) else self.op
 
     @property
     def writes(self) -> bool:
@@ -389,8 +409,8 @@ def cat_stack(x: Tensor) -> Tensor:
 WRITES: list[Pattern] = [
     Pattern("slice_assign", slice_assign, "data", "aten::fill_"),
     Pattern("per_row_normalize", per_row_normalize, "data", "aten::copy_"),
-    Pattern("mask_assign", mask_assign, "data", "aten::index_put_"),
-    Pattern("index_assign", index_assign, "data", "aten::index_put_", extra=_idx),
+    Pattern("mask_assign", mask_assign, "data", MASK_ASSIGN),
+    Pattern("index_assign", index_assign, "data", INDEX_ASSIGN, extra=_idx),
     Pattern("iadd", iadd, "data", "aten::add_"),
     Pattern("out_into_input", out_into_input, "data", "aten::add", arg="out"),
     Pattern("data_sub", data_sub, "data", "aten::sub_"),

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from corpus import BY_NAME, Pattern, Snapshot, assert_same, ids, run_oracle
+from corpus import BY_NAME, Pattern, Snapshot, any_op, assert_same, ids, run_oracle
 
 import immutorch
 from immutorch import ImmutableTensorError, guard, immutable_inputs
@@ -70,7 +70,7 @@ def test_corpus_on_device(p: Pattern, mode: str) -> None:
     f = immutable_inputs(mode=mode)(p.fn)  # type: ignore[arg-type]
     refuses = p.writes and (mode == "raise" or not p.isolable)
     if refuses:
-        with pytest.raises(ImmutableTensorError, match=p.op):
+        with pytest.raises(ImmutableTensorError, match=any_op(p.ops)):
             f(x, *extra)
     else:
         assert_same(f(x, *extra), oracle.result)

@@ -1,0 +1,250 @@
+"""A failure inside immutorch's own machinery leaves nothing behind on the thread.
+
+Each test injects a failure (monkeypatch) at one step: alias creation, copy-on-write
+materialization, a module boundary, mode entry, a compiled call's boundary. The error must
+reach the caller, and afterwards the thread must hold no frame, boundary, module, hook
+reference or dispatch mode, and a new guard must work as usual. An internal TypeError must
+never turn into NotImplemented (``x += 1`` silently becoming ``x = x + 1``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+import immutorch
+from immutorch import ImmutableTensorError, _boundaries, _clone, _compiled, _mode, guard
+from immutorch import immutable_inputs as immutable_inputs
+from immutorch._registry import STATE
+
+
+class Injected(RuntimeError):
+    pass
+
+
+def _fail(*args: Any, **kwargs: Any) -> Any:
+    raise Injected("injected failure")
+
+
+def assert_nothing_left() -> None:
+    assert STATE.frames == []
+    assert STATE.blocks == []
+    assert STATE.clone_frames == 0
+    assert STATE.modules == []
+    assert STATE.boundaries == []
+    assert STATE.watchers == []
+    assert STATE.bypass == 0
+    assert STATE.mode_handle is None
+    assert not _get_current_dispatch_mode_stack()
+    assert _boundaries._users == 0
+    # And the next guard works as usual, in each mode.
+    x = torch.zeros(3)
+    with pytest.raises(ImmutableTensorError), guard(x):
+        x.add_(1)
+    with guard(mode="clone"):
+        torch.nn.ReLU(inplace=True)(x - 1)
+        out = torch.nn.Sequential(torch.nn.ReLU(inplace=True))(x)
+    assert torch.equal(x, torch.zeros(3)) and out is not x
+
+
+@pytest.fixture(autouse=True)
+def _clean_before_and_after() -> Any:
+    assert not STATE.frames
+    yield
+    assert_nothing_left()
+
+
+# -- alias creation ---------------------------------------------------------------------------
+def test_alias_failure_in_a_decorated_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_clone, "_raw_alias", _fail)
+
+    @immutable_inputs(mode="clone")
+    def f(x: Tensor) -> Tensor:
+        return x.mul_(2)
+
+    x = torch.ones(3)
+    with pytest.raises(Injected):
+        f(x)
+    assert torch.equal(x, torch.ones(3))
+    monkeypatch.undo()
+
+
+def test_alias_failure_at_a_module_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_clone, "_raw_alias", _fail)
+    x = torch.ones(3)
+    with pytest.raises(Injected), guard(x, mode="clone"):
+        torch.nn.ReLU(inplace=True)(x)
+    assert torch.equal(x, torch.ones(3))
+    monkeypatch.undo()
+
+
+# -- copy-on-write materialization ------------------------------------------------------------
+def test_materialize_failure_propagates_and_is_not_notimplemented(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On 2.5 a TypeError here made ``x += 1`` fall back to ``x = x + 1`` and return normally."""
+
+    def wrong_signature(t: Tensor, version: int) -> None:
+        raise TypeError("incompatible function arguments (injected)")
+
+    monkeypatch.setattr(_clone, "set_version_counter", wrong_signature)
+    reached: list[str] = []
+
+    @immutable_inputs(mode="clone")
+    def f(x: Tensor) -> Tensor:
+        x += 1
+        reached.append("after the write")
+        return x
+
+    x = torch.ones(3)
+    with pytest.raises(
+        RuntimeError,
+        match=r"internal error in _check: TypeError",
+    ) as info:
+        f(x)
+    assert isinstance(info.value.__cause__, TypeError)
+    assert reached == []
+    assert torch.equal(x, torch.ones(3))
+    monkeypatch.undo()
+
+
+def test_a_failure_after_the_op_is_not_notimplemented(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the op has written, a NotImplemented would make ``x += 1`` add a second time."""
+
+    real_add = _clone.CowGroup.add
+
+    def add_fails_for_views(group: _clone.CowGroup, t: Tensor) -> None:
+        if group.members:  # the alias itself joins first, at the boundary
+            raise TypeError("injected")
+        real_add(group, t)
+
+    monkeypatch.setattr(_clone.CowGroup, "add", add_fails_for_views)
+
+    @immutable_inputs(mode="clone")
+    def f(x: Tensor) -> Tensor:
+        y = x[0:]  # a view of the alias: joins its group (after the op ran)
+        y += 1
+        return y
+
+    x = torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"internal error in _join: TypeError"):
+        f(x)
+    assert torch.equal(x, torch.ones(3))
+    monkeypatch.undo()
+
+
+def test_materialize_failure_midway_leaves_every_member_on_the_original(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = _clone.set_version_counter
+    calls: list[int] = []
+
+    def fail_second(t: Tensor, version: int) -> None:
+        calls.append(version)
+        if len(calls) == 2:
+            raise Injected("injected failure")
+        real(t, version)
+
+    monkeypatch.setattr(_clone, "set_version_counter", fail_second)
+    seen: dict[str, int] = {}
+
+    @immutable_inputs(mode="clone")
+    def f(x: Tensor) -> Tensor:
+        view = x[1:]
+        try:
+            view.add_(1)
+        finally:
+            seen["alias"] = x.untyped_storage().data_ptr()
+            seen["view"] = view.untyped_storage().data_ptr()
+        return x
+
+    x = torch.ones(3)
+    with pytest.raises(Injected):
+        f(x)
+    assert seen == {"alias": x.data_ptr(), "view": x.data_ptr()}
+    assert torch.equal(x, torch.ones(3))
+    monkeypatch.undo()
+
+
+# -- module boundaries ------------------------------------------------------------------------
+def test_boundary_failure_before_it_is_on_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_boundaries, "_forward_param_names", _fail)
+    with pytest.raises(Injected), guard():
+        torch.nn.ReLU()(torch.ones(3))
+    monkeypatch.undo()
+
+
+def test_boundary_failure_after_it_is_on_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_boundaries, "_replace_arguments", _fail)
+    x = torch.ones(3)
+    with pytest.raises(Injected), guard(x, mode="clone"):
+        torch.nn.Sequential(torch.nn.ReLU())(x)
+    monkeypatch.undo()
+
+
+def test_a_watch_predicate_that_raises() -> None:
+    def predicate(module: torch.nn.Module) -> bool:
+        raise Injected("injected failure")
+
+    with _boundaries.watch_modules(predicate):
+        with pytest.raises(Injected):
+            torch.nn.ReLU()(torch.ones(3))
+        assert STATE.modules == [] and STATE.boundaries == [] and STATE.frames == []
+
+
+def test_a_watch_frame_that_fails_to_enter(monkeypatch: pytest.MonkeyPatch) -> None:
+    with _boundaries.watch_modules(lambda m: True):
+        monkeypatch.setattr(STATE, "push", _fail)
+        with pytest.raises(Injected):
+            torch.nn.ReLU()(torch.ones(3))
+        monkeypatch.undo()
+        assert STATE.modules == [] and STATE.boundaries == [] and STATE.frames == []
+
+
+# -- mode entry -------------------------------------------------------------------------------
+def test_mode_entry_failure_in_the_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_boundaries, "acquire_hooks", _fail)
+    with pytest.raises(Injected), guard():
+        pass
+    monkeypatch.undo()
+
+
+def test_mode_entry_failure_in_the_dispatch_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_mode.ImmutorchMode, "__enter__", _fail)
+    x = torch.ones(3)
+    with pytest.raises(Injected), guard(x):
+        pass
+    monkeypatch.undo()
+
+
+def test_mode_entry_failure_in_an_inner_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.ones(3)
+    with guard(x):
+        monkeypatch.setattr(STATE, "push", _fail)
+        with pytest.raises(Injected), guard(mode="clone"):
+            pass
+        monkeypatch.undo()
+        assert len(STATE.frames) == 1
+        with pytest.raises(ImmutableTensorError):
+            x.add_(1)
+
+
+# -- a compiled call's boundary ---------------------------------------------------------------
+def test_compiled_boundary_failure_puts_the_mode_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_compiled(x: Tensor) -> Tensor:
+        return x * 2
+
+    fake_compiled._torchdynamo_orig_callable = fake_compiled  # type: ignore[attr-defined]
+    f = immutorch.immutable_inputs(fake_compiled)
+    monkeypatch.setattr(_compiled, "dispatch_mode_flags_match_stack", _fail)
+    x = torch.ones(3)
+    with guard(torch.zeros(1)):
+        with pytest.raises(Injected):
+            f(x)
+        assert isinstance(_get_current_dispatch_mode_stack()[-1], _mode.ImmutorchMode)
+        assert STATE.bypass == 0
+    monkeypatch.undo()

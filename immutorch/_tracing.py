@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode, _push_mode
 
+from ._compat import current_dispatch_mode, pop_dispatch_mode, push_dispatch_mode
 from ._errors import MutationWarning
 from ._registry import STATE
 
@@ -100,7 +100,7 @@ def stepped_aside() -> Iterator[None]:
         return
     handle = state.mode_handle
     popped = None
-    if handle is not None and _get_current_dispatch_mode() is not handle:
+    if handle is not None and current_dispatch_mode() is not handle:
         # Another mode above ours: popping would pop that one. Leave the stack alone.
         _tell(
             "immutorch: torch.jit.trace runs under another dispatch mode pushed after "
@@ -114,7 +114,7 @@ def stepped_aside() -> Iterator[None]:
             "MutationWarning. Guards apply again to the traced module when it runs."
         )
         if handle is not None:
-            popped = _pop_mode()
+            popped = pop_dispatch_mode()
     watched = [(p, p.obj._version) for ps in state.by_storage.values() for p in ps]
     state.bypass += 1
     _depth.value = 1
@@ -124,7 +124,7 @@ def stepped_aside() -> Iterator[None]:
         _depth.value = 0
         state.bypass -= 1
         if popped is not None:
-            _push_mode(popped)
+            push_dispatch_mode(popped)
     for protection, version in watched:
         if protection.obj._version != version:
             t = protection.obj

@@ -58,6 +58,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 def test_training_step_refuses_nothing_on_framework_state(results, scenario):
     for rank in results:
         got = rank[scenario]
+        if "skipped" in got:
+            pytest.skip(got["skipped"])
         assert got["error"] is None, f"rank {rank['rank']}: {got['error']}"
         assert got["same_state"], "the guarded run must train exactly as the unguarded one"
         assert got["inputs_untouched"]

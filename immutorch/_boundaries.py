@@ -17,7 +17,6 @@ import sys
 import threading
 import types
 import warnings
-import weakref
 from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
@@ -26,10 +25,14 @@ from torch.nn.modules import module as _module_mod
 
 from . import _arguments, _mode
 from ._clone import alias, group_of
-from ._compiled import CompiledBoundary, compile_in_use, is_compiled
+from ._compiled import CompiledBoundary, compile_in_use
 from ._config import Mode, check_mode, resolve
 from ._distributed import framework_state, is_framework
-from ._registry import STATE, Frame, Hit, strictest
+from ._naming import display_path, is_compiled
+
+# Importing the policy also installs it as the dispatch mode's write handler.
+from ._policy import recover_dispatch_error
+from ._registry import BLOCK, STATE, Frame, Hit, strictest
 from ._storage import storage_of
 
 _lock = threading.Lock()
@@ -115,6 +118,37 @@ def hooks_installed() -> bool:
     return bool(_handles)
 
 
+def enter(frame: Frame) -> None:
+    """Activate ``frame``: the front doors' way in. Installs the module hooks where a frame
+    needs them, then activates it in the dispatch mode; all or nothing."""
+    # Module boundaries do work only for block guards (module state, argument names), clone
+    # mode (aliases) and torch.compile (compiled modules run outside the mode). Elsewhere the
+    # global hooks would only slow every module call (~6 us each, measured on the encoder);
+    # errors then find the module path by walking the stack.
+    if frame.kind == BLOCK or frame.mode == "clone" or compile_in_use():
+        acquire_hooks()
+        frame.hooked = True
+    try:
+        _mode.enter(frame)
+    except BaseException:
+        _unhook(frame)
+        raise
+
+
+def leave(frame: Frame) -> None:
+    """Deactivate ``frame`` and drop its reference on the module hooks."""
+    try:
+        _mode.leave(frame)
+    finally:
+        _unhook(frame)
+
+
+def _unhook(frame: Frame) -> None:
+    if frame.hooked:
+        frame.hooked = False
+        release_hooks()
+
+
 class _Watch:
     __slots__ = ("include_inplace", "mode", "predicate")
 
@@ -142,8 +176,6 @@ def watch_modules(
     try:
         yield
     except RuntimeError as exc:
-        from ._policy import recover_dispatch_error
-
         original = recover_dispatch_error(exc)
         if original is not None:
             raise original from exc
@@ -153,73 +185,8 @@ def watch_modules(
         release_hooks()
 
 
-# -- naming -----------------------------------------------------------------------------------
-_names: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, str]] = weakref.WeakKeyDictionary()
+# -- labels -----------------------------------------------------------------------------------
 _param_names: dict[type, list[str]] = {}
-
-
-def _path_in(root: torch.nn.Module, module: torch.nn.Module) -> Optional[str]:
-    names = _names.get(root)
-    if names is None or id(module) not in names:
-        names = {id(m): name for name, m in root.named_modules(remove_duplicate=False)}
-        _names[root] = names
-    return names.get(id(module))
-
-
-def display_path(module: torch.nn.Module, outermost: Optional[torch.nn.Module] = None) -> str:
-    """``mods.normalizer (InputNormalization)``: the path from the outermost module in call."""
-    cls = type(module).__name__
-    if is_compiled(module):
-        inner: torch.nn.Module = getattr(module, "_orig_mod")  # noqa: B009
-        module = inner
-        cls = f"{type(module).__name__}, compiled"
-    elif isinstance(module, torch.jit.ScriptModule):
-        how = "traced" if "Traced" in cls else "scripted"
-        cls = f"{getattr(module, 'original_name', cls)}, {how}"
-    for root in _roots(outermost):
-        if root is module:
-            return cls
-        path = _path_in(root, module)
-        if path:
-            return f"{path} ({cls})"
-    return cls
-
-
-def current_module_path() -> Optional[str]:
-    """The path of the module whose call is running, for messages; None outside modules.
-
-    With the hooks installed the module calls are on record; without them (raise and warn
-    guards of named tensors) the interpreter stack has them: ``Module._call_impl`` frames.
-    """
-    modules = STATE.modules or _modules_on_stack()
-    if not modules:
-        return None
-    return display_path(modules[-1], modules[0])
-
-
-def _modules_on_stack() -> list[torch.nn.Module]:
-    found: list[torch.nn.Module] = []
-    frame = sys._getframe(1)
-    call_impl = torch.nn.Module._call_impl.__code__
-    while frame is not None:
-        if frame.f_code is call_impl:
-            module = frame.f_locals.get("self")
-            if isinstance(module, torch.nn.Module):
-                found.append(module)
-        frame = frame.f_back  # type: ignore[assignment]
-    found.reverse()  # outermost first
-    return found
-
-
-def _roots(outermost: Optional[torch.nn.Module]) -> list[torch.nn.Module]:
-    roots: list[torch.nn.Module] = []
-    for f in STATE.frames:
-        if f.module_root is not None:
-            roots.append(f.module_root)
-            break
-    if outermost is not None:
-        roots.append(outermost)
-    return roots
 
 
 def _forward_param_names(module: torch.nn.Module) -> list[str]:
@@ -290,7 +257,7 @@ def _enter_boundary(
         if len(state.boundaries) == n_boundaries:
             try:
                 for frame in reversed(state.frames[n_frames:]):
-                    _mode.leave(frame)
+                    leave(frame)
             finally:
                 del state.modules[n_modules:]
         raise
@@ -325,7 +292,7 @@ def _begin_boundary(
                 path = display_path(module, state.modules[0])
                 frame = Frame(mode, f"the watch on {path}")
                 _label_arguments(names, args, kwargs, frame.protect)
-                _mode.enter(frame)
+                enter(frame)
             break
     if is_compiled(module):
         compiled = CompiledBoundary(display_path(module, state.modules[0]))
@@ -431,7 +398,7 @@ def _post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
     finally:
         state.modules.pop()
         if boundary.frame is not None:
-            _mode.leave(boundary.frame)
+            leave(boundary.frame)
     return None
 
 

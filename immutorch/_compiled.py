@@ -51,13 +51,6 @@ def compile_in_use() -> bool:
     return any(backend is not None for backend in backends.values())
 
 
-def is_compiled(obj: Any) -> bool:
-    """A module returned by ``torch.compile(module)`` or a function from ``torch.compile(f)``."""
-    if isinstance(obj, torch.nn.Module):
-        return type(obj).__name__ == "OptimizedModule" and hasattr(obj, "_orig_mod")
-    return hasattr(obj, "_torchdynamo_orig_callable")
-
-
 class CompiledBoundary:
     """Inputs handed to one compiled call, checked after it returns."""
 
@@ -96,10 +89,8 @@ class CompiledBoundary:
                 self.where,
             )
         # Our mode must not be on the stack while Dynamo looks at the frame.
-        from ._mode import ImmutorchMode
-
         try:
-            if isinstance(current_dispatch_mode(), ImmutorchMode):
+            if STATE.mode_handle is not None and current_dispatch_mode() is STATE.mode_handle:
                 self.popped = pop_dispatch_mode()
                 # Popping is not enough on 2.5 to 2.12: Dynamo reads flags only __exit__ clears.
                 flags = dispatch_mode_flags_match_stack()

@@ -11,10 +11,11 @@ import torch
 from typing_extensions import ParamSpec
 
 from . import _arguments
+from ._boundaries import enter, leave
 from ._clone import alias
-from ._compiled import CompiledBoundary, is_compiled
+from ._compiled import CompiledBoundary
 from ._config import Mode, check_mode, resolve
-from ._mode import enter, leave
+from ._naming import is_compiled
 from ._policy import recover_dispatch_error
 from ._registry import STATE, Frame
 

@@ -10,8 +10,8 @@ import torch
 import wrapt
 
 from . import _arguments
+from ._boundaries import enter, leave
 from ._config import Mode, check_mode, resolve
-from ._mode import enter, leave
 from ._policy import recover_dispatch_error, user_frame
 from ._registry import BLOCK, NAMED, STATE, CloneStats, Frame
 

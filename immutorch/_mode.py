@@ -12,9 +12,8 @@ from typing import Any, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import _boundaries, _policy, _registry, _tracing
+from . import _registry, _tracing
 from ._clone import GROUP_ATTR
-from ._compiled import compile_in_use
 from ._registry import STATE, ThreadState, strictest
 from ._schema import META, op_facts, written_values
 from ._storage import BORN_ATTR, memory_leaves, storage_of
@@ -77,7 +76,7 @@ class ImmutorchMode(TorchDispatchMode):
             out = func(*args, **kwargs)
         except Exception as exc:
             explained = _explain_boxed_scalar_failure(func, args, exc)
-            _policy.remember_dispatch_error(explained or exc)
+            _remember_error(explained or exc)
             if explained is not None:
                 raise explained from exc
             raise
@@ -129,14 +128,14 @@ def _check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) -
     if meta:
         hits = state.object_hits(t)
         if hits:
-            _policy.handle(strictest(hits), op, "*" + arg, t, meta=True)
+            _handle_write(strictest(hits), op, "*" + arg, t, meta=True)
         return
     if t.layout is torch.strided and type(t) in (torch.Tensor, torch.nn.Parameter):
         storage = storage_of(t)
         if storage is not None:
             hits = state.storage_hits(t, storage)
             if hits:
-                _policy.handle(strictest(hits), op, arg, t)
+                _handle_write(strictest(hits), op, arg, t)
         return
 
     # Sparse layouts and wrapper subclasses: judge each tensor that holds their memory.
@@ -145,7 +144,7 @@ def _check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) -
         if storage is not None:
             hits = state.storage_hits(leaf, storage)
             if hits:
-                _policy.handle(strictest(hits), op, arg, leaf)
+                _handle_write(strictest(hits), op, arg, leaf)
 
     memory_leaves(t, visit)
 
@@ -198,7 +197,12 @@ def _join(group: Any, out: Any) -> None:
 
 
 def enter(frame: _registry.Frame) -> None:
-    """Activate ``frame`` on this thread, pushing the dispatch mode if it is the first."""
+    """Activate ``frame`` on this thread, pushing the dispatch mode if it is the first.
+
+    All or nothing: a frame that fails to enter leaves no half-pushed frame and, if it was the
+    first, no dispatch mode behind on the thread. (Module hooks are the front doors' business:
+    ``_boundaries.enter``.)
+    """
     state = STATE
     if not state.frames:
         state.dispatch_error = None
@@ -207,32 +211,14 @@ def enter(frame: _registry.Frame) -> None:
         handle_.__enter__()
         state.mode_handle = handle_
     try:
-        # Module boundaries do work only for block guards (module state, argument names),
-        # clone mode (aliases) and torch.compile (compiled modules run outside the mode).
-        # Elsewhere the global hooks would only slow every module call (~6 us each, measured
-        # on the encoder); errors then find the module path by walking the stack.
-        if frame.kind == _registry.BLOCK or frame.mode == "clone" or compile_in_use():
-            _boundaries.acquire_hooks()
-            frame.hooked = True
         state.push(frame)
     except BaseException:
-        _undo_enter(state, frame)
+        try:
+            if frame in state.frames:
+                state.pop(frame)
+        finally:
+            _pop_mode_if_idle(state)
         raise
-
-
-def _undo_enter(state: ThreadState, frame: _registry.Frame) -> None:
-    """All or nothing: a frame that failed to enter leaves no hook reference, no half-pushed
-    frame and, if it was the first, no dispatch mode behind on the thread."""
-    try:
-        if frame in state.frames:
-            state.pop(frame)
-        if frame.hooked:
-            frame.hooked = False
-            _boundaries.release_hooks()
-    finally:
-        if not state.frames and state.mode_handle is not None:
-            handle_, state.mode_handle = state.mode_handle, None
-            handle_.__exit__(None, None, None)
 
 
 def leave(frame: _registry.Frame) -> None:
@@ -241,12 +227,28 @@ def leave(frame: _registry.Frame) -> None:
     try:
         state.pop(frame)
     finally:
-        try:
-            if frame.hooked:
-                frame.hooked = False
-                _boundaries.release_hooks()
-        finally:
-            # A failure above must not strand the mode on the thread.
-            if not state.frames and state.mode_handle is not None:
-                handle_, state.mode_handle = state.mode_handle, None
-                handle_.__exit__(None, None, None)
+        # A failure above must not strand the mode on the thread.
+        _pop_mode_if_idle(state)
+
+
+def _pop_mode_if_idle(state: ThreadState) -> None:
+    if not state.frames and state.mode_handle is not None:
+        handle_, state.mode_handle = state.mode_handle, None
+        handle_.__exit__(None, None, None)
+
+
+# What to do at a write into protected memory: the policy layer above installs its handler
+# (``_policy`` calls ``set_write_handler`` on import), so this backend never imports it.
+def _no_policy(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("immutorch: internal error: no write policy installed (import immutorch)")
+
+
+_handle_write: Any = _no_policy
+_remember_error: Any = lambda error: None  # noqa: E731
+
+
+def set_write_handler(handle: Any, remember_error: Any) -> None:
+    """Install the policy: ``handle(hit, op, arg, tensor, meta=...)`` at each write into
+    protected memory, ``remember_error(exc)`` for each exception raised through the mode."""
+    global _handle_write, _remember_error
+    _handle_write, _remember_error = handle, remember_error

@@ -16,9 +16,10 @@ from typing import Optional
 import torch
 import wrapt  # noqa: F401  (imported so its frames can be skipped in locations)
 
-from . import _boundaries, _provenance
+from . import _mode, _provenance
 from ._clone import group_of
 from ._errors import ImmutableTensorError, MutationWarning
+from ._naming import current_module_path
 from ._registry import BLOCK, OUTSIDE, STATE, Hit
 from ._storage import describe, shape_of
 
@@ -55,7 +56,7 @@ def user_frame() -> Optional[FrameType]:
 
 
 def _where(hit: Hit) -> str:
-    return _boundaries.current_module_path() or hit.frame.where
+    return current_module_path() or hit.frame.where
 
 
 def handle(hit: Hit, op: str, written_arg: str, t: torch.Tensor, *, meta: bool = False) -> None:
@@ -201,3 +202,6 @@ def _warn(hit: Hit, op: str, written_arg: str, t: torch.Tensor) -> None:
         module=module_globals.get("__name__", "<unknown>"),
         registry=registry,
     )
+
+
+_mode.set_write_handler(handle, remember_dispatch_error)

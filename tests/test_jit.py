@@ -17,10 +17,8 @@ from immutorch._boundaries import watch_modules
 
 MODES = ("raise", "warn", "clone")
 
-# torch 2.13 deprecates TorchScript; the code under test still meets it in the wild.
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"
-)
+# torch 2.13 deprecates TorchScript (a FutureWarning from 2.15); real code still uses it.
+pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated")
 
 
 class Scale(torch.nn.Module):

@@ -516,7 +516,7 @@ def test_a_refusal_inside_torchscript_is_reported_as_itself(pytester: pytest.Pyt
         import torch
         from scripted import Zeroing
 
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message="`torch.jit")
 
 
         def test_scripted():

@@ -31,7 +31,7 @@ from ._distributed import framework_state, is_framework
 from ._naming import display_path, is_compiled
 
 # Importing the policy also installs it as the dispatch mode's write handler.
-from ._policy import recover_dispatch_error
+from ._policy import raise_original
 from ._registry import BLOCK, STATE, Frame, Hit, strictest
 from ._storage import storage_of
 
@@ -176,9 +176,7 @@ def watch_modules(
     try:
         yield
     except RuntimeError as exc:
-        original = recover_dispatch_error(exc)
-        if original is not None:
-            raise original from exc
+        raise_original(exc)
         raise
     finally:
         STATE.watchers.remove(watch)

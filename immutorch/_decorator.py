@@ -16,7 +16,7 @@ from ._clone import alias
 from ._compiled import CompiledBoundary
 from ._config import Mode, check_mode, resolve
 from ._naming import is_compiled
-from ._policy import recover_dispatch_error
+from ._policy import raise_original
 from ._registry import STATE, Frame
 
 P = ParamSpec("P")
@@ -139,9 +139,7 @@ def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]]) -> Any:
         try:
             return fn(*args, **kwargs)
         except RuntimeError as exc:
-            refused = recover_dispatch_error(exc)
-            if refused is not None:
-                raise refused from exc
+            raise_original(exc)
             raise
         finally:
             leave(frame)

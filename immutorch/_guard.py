@@ -12,7 +12,7 @@ import wrapt
 from . import _arguments
 from ._boundaries import enter, leave
 from ._config import Mode, check_mode, resolve
-from ._policy import recover_dispatch_error, user_frame
+from ._policy import raise_original, user_frame
 from ._registry import BLOCK, NAMED, STATE, CloneStats, Frame
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -84,9 +84,7 @@ class Guard:
         if frame is not None:
             leave(frame)
         if exc is not None:
-            refused = recover_dispatch_error(exc)
-            if refused is not None:
-                raise refused from exc
+            raise_original(exc)
 
     def __call__(self, fn: F) -> F:
         @wrapt.decorator  # type: ignore[misc]
@@ -99,9 +97,7 @@ class Guard:
             try:
                 return wrapped(*args, **kwargs)
             except RuntimeError as exc:
-                refused = recover_dispatch_error(exc)
-                if refused is not None:
-                    raise refused from exc
+                raise_original(exc)
                 raise
             finally:
                 leave(frame)

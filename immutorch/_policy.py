@@ -181,6 +181,16 @@ def recover_dispatch_error(exc: BaseException) -> Optional[BaseException]:
     return None
 
 
+def raise_original(exc: BaseException) -> None:
+    """Raise the exception that TorchScript rewrapped into ``exc``, chained to it (see
+    :func:`recover_dispatch_error`); return where ``exc`` is no such rewrap. Each front door
+    calls this on an exception leaving it."""
+    __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
+    original = recover_dispatch_error(exc)
+    if original is not None:
+        raise original from exc
+
+
 def _warn(hit: Hit, op: str, written_arg: str, t: torch.Tensor) -> None:
     __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
     text, attrs, frame = _context(hit, op, written_arg, t)

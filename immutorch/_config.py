@@ -1,4 +1,5 @@
-"""Modes and where the mode in force comes from: code < IMMUTORCH_MODE < the pytest plugin."""
+"""Modes and scopes, and where the one in force comes from: code < environment < the pytest
+plugin (``IMMUTORCH_MODE``, ``IMMUTORCH_SCOPE``)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,19 @@ Mode: TypeAlias = Literal["raise", "warn", "clone", "off"]
 MODES: tuple[Mode, ...] = get_args(Mode)
 ENV_VAR = "IMMUTORCH_MODE"
 
+# Which ops a guard intercepts: every op on the thread ("all", the TorchDispatchMode), or only
+# the ops whose arguments include protected memory handed across a boundary ("arguments", a
+# tensor subclass; see ``_scoped``).
+Scope: TypeAlias = Literal["all", "arguments"]
+
+SCOPES: tuple[Scope, ...] = get_args(Scope)
+SCOPE_ENV_VAR = "IMMUTORCH_SCOPE"
+
 # How strict each mode is; a tensor protected by several guards gets the strictest.
 STRICTNESS: dict[str, int] = {"off": 0, "warn": 1, "clone": 2, "raise": 3}
 
 _override: Optional[Mode] = None
+_scope_override: Optional[Scope] = None
 
 
 def check_mode(mode: object, *, source: str = "mode") -> Mode:
@@ -24,6 +34,14 @@ def check_mode(mode: object, *, source: str = "mode") -> Mode:
         return mode  # type: ignore[return-value]
     choices = ", ".join(repr(m) for m in MODES)
     raise ValueError(f"immutorch: {source} must be one of {choices}, got {mode!r}")
+
+
+def check_scope(scope: object, *, source: str = "scope") -> Scope:
+    """Return ``scope`` if it is a valid scope, else raise a ValueError that lists the choices."""
+    if isinstance(scope, str) and scope in SCOPES:
+        return scope  # type: ignore[return-value]
+    choices = ", ".join(repr(s) for s in SCOPES)
+    raise ValueError(f"immutorch: {source} must be one of {choices}, got {scope!r}")
 
 
 def set_override(mode: Optional[Mode]) -> Optional[Mode]:
@@ -47,13 +65,22 @@ _environ_data: Optional[dict[Any, Any]] = getattr(os.environ, "_data", None)
 _env_key: Any = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else ENV_VAR
 
 
+_scope_env_key: Any = (
+    os.environ.encodekey(SCOPE_ENV_VAR) if hasattr(os.environ, "encodekey") else SCOPE_ENV_VAR
+)
+
+
 def _env_mode() -> Optional[str]:
+    return _env(_env_key, ENV_VAR)
+
+
+def _env(key: Any, name: str) -> Optional[str]:
     if _environ_data is not None:
-        raw = _environ_data.get(_env_key)
+        raw = _environ_data.get(key)
         if raw is None:
             return None
         return os.environ.decodevalue(raw) if hasattr(os.environ, "decodevalue") else str(raw)
-    return os.environ.get(ENV_VAR)
+    return os.environ.get(name)
 
 
 def resolve(requested: Mode) -> Mode:
@@ -63,4 +90,28 @@ def resolve(requested: Mode) -> Mode:
     env = _env_mode()
     if env:
         return check_mode(env.strip().lower(), source=f"the environment variable {ENV_VAR}")
+    return requested
+
+
+def set_scope_override(scope: Optional[Scope]) -> Optional[Scope]:
+    """Force every guard, decorator and watch into ``scope`` (None lifts it); return the
+    previous one. The pytest plugin forces ``"all"`` in strict mode unless told otherwise."""
+    global _scope_override
+    previous = _scope_override
+    _scope_override = None if scope is None else check_scope(scope)
+    return previous
+
+
+def get_scope_override() -> Optional[Scope]:
+    return _scope_override
+
+
+def resolve_scope(requested: Scope) -> Scope:
+    """The scope a guard runs in: the plugin's override, else ``IMMUTORCH_SCOPE``, else the
+    code's."""
+    if _scope_override is not None:
+        return _scope_override
+    env = _env(_scope_env_key, SCOPE_ENV_VAR)
+    if env:
+        return check_scope(env.strip().lower(), source=f"the environment variable {SCOPE_ENV_VAR}")
     return requested

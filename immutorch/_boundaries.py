@@ -26,14 +26,16 @@ from torch.nn.modules import module as _module_mod
 from . import _arguments, _mode
 from ._clone import alias, group_of
 from ._compiled import CompiledBoundary, compile_in_use
-from ._config import Mode, check_mode, resolve
+from ._config import Mode, Scope, check_mode, check_scope, resolve, resolve_scope
 from ._distributed import framework_state, is_framework
 from ._naming import display_path, is_compiled
 
 # Importing the policy also installs it as the dispatch mode's write handler.
 from ._policy import raise_original
-from ._registry import BLOCK, STATE, Frame, Hit, strictest
-from ._storage import storage_of
+from ._registry import BLOCK, STATE, Frame, Hit, current_epoch_tag, strictest
+from ._scoped import Protected, to_plain, unwrap
+from ._scoped import hand_over as hand_over_scoped
+from ._storage import BORN_ATTR, storage_of
 
 _lock = threading.Lock()
 _users = 0
@@ -125,7 +127,15 @@ def enter(frame: Frame) -> None:
     # mode (aliases) and torch.compile (compiled modules run outside the mode). Elsewhere the
     # global hooks would only slow every module call (~6 us each, measured on the encoder);
     # errors then find the module path by walking the stack.
-    if frame.kind == BLOCK or frame.mode == "clone" or compile_in_use():
+    # A decorator or watch in scope "arguments" hands over scoped aliases itself; they carry
+    # their protection into every module the callee calls.
+    scoped_call = frame.scope == "arguments" and not frame.modules_scoped
+    if (
+        frame.kind == BLOCK
+        or frame.modules_scoped
+        or (frame.mode == "clone" and not scoped_call)
+        or compile_in_use()
+    ):
         acquire_hooks()
         frame.hooked = True
     try:
@@ -150,14 +160,19 @@ def _unhook(frame: Frame) -> None:
 
 
 class _Watch:
-    __slots__ = ("include_inplace", "mode", "predicate")
+    __slots__ = ("include_inplace", "mode", "predicate", "scope")
 
     def __init__(
-        self, predicate: Callable[[torch.nn.Module], bool], mode: Mode, include_inplace: bool
+        self,
+        predicate: Callable[[torch.nn.Module], bool],
+        mode: Mode,
+        include_inplace: bool,
+        scope: Scope,
     ) -> None:
         self.predicate = predicate
         self.mode = mode
         self.include_inplace = include_inplace
+        self.scope = scope
 
 
 @contextlib.contextmanager
@@ -166,11 +181,14 @@ def watch_modules(
     mode: Mode = "raise",
     *,
     include_inplace: bool = False,
+    scope: Scope = "arguments",
 ) -> Iterator[None]:
     """Protect, on this thread, the tensor arguments of every module call that ``predicate``
     accepts, for the duration of that call. Modules with ``inplace=True`` are exempt unless
-    ``include_inplace``: writing into their input is what they are built for."""
-    watch = _Watch(predicate, check_mode(mode), include_inplace)
+    ``include_inplace``: writing into their input is what they are built for. ``scope`` as for
+    ``immutable_inputs``: "arguments" intercepts only the ops on the arguments and their views,
+    "all" every op while the watched module runs."""
+    watch = _Watch(predicate, check_mode(mode), include_inplace, check_scope(scope))
     acquire_hooks()
     STATE.watchers.append(watch)
     try:
@@ -218,7 +236,17 @@ def arg_label(names: list[str], index: int) -> str:
 
 # -- the hooks --------------------------------------------------------------------------------
 class _Boundary:
-    __slots__ = ("compiled", "frame", "labels", "module")
+    __slots__ = (
+        "compiled",
+        "frame",
+        "labels",
+        "module",
+        "originals",
+        "recursion",
+        "required",
+        "storages",
+        "suspended",
+    )
 
     def __init__(
         self,
@@ -231,6 +259,15 @@ class _Boundary:
         self.compiled = compiled
         # storage -> the module parameter it arrived as, to name block-guard hits.
         self.labels: dict[int, str] = {}
+        # Scoped hand-over: alias id -> the caller's tensor, None where this call handed
+        # nothing over; the storages handed over; what _mode.suspend took off the stack;
+        # whether the call needed the every-op mode instead; calls of this same module nested
+        # in it (recursion), which skip the hooks.
+        self.originals: Optional[dict[int, torch.Tensor]] = None
+        self.storages: set[int] = set()
+        self.suspended: Optional[tuple[int, int]] = None
+        self.required = False
+        self.recursion = 0
 
     def label(self, name: str, t: torch.Tensor) -> None:
         storage = storage_of(t)
@@ -265,6 +302,13 @@ def _begin_boundary(
     module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
     state = STATE
+    if state.scoped_calls and not state.watchers and not is_compiled(module):
+        # Inside a module call that handed its protected arguments over as scoped aliases:
+        # they carry their protection into nested calls, which need nothing more.
+        top = state.boundaries[-1]
+        if top.module is module:
+            top.recursion += 1
+        return None
     if state.bypass or not (state.frames or state.watchers):
         if _users == 0:
             _remove_if_unused()  # the first module call after the last guard takes them off
@@ -288,7 +332,7 @@ def _begin_boundary(
             mode = resolve(watch.mode)
             if mode != "off":
                 path = display_path(module, state.modules[0])
-                frame = Frame(mode, f"the watch on {path}")
+                frame = Frame(mode, f"the watch on {path}", scope=resolve_scope(watch.scope))
                 _label_arguments(names, args, kwargs, frame.protect)
                 enter(frame)
             break
@@ -302,9 +346,50 @@ def _begin_boundary(
     state.boundaries.append(boundary)
     if state.blocks:
         _label_arguments(names, args, kwargs, boundary.label)
+    if (frame is not None and frame.scope == "arguments") or (
+        state.scoped_guards and not state.scoped_calls
+    ):
+        return _hand_over_scoped(boundary, args, kwargs)
     if state.clone_frames:
         return _replace_arguments(args, kwargs, _hand_over)
     return None
+
+
+def _hand_over_scoped(
+    boundary: _Boundary, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Scope "arguments" at a module call: each protected argument crosses as a scoped alias,
+    and the every-op mode steps off the stack for the call where only block bodies need it.
+    Where an argument cannot cross that way, the call runs under the every-op mode instead."""
+    state = STATE
+    originals: dict[int, torch.Tensor] = {}
+    fallback = False
+
+    def hand_over(t: torch.Tensor) -> torch.Tensor:
+        nonlocal fallback
+        hit = _protection_of(t)
+        if hit is None:
+            return t
+        new = hand_over_scoped(t, hit.mode, hit.frame.stats)
+        if new is None:
+            fallback = True
+            return _hand_over(t)
+        storage = storage_of(t)
+        if storage is not None:
+            boundary.storages.add(storage._cdata)
+        if new is not t:
+            originals[id(new)] = t
+        return new
+
+    replaced = _replace_arguments(args, kwargs, hand_over)
+    boundary.originals = originals
+    state.scoped_calls += 1
+    if fallback:
+        _mode.require()
+        boundary.required = True
+    else:
+        boundary.suspended = _mode.suspend()
+    return replaced
 
 
 def _label_arguments(
@@ -377,27 +462,63 @@ def _pre_hook_with_kwargs(
     return _enter_boundary(module, args, kwargs)
 
 
-def _post_hook_with_kwargs(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+def _post_hook_with_kwargs(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
     return _post_hook(module, args, output)
 
 
-def _post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+def _post_hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
     if torch.compiler.is_compiling():
         return None
     state = STATE
     if not state.boundaries or state.boundaries[-1].module is not module:
         return None
+    top = state.boundaries[-1]
+    if top.recursion:
+        top.recursion -= 1
+        return None
     boundary = state.boundaries.pop()
+    # always_call hooks also run while an exception unwinds: then only restore state.
+    failed = sys.exc_info()[0] is not None
     try:
         if boundary.compiled is not None:
-            # always_call hooks also run while an exception unwinds: then only restore state.
-            failed = sys.exc_info()[0] is not None
             boundary.compiled.__exit__(RuntimeError if failed else None, None, None)
     finally:
         state.modules.pop()
-        if boundary.frame is not None:
-            leave(boundary.frame)
-    return None
+        try:
+            if boundary.originals is not None:
+                state.scoped_calls -= 1
+                if boundary.suspended is not None:
+                    _mode.resume(boundary.suspended)
+                elif boundary.required:
+                    _mode.release()
+        finally:
+            if boundary.frame is not None:
+                leave(boundary.frame)
+    if boundary.originals is None or failed:
+        return None
+    return _scoped_output(boundary, output)
+
+
+def _scoped_output(boundary: _Boundary, output: Any) -> Any:
+    """A scoped call's result, as the caller gets it: no ``Protected`` alias leaves the call,
+    and, inside a block guard, its fresh tensors count as the block's own memory (the block's
+    every-op mode, which records births, was off the stack during the call)."""
+    new = unwrap(output, boundary.originals or {})
+    if STATE.blocks:
+        epoch = current_epoch_tag()
+        handed = boundary.storages
+
+        def tag(_label: str, t: torch.Tensor) -> None:
+            storage = storage_of(t)
+            if (
+                storage is not None
+                and storage._cdata not in handed
+                and getattr(storage, BORN_ATTR, 0) == 0
+            ):
+                setattr(storage, BORN_ATTR, epoch)
+
+        _arguments.walk(new, "", tag)
+    return None if new is output else new
 
 
 def _protection_of(t: torch.Tensor) -> Optional[Hit]:
@@ -412,8 +533,9 @@ def _protection_of(t: torch.Tensor) -> Optional[Hit]:
 def _hand_over_compiled(t: torch.Tensor, compiled: CompiledBoundary) -> torch.Tensor:
     hit = _protection_of(t)
     if hit is None:
-        return t
-    return compiled.hand_over(t, hit.mode, hit.label, hit.frame.stats)
+        return to_plain(t) if isinstance(t, Protected) else t
+    # Compiled code gets plain tensors: Dynamo cannot trace the scoped backend's subclass.
+    return compiled.hand_over(to_plain(t), hit.mode, hit.label, hit.frame.stats)
 
 
 def _hand_over(t: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from ._compat import disable_torch_dispatch, set_version_counter
 from ._registry import STATE, TOTAL_STATS, CloneStats
-from ._storage import BORN_ATTR, PRIVATE_BORN, storage_of
+from ._storage import BORN_ATTR, PLAIN, PRIVATE_BORN, storage_of
 
 GROUP_ATTR = "_immutorch_cow"
 
@@ -102,19 +102,22 @@ class _Alias(torch.autograd.Function):
     """Same storage, new TensorImpl, identity gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return _raw_alias(x)
+    def forward(ctx: Any, x: torch.Tensor, cls: Optional[type]) -> torch.Tensor:
+        return _raw_alias(x, cls)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
 
 
-def _raw_alias(x: torch.Tensor) -> torch.Tensor:
+def _raw_alias(x: torch.Tensor, cls: Optional[type] = None) -> torch.Tensor:
     # Past the Python dispatch key: these two ops are immutorch's own, and going through a
     # Python mode costs ~9 us each (measured), more than the rest of alias() together.
     with disable_torch_dispatch():
         out = torch.empty(0, dtype=x.dtype, device=x.device)
+        if cls is not None:
+            # Not as_subclass: that makes a view, and an autograd Function may not return one.
+            out = torch.Tensor._make_subclass(cls, out)
         return out.set_(x.untyped_storage(), x.storage_offset(), x.size(), x.stride())
 
 
@@ -123,7 +126,7 @@ def can_alias(x: torch.Tensor) -> bool:
     return (
         storage is not None
         and x.layout is torch.strided
-        and type(x) in (torch.Tensor, torch.nn.Parameter)
+        and type(x) in PLAIN
         and not x.is_quantized
         and not x.is_neg()
         # A strided nested tensor has no single size/stride to set_ an alias with.
@@ -131,8 +134,9 @@ def can_alias(x: torch.Tensor) -> bool:
     )
 
 
-def alias(x: torch.Tensor, stats: CloneStats) -> torch.Tensor:
-    """Hand ``x`` across a boundary: a copy-on-write alias, or a copy where none can be made."""
+def alias(x: torch.Tensor, stats: CloneStats, cls: Optional[type] = None) -> torch.Tensor:
+    """Hand ``x`` across a boundary: a copy-on-write alias (of type ``cls``, the scoped
+    backend's subclass, if given), or a copy where none can be made."""
     STATE.bypass += 1
     try:
         if not can_alias(x):
@@ -148,10 +152,10 @@ def alias(x: torch.Tensor, stats: CloneStats) -> torch.Tensor:
             # Connected to the caller's graph even under no_grad, so a callee that turns grad
             # back on still sends gradients to the caller's tensor.
             with torch.enable_grad():
-                out = _Alias.apply(base)  # type: ignore[no-untyped-call]
+                out = _Alias.apply(base, cls)  # type: ignore[no-untyped-call]
         else:
             with torch.no_grad():
-                out = _raw_alias(base)
+                out = _raw_alias(base, cls)
         storage = x.untyped_storage()
         key = (id(stats), storage._cdata)
         groups = _groups()

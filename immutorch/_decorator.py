@@ -14,10 +14,12 @@ from . import _arguments
 from ._boundaries import enter, leave
 from ._clone import alias
 from ._compiled import CompiledBoundary
-from ._config import Mode, check_mode, resolve
+from ._config import Mode, Scope, check_mode, check_scope, resolve, resolve_scope
 from ._naming import is_compiled
 from ._policy import raise_original
 from ._registry import STATE, Frame
+from ._scoped import hand_over as hand_over_scoped
+from ._scoped import unwrap
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -86,9 +88,9 @@ def _qualname(fn: Any) -> str:
     return f"{module}.{name}" if module and module != "__main__" else str(name)
 
 
-def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]]) -> Any:
+def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]], scope: Scope) -> Any:
     if isinstance(fn, (staticmethod, classmethod)):
-        return type(fn)(_wrap(fn.__func__, mode, only))
+        return type(fn)(_wrap(fn.__func__, mode, only, scope))
     signature = _Signature(fn)
     if only is not None:
         unknown = only - signature.names() - {signature.var_positional, signature.var_keyword}
@@ -117,6 +119,7 @@ def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]]) -> Any:
             effective,
             where,
             module_root=root if isinstance(root, torch.nn.Module) else None,
+            scope=resolve_scope(scope),
         )
         labelled, given = signature.label_args(args, kwargs)
         for name, default in signature.tensor_defaults:
@@ -127,7 +130,11 @@ def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]]) -> Any:
                 _arguments.walk(value, label, frame.protect)
         if compiled:
             return _call_compiled(fn, args, kwargs, frame)
-        if effective == "clone" and frame.protections:
+        originals: Optional[dict[int, torch.Tensor]] = None
+        if frame.scope == "arguments" and frame.protections:
+            originals = {}
+            args, kwargs = _hand_over_scoped(frame, args, kwargs, originals)
+        elif effective == "clone" and frame.protections:
             protected = {id(p.obj) for p in frame.protections}
 
             def hand_over(t: torch.Tensor) -> torch.Tensor:
@@ -137,14 +144,38 @@ def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]]) -> Any:
             kwargs = {k: _arguments.replace(v, hand_over) for k, v in kwargs.items()}
         enter(frame)
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
         except RuntimeError as exc:
             raise_original(exc)
             raise
         finally:
             leave(frame)
+        return out if not originals else unwrap(out, originals)
 
     return wrapper
+
+
+def _hand_over_scoped(
+    frame: Frame, args: tuple[Any, ...], kwargs: dict[str, Any], originals: dict[int, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Scope "arguments": each protected argument crosses as a scoped alias; where one cannot
+    (a wrapper subclass, a sparse tensor ...), this call falls back to the every-op mode."""
+    protected = {id(p.obj) for p in frame.protections}
+
+    def hand_over(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in protected:
+            return t
+        new = hand_over_scoped(t, frame.mode, frame.stats)
+        if new is None:
+            frame.needs_mode = True
+            return alias(t, frame.stats) if frame.mode == "clone" else t
+        if new is not t:
+            originals[id(new)] = t
+        return new
+
+    args = tuple(_arguments.replace(a, hand_over) for a in args)
+    kwargs = {k: _arguments.replace(v, hand_over) for k, v in kwargs.items()}
+    return args, kwargs
 
 
 def _call_compiled(
@@ -174,7 +205,7 @@ def immutable_inputs(fn: M, /) -> M: ...
 
 @overload
 def immutable_inputs(
-    *, mode: Mode = "raise", only: Optional[Iterable[str]] = None
+    *, mode: Mode = "raise", only: Optional[Iterable[str]] = None, scope: Scope = "arguments"
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -184,6 +215,7 @@ def immutable_inputs(
     *,
     mode: Mode = "raise",
     only: Optional[Iterable[str]] = None,
+    scope: Scope = "arguments",
 ) -> Any:
     """Protect the tensor arguments of every call to ``fn`` from writes.
 
@@ -192,6 +224,12 @@ def immutable_inputs(
     ``only=("x",)`` protects just the named parameters. Works on functions, methods (including
     ``nn.Module.forward``), staticmethods and classmethods; given an ``nn.Module`` instance or
     class it protects that module's ``forward``.
+
+    ``scope="arguments"`` (the default) intercepts only the ops that take a protected argument
+    or a view of it, which costs nothing for the rest of the callee's ops; ``scope="all"``
+    intercepts every op while the call runs, which also catches writes that reach the memory
+    through another reference (a closure, a global, a cached attribute). Writes through the
+    arguments and every view of them are caught in both.
 
     >>> import torch, immutorch
     >>> @immutorch.immutable_inputs(mode="clone")
@@ -205,21 +243,22 @@ def immutable_inputs(
     tensor([1., 2., 3.])
     """
     check_mode(mode)
+    check_scope(scope)
     only_set = None if only is None else frozenset([only] if isinstance(only, str) else only)
 
     def decorate(target: Any) -> Any:
         if isinstance(target, torch.nn.Module):
-            target.forward = _wrap(target.forward, mode, only_set)
+            target.forward = _wrap(target.forward, mode, only_set, scope)
             return target
         if isinstance(target, type) and issubclass(target, torch.nn.Module):
-            target.forward = _wrap(target.forward, mode, only_set)
+            target.forward = _wrap(target.forward, mode, only_set, scope)
             return target
         if not callable(target) and not isinstance(target, (staticmethod, classmethod)):
             raise TypeError(
                 "immutorch.immutable_inputs decorates functions, methods and nn.Modules; got "
                 f"{type(target).__name__}"
             )
-        return _wrap(target, mode, only_set)
+        return _wrap(target, mode, only_set, scope)
 
     if fn is None:
         return decorate

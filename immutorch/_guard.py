@@ -11,7 +11,7 @@ import wrapt
 
 from . import _arguments
 from ._boundaries import enter, leave
-from ._config import Mode, check_mode, resolve
+from ._config import Mode, Scope, check_mode, check_scope, resolve, resolve_scope
 from ._policy import raise_original, user_frame
 from ._registry import BLOCK, NAMED, STATE, CloneStats, Frame
 
@@ -32,6 +32,7 @@ class Guard:
         mode: Mode,
         allow: Allowed,
         protect_state: bool,
+        scope: Scope = "all",
     ) -> None:
         for i, value in enumerate(tensors):
             if not isinstance(value, (torch.Tensor, torch.nn.Module, list, tuple, dict)):
@@ -42,6 +43,7 @@ class Guard:
                 )
         self.tensors = tensors
         self.mode: Mode = check_mode(mode)
+        self.scope: Scope = check_scope(scope)
         self.allow = allow
         self.protect_state = protect_state
         self.stats = CloneStats()
@@ -56,7 +58,15 @@ class Guard:
         if user is not None:
             where = f"guard() at {user.f_code.co_filename}:{user.f_lineno}"
         kind = NAMED if self.tensors else BLOCK
-        frame = Frame(mode, where, kind, protect_state=self.protect_state, stats=self.stats)
+        frame = Frame(
+            mode,
+            where,
+            kind,
+            protect_state=self.protect_state,
+            stats=self.stats,
+            scope=resolve_scope(self.scope),
+            modules_scoped=True,
+        )
         for i, value in enumerate(self.tensors):
             label = f"guard argument {i}"
             if isinstance(value, torch.nn.Module):
@@ -110,6 +120,7 @@ def guard(
     mode: Mode = "raise",
     allow: Allowed = (),
     protect_state: bool = False,
+    scope: Scope = "all",
 ) -> Guard:
     """Protect tensors from writes inside a ``with`` block (or a decorated function).
 
@@ -119,6 +130,12 @@ def guard(
     stay writable unless ``protect_state=True``; ``allow=`` exempts tensors, modules (their
     parameters, buffers and gradients) and optimizers (their state).
 
+    ``scope="all"`` (the default) intercepts every op in the block. ``scope="arguments"``
+    intercepts every op of the block body itself, but inside each module call only the ops
+    that take a protected argument of that call (or a view of it): the module's other ops run
+    at full speed, and a write that reaches protected memory there through another reference
+    (a closure, a global, a cached attribute) goes unseen.
+
     >>> import torch, immutorch
     >>> mel = torch.randn(2, 80, 10)
     >>> with immutorch.guard(mode="clone"):
@@ -126,7 +143,7 @@ def guard(
     >>> bool((mel < 0).any())
     True
     """
-    return Guard(tensors, mode, allow, protect_state)
+    return Guard(tensors, mode, allow, protect_state, scope)
 
 
 def _module_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:

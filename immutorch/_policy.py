@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import wrapt  # noqa: F401  (imported so its frames can be skipped in locations)
 
-from . import _mode, _provenance
+from . import _judge, _provenance
 from ._clone import group_of
 from ._errors import ImmutableTensorError, MutationWarning
 from ._naming import current_module_path
@@ -214,4 +214,4 @@ def _warn(hit: Hit, op: str, written_arg: str, t: torch.Tensor) -> None:
     )
 
 
-_mode.set_write_handler(handle, remember_dispatch_error)
+_judge.set_write_handler(handle, remember_dispatch_error)

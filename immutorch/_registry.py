@@ -15,8 +15,17 @@ from typing import Any, Optional
 
 import torch
 
-from ._config import STRICTNESS, Mode
-from ._storage import BORN_ATTR, READONLY_ATTR, byte_range, shape_of, storage_of, tensor_leaves
+from ._config import STRICTNESS, Mode, Scope
+from ._storage import (
+    BORN_ATTR,
+    PLAIN,
+    READONLY_ATTR,
+    STANDS_FOR_ATTR,
+    byte_range,
+    shape_of,
+    storage_of,
+    tensor_leaves,
+)
 
 
 @dataclass
@@ -33,7 +42,6 @@ class CloneStats:
 
 TOTAL_STATS = CloneStats()
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 # The label of memory a block guard protects when no boundary named it.
 OUTSIDE = "a tensor from outside the block"
@@ -45,6 +53,11 @@ BLOCK = "block"  # protects everything that existed before it started
 # with the epoch at which they started.
 _epochs = itertools.count(1)
 current_epoch = 0
+
+
+def current_epoch_tag() -> int:
+    """The birth tag for memory a block allocated just now (the newest block's epoch)."""
+    return current_epoch
 
 
 def next_epoch() -> int:
@@ -76,13 +89,17 @@ class Frame:
 
     __slots__ = (
         "allow",
+        "body_only",
         "boundary",
         "hooked",
         "kind",
         "mode",
         "module_root",
+        "modules_scoped",
+        "needs_mode",
         "protect_state",
         "protections",
+        "scope",
         "seen_modules",
         "start",
         "state",
@@ -99,8 +116,19 @@ class Frame:
         protect_state: bool = False,
         stats: Optional[CloneStats] = None,
         module_root: Optional[torch.nn.Module] = None,
+        scope: Scope = "all",
+        modules_scoped: bool = False,
     ) -> None:
         self.mode = mode
+        self.scope = scope
+        # scope="arguments" on a guard: module calls in the block take the protected arguments
+        # as scoped aliases; the block body itself runs under the every-op mode.
+        self.modules_scoped = modules_scoped and scope == "arguments"
+        # Whether this frame needs the every-op mode (decorators and watches in scope
+        # "arguments" do not, unless an argument cannot be handed over as a scoped alias), and
+        # whether only in its block body.
+        self.needs_mode = scope == "all" or self.modules_scoped
+        self.body_only = self.modules_scoped
         self.where = where
         self.kind = kind
         self.start = next_epoch() if kind == BLOCK else 0
@@ -119,7 +147,7 @@ class Frame:
         return cdata in self.allow or cdata in self.state
 
     def protect(self, label: str, t: torch.Tensor) -> None:
-        if t.layout is torch.strided and type(t) in _PLAIN:
+        if t.layout is torch.strided and type(t) in PLAIN:
             storage = storage_of(t)
             if storage is not None:
                 self.protections.append(Protection(self, label, t, storage))
@@ -197,6 +225,13 @@ class ThreadState(threading.local):
         self.blocks: list[Frame] = []
         self.clone_frames = 0
         self.bypass = 0
+        # Users of the every-op mode (frames and fallbacks), and how many of them need it only
+        # in a block body (see _mode.suspend); guard frames whose module calls hand over scoped
+        # aliases; the module calls in progress that did so (their nested calls cost nothing).
+        self.mode_users = 0
+        self.body_users = 0
+        self.scoped_guards = 0
+        self.scoped_calls = 0
         # The last exception raised inside the dispatch mode on this thread (a refusal, or an
         # op's own error): TorchScript's interpreter turns an exception raised inside it into
         # a RuntimeError with an empty message, and the front doors put this one back (see
@@ -221,6 +256,8 @@ class ThreadState(threading.local):
             self.blocks.append(frame)
         if frame.mode == "clone":
             self.clone_frames += 1
+        if frame.modules_scoped:
+            self.scoped_guards += 1
 
     def pop(self, frame: Frame) -> None:
         # Frames end in LIFO order except when an exception unwinds several; remove by identity.
@@ -237,6 +274,8 @@ class ThreadState(threading.local):
             self.blocks = [f for f in self.blocks if f is not frame]
         if frame.mode == "clone":
             self.clone_frames -= 1
+        if frame.modules_scoped:
+            self.scoped_guards -= 1
 
     def innermost_mode(self) -> Optional[Mode]:
         return self.frames[-1].mode if self.frames else None
@@ -278,7 +317,9 @@ class ThreadState(threading.local):
         return OUTSIDE
 
     def object_hits(self, t: torch.Tensor) -> list[Hit]:
-        """Protections of the tensor object itself, for ops that change its size or strides."""
+        """Protections of the tensor object itself, for ops that change its size or strides.
+        A scoped backend's alias is judged as the caller's tensor it stands for."""
+        t = t.__dict__.get(STANDS_FOR_ATTR, t)
         hits = [
             p.hit()
             for p in self.by_object.get(id(t), ())

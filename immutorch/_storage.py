@@ -21,6 +21,14 @@ BORN_ATTR = "_immutorch_born"
 # A private copy made by clone mode: never protected.
 PRIVATE_BORN = sys.maxsize
 
+# On a scoped backend's alias: the caller's tensor object it stands for. A metadata write
+# (unsqueeze_, t_, set_ ...) into the alias is judged as one into that tensor.
+STANDS_FOR_ATTR = "_immutorch_stands_for"
+
+# Tensor types whose memory is their own storage, judged directly: plain tensors, parameters,
+# and the scoped backend's ``Protected`` aliases (which add themselves here).
+PLAIN: set[type] = {torch.Tensor, torch.nn.Parameter}
+
 
 def storage_of(t: torch.Tensor) -> Optional[torch.UntypedStorage]:
     """The tensor's storage, or None for layouts without one (sparse, nested, some subclasses)."""

@@ -1,0 +1,146 @@
+"""Judging a write, shared by both backends: the every-op dispatch mode (``_mode``) and the
+scoped subclass (``_scoped``) call :func:`check` on each tensor an op writes, and the policy
+layer above decides what happens (``set_write_handler``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import _registry
+from ._registry import ThreadState, strictest
+from ._schema import META, OpFacts, written_values
+from ._storage import BORN_ATTR, PLAIN, memory_leaves, storage_of
+
+
+def never_type_error(fn: Any) -> Any:
+    """Re-raise a TypeError from immutorch's bookkeeping around an op as a RuntimeError.
+
+    Tensor operators (``__iadd__``, ``__add__`` ...) turn a TypeError into NotImplemented and
+    Python then silently falls back: a failed copy-on-write inside ``x += 1`` became
+    ``x = x + 1`` (seen on torch 2.5), and a failure after the write would add a second time.
+    Nothing from immutorch's machinery may pass for "this operand type is not supported".
+    """
+
+    def wrapper(*args: Any) -> Any:
+        __tracebackhide__ = True
+        try:
+            return fn(*args)
+        except TypeError as err:
+            raise RuntimeError(
+                f"immutorch: internal error in {fn.__name__}: {type(err).__name__}: {err}. "
+                f"This is a bug in immutorch (torch {torch.__version__}); please report it "
+                "with this traceback."
+            ) from err
+
+    wrapper.__name__ = wrapper.__qualname__ = fn.__name__
+    return wrapper
+
+
+def check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) -> None:
+    __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
+    if meta:
+        hits = state.object_hits(t)
+        if hits:
+            _handle_write(strictest(hits), op, "*" + arg, t, meta=True)
+        return
+    if t.layout is torch.strided and type(t) in PLAIN:
+        storage = storage_of(t)
+        if storage is not None:
+            hits = state.storage_hits(t, storage)
+            if hits:
+                _handle_write(strictest(hits), op, arg, t)
+        return
+
+    # Sparse layouts and wrapper subclasses: judge each tensor that holds their memory.
+    def visit(leaf: torch.Tensor) -> None:
+        storage = storage_of(leaf)
+        if storage is not None:
+            hits = state.storage_hits(leaf, storage)
+            if hits:
+                _handle_write(strictest(hits), op, arg, leaf)
+
+    memory_leaves(t, visit)
+
+
+# Like tag_births and join: a TypeError from the check must not become NotImplemented.
+check = never_type_error(check)
+
+
+def check_writes(state: ThreadState, facts: OpFacts, args: Any, kwargs: Any) -> None:
+    """Judge every tensor the op described by ``facts`` would write, before it runs."""
+    __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
+    for written, value in written_values(facts, args, kwargs):
+        if isinstance(value, torch.Tensor):
+            check(state, facts.name, written.name, written.kind == META, value)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, torch.Tensor):
+                    check(state, facts.name, written.name, written.kind == META, item)
+
+
+def owns_memory(out: Any) -> bool:
+    storage = storage_of(out) if isinstance(out, torch.Tensor) else None
+    return storage is not None and bool(storage.resizable())
+
+
+@never_type_error
+def tag_births(out: Any) -> None:
+    epoch = _registry.current_epoch
+    if isinstance(out, torch.Tensor):
+        _tag_birth(out, epoch)
+    elif isinstance(out, (tuple, list)):
+        for item in out:
+            if isinstance(item, torch.Tensor):
+                _tag_birth(item, epoch)
+
+
+def _tag_birth(t: torch.Tensor, epoch: int) -> None:
+    if type(t) is torch.Tensor:
+        storage = storage_of(t)
+        if storage is not None:
+            setattr(storage, BORN_ATTR, epoch)
+        return
+
+    # A wrapper subclass (DTensor: FSDP2's parameters and optimizer state) holds its memory in
+    # inner tensors allocated past this mode; they are as new as the wrapper.
+    def tag(leaf: torch.Tensor) -> None:
+        storage = storage_of(leaf)
+        if storage is not None:
+            setattr(storage, BORN_ATTR, epoch)
+
+    memory_leaves(t, tag)
+
+
+@never_type_error
+def join(group: Any, out: Any) -> None:
+    if isinstance(out, torch.Tensor):
+        group.add(out)
+    elif isinstance(out, (tuple, list)):
+        for item in out:
+            if isinstance(item, torch.Tensor):
+                group.add(item)
+
+
+# What to do at a write into protected memory: the policy layer above installs its handler
+# (``_policy`` calls ``set_write_handler`` on import), so this backends never import it.
+def _no_policy(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("immutorch: internal error: no write policy installed (import immutorch)")
+
+
+_handle_write: Any = _no_policy
+_remember_error: Any = lambda error: None  # noqa: E731
+
+
+def remember_error(error: BaseException) -> None:
+    """Hand an exception raised through a backend to the policy (see ``set_write_handler``)."""
+    _remember_error(error)
+
+
+def set_write_handler(handle: Any, remember_error: Any) -> None:
+    """Install the policy: ``handle(hit, op, arg, tensor, meta=...)`` at each write into
+    protected memory, ``remember_error(exc)`` for each exception raised through the mode."""
+    global _handle_write, _remember_error
+    _handle_write, _remember_error = handle, remember_error

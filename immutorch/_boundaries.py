@@ -33,9 +33,9 @@ from ._naming import display_path, is_compiled
 # Importing the policy also installs it as the dispatch mode's write handler.
 from ._policy import raise_original
 from ._registry import BLOCK, STATE, Frame, Hit, current_epoch_tag, strictest
-from ._scoped import Protected, to_plain, unwrap
+from ._scoped import Protected, can_scope, to_plain, unwrap
 from ._scoped import hand_over as hand_over_scoped
-from ._storage import BORN_ATTR, storage_of
+from ._storage import BORN_ATTR, storage_of, tensor_leaves
 
 _lock = threading.Lock()
 _users = 0
@@ -302,13 +302,6 @@ def _begin_boundary(
     module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
     state = STATE
-    if state.scoped_calls and not state.watchers and not is_compiled(module):
-        # Inside a module call that handed its protected arguments over as scoped aliases:
-        # they carry their protection into nested calls, which need nothing more.
-        top = state.boundaries[-1]
-        if top.module is module:
-            top.recursion += 1
-        return None
     if state.bypass or not (state.frames or state.watchers):
         if _users == 0:
             _remove_if_unused()  # the first module call after the last guard takes them off
@@ -369,6 +362,8 @@ def _hand_over_scoped(
         nonlocal fallback
         hit = _protection_of(t)
         if hit is None:
+            if not can_scope(t) and _protected_leaves(t):
+                fallback = True  # sparse, a wrapper subclass ...: its memory is protected
             return t
         new = hand_over_scoped(t, hit.mode, hit.frame.stats)
         if new is None:
@@ -441,7 +436,22 @@ def _caller_kwargs() -> Optional[dict[str, Any]]:
     return kwargs if isinstance(kwargs, dict) else None
 
 
+def _nested_in_scoped_call(module: torch.nn.Module) -> bool:
+    """Inside a module call that handed its protected arguments over as scoped aliases, the
+    aliases carry their protection into nested calls, which need nothing more (bar compiled
+    modules, which must get plain tensors, and watches)."""
+    state = STATE
+    if not state.scoped_calls or state.watchers or is_compiled(module):
+        return False
+    top = state.boundaries[-1]
+    if top.module is module:
+        top.recursion += 1  # the same module called within itself: its post hook is not ours
+    return True
+
+
 def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
+    if STATE.scoped_calls and _nested_in_scoped_call(module):
+        return None
     if torch.compiler.is_compiling():
         return None  # Dynamo traces hooks: keep them out of compiled graphs
     kwargs = _caller_kwargs() or {}
@@ -457,6 +467,8 @@ def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[
 def _pre_hook_with_kwargs(
     module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
+    if STATE.scoped_calls and _nested_in_scoped_call(module):
+        return None
     if torch.compiler.is_compiling():
         return None
     return _enter_boundary(module, args, kwargs)
@@ -528,6 +540,12 @@ def _protection_of(t: torch.Tensor) -> Optional[Hit]:
         return None
     hits = STATE.storage_hits(t, storage)
     return strictest(hits) if hits else None
+
+
+def _protected_leaves(t: torch.Tensor) -> bool:
+    """Whether any tensor holding ``t``'s memory (sparse values and indices, a wrapper's inner
+    tensors) is protected."""
+    return any(_protection_of(leaf) is not None for leaf in tensor_leaves(t) if leaf is not t)
 
 
 def _hand_over_compiled(t: torch.Tensor, compiled: CompiledBoundary) -> torch.Tensor:

@@ -95,6 +95,8 @@ class Protected(torch.Tensor):
     # the caller, though raise mode cannot report them), under clone the alias's own copy-on-
     # write copy (the callee then sees its writes, as unguarded). Under warn, the real memory.
     def numpy(self, *, force: bool = False) -> Any:
+        if self.requires_grad and not force:
+            return _plain_leaf(self).numpy()  # torch's own refusal, as for the caller's tensor
         return _plain_leaf(_escape_source(self)).numpy(force=force)
 
     def __dlpack__(self, *args: Any, **kwargs: Any) -> Any:

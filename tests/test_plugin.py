@@ -27,14 +27,17 @@ pytest_plugins = ["pytester"]
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Inner runs see no mode from this session: no environment, no override."""
+    """Inner runs see no mode or scope from this session: no environment, no override."""
     monkeypatch.delenv(_config.ENV_VAR, raising=False)
+    monkeypatch.delenv(_config.SCOPE_ENV_VAR, raising=False)
     monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     previous = _config.set_override(None)
+    previous_scope = _config.set_scope_override(None)
     try:
         yield
     finally:
         _config.set_override(previous)
+        _config.set_scope_override(previous_scope)
 
 
 # -- a small project: a package whose modules write into their input -------------------------
@@ -133,7 +136,9 @@ def test_strict_mode_fails_a_watched_module_that_writes_its_input(
         "--immutorch=raise", "--immutorch-modules=pkg", "test_models.py"
     )
     result.assert_outcomes(passed=2, failed=1)
-    result.stdout.fnmatch_lines(["immutorch: mode=raise (command line), modules=pkg"])
+    result.stdout.fnmatch_lines(
+        ["immutorch: mode=raise (command line), scope=all (default in strict mode), modules=pkg"]
+    )
     result.stdout.fnmatch_lines(["FAILED test_models.py::test_zeroing - *ImmutableTensorError*"])
     out = result.stdout.str()
     # The module class, the op, and the module's own source line.
@@ -169,7 +174,7 @@ def test_warn_mode_reports_and_lets_the_write_happen(project: pytest.Pytester) -
     result.assert_outcomes(passed=4, warnings=2)
     result.stdout.fnmatch_lines_random(
         [
-            "immutorch: mode=warn (command line), modules=pkg",
+            "immutorch: mode=warn (command line), scope=all (default in strict mode), modules=pkg",
             "*MutationWarning: immutorch: aten::*_ would write*Zeroing*",
             "*MutationWarning: immutorch: aten::add_ would write*",
         ]
@@ -181,7 +186,9 @@ def test_warn_mode_reports_and_lets_the_write_happen(project: pytest.Pytester) -
 def test_off_turns_off_decorators_and_watches(project: pytest.Pytester) -> None:
     result = project.runpytest_subprocess("--immutorch=off", "--immutorch-modules=pkg")
     result.assert_outcomes(passed=6)
-    result.stdout.fnmatch_lines(["immutorch: mode=off (command line), modules=pkg"])
+    result.stdout.fnmatch_lines(
+        ["immutorch: mode=off (command line), scope=all (default in strict mode), modules=pkg"]
+    )
 
 
 # -- resolution: in-process, nothing but immutorch._config ------------------------------------
@@ -208,10 +215,10 @@ RESOLUTION = """
     ("ini", "env", "cmdline", "expected", "header"),
     [
         (None, None, None, "raise", None),
-        ("warn", None, None, "warn", "immutorch: mode=warn (ini file)"),
-        ("warn", "off", None, "off", "immutorch: mode=off (environment IMMUTORCH_MODE)"),
-        ("warn", "off", "clone", "clone", "immutorch: mode=clone (command line)"),
-        (None, None, "warn", "warn", "immutorch: mode=warn (command line)"),
+        ("warn", None, None, "warn", "immutorch: mode=warn (ini file), *"),
+        ("warn", "off", None, "off", "immutorch: mode=off (environment IMMUTORCH_MODE), *"),
+        ("warn", "off", "clone", "clone", "immutorch: mode=clone (command line), *"),
+        (None, None, "warn", "warn", "immutorch: mode=warn (command line), *"),
     ],
 )
 def test_precedence_ini_env_cmdline_marker(
@@ -336,7 +343,7 @@ def test_help_lists_the_group_options_and_ini_keys(pytester: pytest.Pytester) ->
 
 def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.immutorch(mode=None, modules=None): *"])
+    result.stdout.fnmatch_lines(["@pytest.mark.immutorch(mode=None, modules=None, scope=None): *"])
 
 
 def test_no_immutorch_turns_the_plugin_off(pytester: pytest.Pytester) -> None:

@@ -1,11 +1,16 @@
 """The pytest plugin: strict mode for a test suite, with no change to the code under test.
 
 ``--immutorch=MODE`` forces every guard and decorator into MODE for the session;
+``--immutorch-scope=SCOPE`` forces which ops they intercept (``all`` or ``arguments``);
 ``--immutorch-modules=PKG[,PKG...]`` protects the inputs of every ``nn.Module`` call whose
 class lives in those packages, in every test. The same settings come from the ini keys
-``immutorch`` and ``immutorch_modules``, the environment variable ``IMMUTORCH_MODE``, and the
-marker ``@pytest.mark.immutorch(mode=..., modules=...)``. Precedence, weakest first (the
+``immutorch``, ``immutorch_scope`` and ``immutorch_modules``, the environment variables
+``IMMUTORCH_MODE`` and ``IMMUTORCH_SCOPE``, and the marker
+``@pytest.mark.immutorch(mode=..., scope=..., modules=...)``. Precedence, weakest first (the
 pytest-timeout convention): code < ini < environment < command line < marker.
+
+Strict mode (a mode from any source but the code) forces the scope too: the one configured,
+else ``all``. A test suite wants every write caught: there precision beats speed.
 
 pytest loads this module in every run wherever immutorch is installed, so it imports nothing
 heavy: torch and the immutorch core are imported inside the hooks, and only when a setting asks
@@ -28,28 +33,37 @@ import pytest
 if TYPE_CHECKING:
     import torch
 
-    from ._config import Mode
+    from ._config import Mode, Scope
 
-# Copies of immutorch._config.MODES and ENV_VAR: importing _config here would import the
-# immutorch package. tests/test_plugin.py checks that they agree.
+# Copies of immutorch._config.MODES, ENV_VAR, SCOPES and SCOPE_ENV_VAR: importing _config here
+# would import the immutorch package. tests/test_plugin.py checks that they agree.
 MODES: tuple[str, ...] = ("raise", "warn", "clone", "off")
 ENV_VAR = "IMMUTORCH_MODE"
+SCOPES: tuple[str, ...] = ("all", "arguments")
+SCOPE_ENV_VAR = "IMMUTORCH_SCOPE"
 
 _CMDLINE = "command line"
 _INI = "ini file"
 _ENV = f"environment {ENV_VAR}"
+_SCOPE_ENV = f"environment {SCOPE_ENV_VAR}"
 _MARKER = "marker"
 _DEFAULT = "default for modules"
+_STRICT_DEFAULT = "default in strict mode"
+# The scope strict mode runs in when none is configured: every op, so no write slips past.
+STRICT_SCOPE = "all"
 
 
 @dataclass(frozen=True)
 class _Settings:
-    """What the plugin does for a session or a test: the mode and where it came from (None:
-    each guard keeps its own), and the packages whose modules' inputs are protected."""
+    """What the plugin does for a session or a test: the mode and the scope and where each
+    came from (None: each guard keeps its own), and the packages whose modules' inputs are
+    protected."""
 
     mode: Optional[Mode] = None
     mode_source: Optional[str] = None
     modules: tuple[str, ...] = ()
+    scope: Optional[Scope] = None
+    scope_source: Optional[str] = None
 
     @property
     def forced(self) -> bool:
@@ -59,6 +73,32 @@ class _Settings:
         return self.mode is not None and self.mode_source in (_INI, _CMDLINE, _MARKER)
 
     @property
+    def strict(self) -> bool:
+        """Strict mode: a mode from the ini file, the environment, the command line or a
+        marker (not the default that ``--immutorch-modules`` alone gets)."""
+        return self.mode is not None and self.mode_source in (_INI, _ENV, _CMDLINE, _MARKER)
+
+    @property
+    def forced_scope(self) -> Optional[Scope]:
+        """The scope the plugin forces on every guard, decorator and watch (None: none).
+
+        A configured scope is forced, with or without strict mode, except one from the
+        environment: ``immutorch._config.resolve_scope`` reads ``IMMUTORCH_SCOPE`` itself, as
+        ``resolve`` does ``IMMUTORCH_MODE``. In strict mode with no scope configured: ``all``,
+        for a test suite wants every write caught, and there precision beats speed."""
+        if self.scope is not None:
+            return self.scope if self.scope_source != _SCOPE_ENV else None
+        return cast("Scope", STRICT_SCOPE) if self.strict else None
+
+    def describe_scope(self) -> Optional[str]:
+        """``scope=all (default in strict mode)`` for the header; None when no scope is set."""
+        if self.scope is not None:
+            return f"scope={self.scope} ({self.scope_source})"
+        if self.strict:
+            return f"scope={STRICT_SCOPE} ({_STRICT_DEFAULT})"
+        return None
+
+    @property
     def watches(self) -> bool:
         return bool(self.modules) and self.mode is not None and self.mode != "off"
 
@@ -66,6 +106,7 @@ class _Settings:
 _SESSION = pytest.StashKey[_Settings]()
 _TEST = pytest.StashKey[_Settings]()
 _PREVIOUS_OVERRIDE: pytest.StashKey[Optional[Mode]] = pytest.StashKey()
+_PREVIOUS_SCOPE_OVERRIDE: pytest.StashKey[Optional[Scope]] = pytest.StashKey()
 
 
 # -- parsing ----------------------------------------------------------------------------------
@@ -77,6 +118,13 @@ def _check_mode(value: object, source: str) -> Mode:
     if isinstance(value, str) and value.strip().lower() in MODES:
         return cast("Mode", value.strip().lower())
     raise pytest.UsageError(f"immutorch: {source} must be one of {_allowed()}, got {value!r}")
+
+
+def _check_scope(value: object, source: str) -> Scope:
+    if isinstance(value, str) and value.strip().lower() in SCOPES:
+        return cast("Scope", value.strip().lower())
+    allowed = ", ".join(repr(s) for s in SCOPES)
+    raise pytest.UsageError(f"immutorch: {source} must be one of {allowed}, got {value!r}")
 
 
 def _check_modules(value: object, source: str) -> tuple[str, ...]:
@@ -114,6 +162,20 @@ def _session_settings(config: pytest.Config) -> _Settings:
     if cmd_mode is not None:
         mode, source = _check_mode(cmd_mode, "--immutorch"), _CMDLINE
 
+    scope: Optional[Scope] = None
+    scope_source: Optional[str] = None
+    ini_scope = str(config.getini("immutorch_scope") or "").strip()
+    if ini_scope:
+        scope = _check_scope(ini_scope, f"the ini option immutorch_scope{inifile}")
+        scope_source = _INI
+    env_scope = os.environ.get(SCOPE_ENV_VAR, "").strip()
+    if env_scope:
+        scope = _check_scope(env_scope, f"the environment variable {SCOPE_ENV_VAR}")
+        scope_source = _SCOPE_ENV
+    cmd_scope: Optional[str] = config.getoption("immutorch_scope")
+    if cmd_scope is not None:
+        scope, scope_source = _check_scope(cmd_scope, "--immutorch-scope"), _CMDLINE
+
     modules: tuple[str, ...] = ()
     ini_modules = str(config.getini("immutorch_modules") or "").strip()
     if ini_modules:
@@ -123,7 +185,7 @@ def _session_settings(config: pytest.Config) -> _Settings:
         modules = _check_modules(cmd_modules, "--immutorch-modules")
     if modules and mode is None:
         mode, source = "raise", _DEFAULT
-    return _Settings(mode, source, modules)
+    return _Settings(mode, source, modules, scope, scope_source)
 
 
 def _test_settings(item: pytest.Item) -> _Settings:
@@ -135,13 +197,13 @@ def _test_settings(item: pytest.Item) -> _Settings:
     source = f"@pytest.mark.immutorch on {item.nodeid}"
     kwargs = dict(marker.kwargs)
     if (
-        set(kwargs) - {"mode", "modules"}
+        set(kwargs) - {"mode", "modules", "scope"}
         or len(marker.args) > 1
         or (marker.args and "mode" in kwargs)
     ):
         raise pytest.UsageError(
-            f"immutorch: {source} takes mode=... (or one positional mode) and modules=...; "
-            f"got args {marker.args!r} and kwargs {kwargs!r}"
+            f"immutorch: {source} takes mode=... (or one positional mode), scope=... and "
+            f"modules=...; got args {marker.args!r} and kwargs {kwargs!r}"
         )
     if marker.args:
         kwargs["mode"] = marker.args[0]
@@ -153,7 +215,10 @@ def _test_settings(item: pytest.Item) -> _Settings:
         modules = _check_modules(kwargs["modules"], f"modules= of {source}")
     if modules and mode is None:
         mode, mode_source = "raise", _DEFAULT
-    return _Settings(mode, mode_source, modules)
+    scope, scope_source = session.scope, session.scope_source
+    if kwargs.get("scope") is not None:
+        scope, scope_source = _check_scope(kwargs["scope"], f"scope= of {source}"), _MARKER
+    return _Settings(mode, mode_source, modules, scope, scope_source)
 
 
 # -- the hooks --------------------------------------------------------------------------------
@@ -173,6 +238,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             f"--immutorch=off turns immutorch off. Overrides the ini option and {ENV_VAR}."
         ),
     )
+    scopes = "|".join(SCOPES)
+    group.addoption(
+        "--immutorch-scope",
+        dest="immutorch_scope",
+        metavar="SCOPE",
+        default=None,
+        help=(
+            f"Which ops every immutorch guard, decorator and watch intercepts ({scopes}): "
+            "all ops on the thread, or only those whose arguments include protected tensors "
+            "(cheaper; misses writes through other references). Strict mode forces 'all' "
+            f"unless this, the ini option or {SCOPE_ENV_VAR} says otherwise."
+        ),
+    )
     group.addoption(
         "--immutorch-modules",
         dest="immutorch_modules",
@@ -190,6 +268,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type="string",
         default="",
         help=f"immutorch mode for the session ({modes}); {ENV_VAR} and --immutorch override it.",
+    )
+    parser.addini(
+        "immutorch_scope",
+        type="string",
+        default="",
+        help=f"immutorch scope for the session ({scopes}); {SCOPE_ENV_VAR} and "
+        "--immutorch-scope override it.",
     )
     group.addoption(
         "--immutorch-inplace-modules",
@@ -219,19 +304,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "immutorch(mode=None, modules=None): for this test, run immutorch guards in MODE "
-        "(raise, warn, clone, off) and protect the inputs of the nn.Modules of the listed "
-        "packages; overrides --immutorch, --immutorch-modules, the ini options and "
-        f"{ENV_VAR}.",
+        "immutorch(mode=None, modules=None, scope=None): for this test, run immutorch guards "
+        "in MODE (raise, warn, clone, off) and SCOPE (all, arguments; all when a mode is "
+        "forced and no scope is set), and protect the inputs of the nn.Modules of the listed "
+        "packages; overrides --immutorch, --immutorch-scope, --immutorch-modules, the ini "
+        f"options, {ENV_VAR} and {SCOPE_ENV_VAR}.",
     )
     settings = _session_settings(config)
     config.stash[_SESSION] = settings
-    if settings.mode is not None or settings.modules:
+    if settings.mode is not None or settings.modules or settings.forced_scope is not None:
         _check_core_imports(settings)
     if settings.forced:
         from . import _config
 
         config.stash[_PREVIOUS_OVERRIDE] = _config.set_override(settings.mode)
+    if settings.forced_scope is not None:
+        from . import _config
+
+        config.stash[_PREVIOUS_SCOPE_OVERRIDE] = _config.set_scope_override(settings.forced_scope)
 
 
 # What immutorch imports; looked up without importing them, so that a run with a mode only
@@ -254,11 +344,15 @@ def _check_core_imports(settings: _Settings) -> None:
             problem = exc
             missing = [getattr(exc, "name", None) or str(exc)]
     if missing:
+        on = (
+            f"mode={settings.mode} from {settings.mode_source}"
+            if settings.mode is not None
+            else f"scope={settings.scope} from {settings.scope_source}"
+        )
         raise pytest.UsageError(
-            f"immutorch: the plugin is on (mode={settings.mode} from {settings.mode_source}) "
-            f"but immutorch cannot be imported: {', '.join(missing)} is missing. Install it "
-            f"(`pip install {' '.join(missing)}`, or reinstall immutorch), or turn the plugin "
-            "off with -p no:immutorch."
+            f"immutorch: the plugin is on ({on}) but immutorch cannot be imported: "
+            f"{', '.join(missing)} is missing. Install it (`pip install {' '.join(missing)}`, "
+            "or reinstall immutorch), or turn the plugin off with -p no:immutorch."
         ) from problem
 
 
@@ -275,16 +369,24 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
         _config.set_override(config.stash[_PREVIOUS_OVERRIDE])
         del config.stash[_PREVIOUS_OVERRIDE]
+    if _PREVIOUS_SCOPE_OVERRIDE in config.stash:
+        from . import _config
+
+        _config.set_scope_override(config.stash[_PREVIOUS_SCOPE_OVERRIDE])
+        del config.stash[_PREVIOUS_SCOPE_OVERRIDE]
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     settings = config.stash.get(_SESSION, _Settings())
-    if settings.mode is None:
-        return []
-    line = f"immutorch: mode={settings.mode} ({settings.mode_source})"
+    parts = []
+    if settings.mode is not None:
+        parts.append(f"mode={settings.mode} ({settings.mode_source})")
+    scope = settings.describe_scope()
+    if scope is not None:
+        parts.append(scope)
     if settings.modules:
-        line += f", modules={','.join(settings.modules)}"
-    return [line]
+        parts.append(f"modules={','.join(settings.modules)}")
+    return [f"immutorch: {', '.join(parts)}"] if parts else []
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -375,18 +477,23 @@ def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
 
 @contextlib.contextmanager
 def _marker_override(settings: _Settings) -> Iterator[None]:
-    """A marker's mode overrides every guard for each phase of its test; the session's
-    override (set in pytest_configure) comes back after."""
-    if settings.mode_source != _MARKER:
+    """A marker's mode and scope override every guard for each phase of its test; the
+    session's overrides (set in pytest_configure) come back after. A marker's mode is strict
+    mode, and so forces a scope too: the configured one, else ``all``."""
+    sets_mode = settings.mode_source == _MARKER
+    if not sets_mode and settings.scope_source != _MARKER:
         yield
         return
     from . import _config
 
-    previous = _config.set_override(settings.mode)
+    previous = _config.set_override(settings.mode) if sets_mode else None
+    previous_scope = _config.set_scope_override(settings.forced_scope)
     try:
         yield
     finally:
-        _config.set_override(previous)
+        _config.set_scope_override(previous_scope)
+        if sets_mode:
+            _config.set_override(previous)
 
 
 def _include_inplace(config: pytest.Config) -> bool:

@@ -27,14 +27,17 @@ pytest_plugins = ["pytester"]
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Inner runs see no mode from this session: no environment, no override."""
+    """Inner runs see no mode or scope from this session: no environment, no override."""
     monkeypatch.delenv(_config.ENV_VAR, raising=False)
+    monkeypatch.delenv(_config.SCOPE_ENV_VAR, raising=False)
     monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     previous = _config.set_override(None)
+    previous_scope = _config.set_scope_override(None)
     try:
         yield
     finally:
         _config.set_override(previous)
+        _config.set_scope_override(previous_scope)
 
 
 # -- a small project: a package whose modules write into their input -------------------------
@@ -133,7 +136,9 @@ def test_strict_mode_fails_a_watched_module_that_writes_its_input(
         "--immutorch=raise", "--immutorch-modules=pkg", "test_models.py"
     )
     result.assert_outcomes(passed=2, failed=1)
-    result.stdout.fnmatch_lines(["immutorch: mode=raise (command line), modules=pkg"])
+    result.stdout.fnmatch_lines(
+        ["immutorch: mode=raise (command line), scope=all (default in strict mode), modules=pkg"]
+    )
     result.stdout.fnmatch_lines(["FAILED test_models.py::test_zeroing - *ImmutableTensorError*"])
     out = result.stdout.str()
     # The module class, the op, and the module's own source line.
@@ -169,7 +174,7 @@ def test_warn_mode_reports_and_lets_the_write_happen(project: pytest.Pytester) -
     result.assert_outcomes(passed=4, warnings=2)
     result.stdout.fnmatch_lines_random(
         [
-            "immutorch: mode=warn (command line), modules=pkg",
+            "immutorch: mode=warn (command line), scope=all (default in strict mode), modules=pkg",
             "*MutationWarning: immutorch: aten::*_ would write*Zeroing*",
             "*MutationWarning: immutorch: aten::add_ would write*",
         ]
@@ -181,7 +186,9 @@ def test_warn_mode_reports_and_lets_the_write_happen(project: pytest.Pytester) -
 def test_off_turns_off_decorators_and_watches(project: pytest.Pytester) -> None:
     result = project.runpytest_subprocess("--immutorch=off", "--immutorch-modules=pkg")
     result.assert_outcomes(passed=6)
-    result.stdout.fnmatch_lines(["immutorch: mode=off (command line), modules=pkg"])
+    result.stdout.fnmatch_lines(
+        ["immutorch: mode=off (command line), scope=all (default in strict mode), modules=pkg"]
+    )
 
 
 # -- resolution: in-process, nothing but immutorch._config ------------------------------------
@@ -208,10 +215,10 @@ RESOLUTION = """
     ("ini", "env", "cmdline", "expected", "header"),
     [
         (None, None, None, "raise", None),
-        ("warn", None, None, "warn", "immutorch: mode=warn (ini file)"),
-        ("warn", "off", None, "off", "immutorch: mode=off (environment IMMUTORCH_MODE)"),
-        ("warn", "off", "clone", "clone", "immutorch: mode=clone (command line)"),
-        (None, None, "warn", "warn", "immutorch: mode=warn (command line)"),
+        ("warn", None, None, "warn", "immutorch: mode=warn (ini file), *"),
+        ("warn", "off", None, "off", "immutorch: mode=off (environment IMMUTORCH_MODE), *"),
+        ("warn", "off", "clone", "clone", "immutorch: mode=clone (command line), *"),
+        (None, None, "warn", "warn", "immutorch: mode=warn (command line), *"),
     ],
 )
 def test_precedence_ini_env_cmdline_marker(
@@ -257,6 +264,169 @@ def test_modules_alone_default_to_raise_without_forcing_guards(pytester: pytest.
     )
 
 
+# -- scope: strict mode is complete unless told otherwise -------------------------------------
+# Each test prints the scope override and the scope a guard asking for "all", and one asking for
+# "arguments", would run in: OVERRIDE:ALL:ARGUMENTS.
+SCOPE_RESOLUTION = """
+    import pytest
+    from immutorch._config import get_scope_override, resolve_scope
+
+
+    def show(name):
+        scopes = [get_scope_override(), resolve_scope("all"), resolve_scope("arguments")]
+        print(f"SCOPE {name}={':'.join(map(str, scopes))} ")
+
+
+    @pytest.fixture
+    def in_setup():
+        show("marked_args_setup")
+        yield
+        show("marked_args_teardown")
+
+
+    def test_plain():
+        show("plain")
+
+
+    @pytest.mark.immutorch(scope="arguments")
+    def test_marked_args(in_setup):
+        show("marked_args")
+
+
+    @pytest.mark.immutorch(scope="all")
+    def test_marked_all():
+        show("marked_all")
+
+
+    @pytest.mark.immutorch(mode="clone")
+    def test_marked_mode():
+        show("marked_mode")
+
+
+    def test_after():
+        show("after")
+"""
+
+_NONE = "None:all:arguments"  # no override: each guard keeps the scope its code asks for
+_ALL = "all:all:all"
+_ARGS = "arguments:arguments:arguments"
+_STRICT = "scope=all (default in strict mode)"
+
+
+@pytest.mark.parametrize(
+    ("ini", "env", "args", "plain", "marked_mode", "header"),
+    [
+        # No strict mode, no scope: no override, the code decides; a marker's mode forces "all".
+        ([], {}, [], _NONE, _ALL, None),
+        # Strict mode from each source forces "all" when no scope is configured.
+        ([], {}, ["--immutorch=raise"], _ALL, _ALL, f"mode=raise (command line), {_STRICT}"),
+        (["immutorch = warn"], {}, [], _ALL, _ALL, f"mode=warn (ini file), {_STRICT}"),
+        (
+            [],
+            {"IMMUTORCH_MODE": "warn"},
+            [],
+            _ALL,
+            _ALL,
+            f"mode=warn (environment IMMUTORCH_MODE), {_STRICT}",
+        ),
+        # A scope without strict mode is forced too: someone asked for it.
+        (["immutorch_scope = arguments"], {}, [], _ARGS, _ARGS, "scope=arguments (ini file)"),
+        ([], {}, ["--immutorch-scope=arguments"], _ARGS, _ARGS, "scope=arguments (command line)"),
+        # A configured scope beats the strict-mode default.
+        (
+            ["immutorch = raise", "immutorch_scope = Arguments"],
+            {},
+            [],
+            _ARGS,
+            _ARGS,
+            "mode=raise (ini file), scope=arguments (ini file)",
+        ),
+        # ini < environment: IMMUTORCH_SCOPE is read by resolve_scope itself, not forced.
+        (
+            ["immutorch_scope = arguments"],
+            {"IMMUTORCH_SCOPE": "all"},
+            ["--immutorch=raise"],
+            "None:all:all",
+            "None:all:all",
+            "mode=raise (command line), scope=all (environment IMMUTORCH_SCOPE)",
+        ),
+        (
+            [],
+            {"IMMUTORCH_SCOPE": "arguments"},
+            [],
+            "None:arguments:arguments",
+            "None:arguments:arguments",
+            "scope=arguments (environment IMMUTORCH_SCOPE)",
+        ),
+        # environment < command line.
+        (
+            ["immutorch_scope = all"],
+            {"IMMUTORCH_SCOPE": "all"},
+            ["--immutorch=raise", "--immutorch-scope=arguments"],
+            _ARGS,
+            _ARGS,
+            "mode=raise (command line), scope=arguments (command line)",
+        ),
+        # --immutorch-modules alone is not strict mode: guards keep their own mode and scope.
+        (
+            ["immutorch_modules = mypkg"],
+            {},
+            [],
+            _NONE,
+            _ALL,
+            "mode=raise (default for modules), modules=mypkg",
+        ),
+    ],
+)
+def test_scope_precedence_and_the_strict_mode_default(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    ini: list[str],
+    env: dict[str, str],
+    args: list[str],
+    plain: str,
+    marked_mode: str,
+    header: str | None,
+) -> None:
+    pytester.makepyfile(test_scope=SCOPE_RESOLUTION)
+    if ini:
+        pytester.makeini("[pytest]\n" + "\n".join(ini) + "\n")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = pytester.runpytest("-s", "-p", "no:cacheprovider", *args)
+    result.assert_outcomes(passed=5)
+    out = result.stdout.str()
+    scopes = dict(re.findall(r"SCOPE (\w+)=(\S+) ", out))
+    # A marker's scope beats every source, in setup and teardown too; a marker's mode forces
+    # the configured scope, else "all"; the session's scope comes back after each marker.
+    assert scopes == {
+        "plain": plain,
+        "marked_args_setup": _ARGS,
+        "marked_args": _ARGS,
+        "marked_args_teardown": _ARGS,
+        "marked_all": _ALL,
+        "marked_mode": marked_mode,
+        "after": plain,
+    }
+    if header is None:
+        assert "immutorch:" not in out
+    else:
+        result.stdout.fnmatch_lines([f"immutorch: {header}"])
+    assert _config.get_scope_override() is None  # restored after the inner session
+
+
+def test_the_scope_override_before_the_session_comes_back_after_it(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_scope=SCOPE_RESOLUTION)
+    _config.set_scope_override("arguments")  # the _isolated fixture puts None back
+    result = pytester.runpytest("-s", "-p", "no:cacheprovider", "--immutorch=raise", "-k", "plain")
+    result.assert_outcomes(passed=1, deselected=4)
+    result.stdout.fnmatch_lines([f"*SCOPE plain={_ALL} *"])
+    assert _config.get_scope_override() == "arguments"
+    assert _config.get_override() is None
+
+
 # -- bad values --------------------------------------------------------------------------------
 ALLOWED = "must be one of 'raise', 'warn', 'clone', 'off'"
 
@@ -289,6 +459,46 @@ def test_bad_values_are_usage_errors_naming_the_source(
     result.stderr.fnmatch_lines([f"ERROR: immutorch: {message}"])
 
 
+SCOPES_ALLOWED = "must be one of 'all', 'arguments'"
+
+
+@pytest.mark.parametrize(
+    ("ini", "env", "args", "message"),
+    [
+        (None, None, ["--immutorch-scope=some"], f"--immutorch-scope {SCOPES_ALLOWED}, got 'some'"),
+        (
+            "immutorch_scope = wide",
+            None,
+            ["--immutorch=raise"],
+            f"the ini option immutorch_scope (*) {SCOPES_ALLOWED}, got 'wide'",
+        ),
+        (
+            None,
+            "args",
+            [],
+            f"the environment variable IMMUTORCH_SCOPE {SCOPES_ALLOWED}, got 'args'",
+        ),
+    ],
+)
+def test_bad_scopes_are_usage_errors_naming_the_source(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    ini: str | None,
+    env: str | None,
+    args: list[str],
+    message: str,
+) -> None:
+    pytester.makepyfile("def test_nothing(): pass")
+    if ini is not None:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+    if env is not None:
+        monkeypatch.setenv(_config.SCOPE_ENV_VAR, env)
+    result = pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: immutorch: {message}"])
+    assert _config.get_scope_override() is None
+
+
 def test_bad_marker_errors_its_test_only(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
@@ -303,11 +513,14 @@ def test_bad_marker_errors_its_test_only(pytester: pytest.Pytester) -> None:
         @pytest.mark.immutorch(level="raise")
         def test_bad_keyword(): pass
 
+        @pytest.mark.immutorch(scope="some")
+        def test_bad_scope(): pass
+
         def test_fine(): pass
         """
     )
     result = pytester.runpytest()
-    result.assert_outcomes(passed=1, errors=3)
+    result.assert_outcomes(passed=1, errors=4)
     result.stdout.fnmatch_lines_random(
         [
             f"immutorch: mode= of @pytest.mark.immutorch on *::test_bad_mode {ALLOWED}, "
@@ -315,6 +528,8 @@ def test_bad_marker_errors_its_test_only(pytester: pytest.Pytester) -> None:
             "immutorch: modules= of @pytest.mark.immutorch on *::test_bad_modules must be "
             "package names*; got 3",
             "immutorch: @pytest.mark.immutorch on *::test_bad_keyword takes mode=*'level'*",
+            "immutorch: scope= of @pytest.mark.immutorch on *::test_bad_scope must be one of "
+            "'all', 'arguments', got 'some'",
         ]
     )
     result.stdout.no_fnmatch_line("*During handling of the above exception*")
@@ -327,16 +542,20 @@ def test_help_lists_the_group_options_and_ini_keys(pytester: pytest.Pytester) ->
         [
             "immutorch: refuse writes into the tensors that code was handed:",
             "*--immutorch=MODE*Run every immutorch guard and decorator in MODE*",
+            "*--immutorch-scope=SCOPE",
+            "*Which ops every immutorch guard, decorator and watch",
             "*--immutorch-modules=PKG[[],PKG...[]]",
             "*In every test, protect the tensor inputs of each call to",
         ]
     )
-    result.stdout.fnmatch_lines(["*immutorch (string):*", "*immutorch_modules (string):*"])
+    result.stdout.fnmatch_lines(
+        ["*immutorch (string):*", "*immutorch_scope (string):*", "*immutorch_modules (string):*"]
+    )
 
 
 def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.immutorch(mode=None, modules=None): *"])
+    result.stdout.fnmatch_lines(["@pytest.mark.immutorch(mode=None, modules=None, scope=None): *"])
 
 
 def test_no_immutorch_turns_the_plugin_off(pytester: pytest.Pytester) -> None:
@@ -349,6 +568,9 @@ def test_no_immutorch_turns_the_plugin_off(pytester: pytest.Pytester) -> None:
 def test_plugin_copies_of_modes_agree_with_config() -> None:
     assert plugin.MODES == _config.MODES
     assert plugin.ENV_VAR == _config.ENV_VAR
+    assert plugin.SCOPES == _config.SCOPES
+    assert plugin.SCOPE_ENV_VAR == _config.SCOPE_ENV_VAR
+    assert plugin.STRICT_SCOPE in _config.SCOPES
 
 
 # -- a light import ------------------------------------------------------------------------------

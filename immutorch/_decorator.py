@@ -34,6 +34,9 @@ class _Signature:
         self.var_positional: Optional[str] = None
         self.var_keyword: Optional[str] = None
         self.tensor_defaults: list[tuple[str, Any]] = []
+        # A positional-only parameter with a tensor default cannot be passed by keyword, so the
+        # scoped backend cannot hand its default over as an alias.
+        self.positional_only_defaults = False
         try:
             params = inspect.signature(fn).parameters.values()
         except (TypeError, ValueError):
@@ -47,6 +50,8 @@ class _Signature:
                 self.var_keyword = p.name
             if p.default is not p.empty and _has_tensor(p.default):
                 self.tensor_defaults.append((p.name, p.default))
+                if p.kind is p.POSITIONAL_ONLY:
+                    self.positional_only_defaults = True
 
     def names(self) -> set[str]:
         return {*self.positional, *(n for n, _ in self.tensor_defaults)}
@@ -133,6 +138,16 @@ def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]], scope: Scope) -> 
         originals: Optional[dict[int, torch.Tensor]] = None
         if frame.scope == "arguments" and frame.protections:
             originals = {}
+            if signature.tensor_defaults:
+                # A default the caller did not pass is the callee's own reference to the
+                # memory: pass it explicitly, so that it too crosses as a scoped alias.
+                if signature.positional_only_defaults:
+                    frame.needs_mode = True
+                else:
+                    kwargs = dict(kwargs)
+                    for name, default in signature.tensor_defaults:
+                        if name not in given and (only is None or name in only):
+                            kwargs[name] = default
             args, kwargs = _hand_over_scoped(frame, args, kwargs, originals)
         elif effective == "clone" and frame.protections:
             protected = {id(p.obj) for p in frame.protections}

@@ -56,9 +56,11 @@ def current_module_path() -> Optional[str]:
     """The path of the module whose call is running, for messages; None outside modules.
 
     With the hooks installed the module calls are on record; without them (raise and warn
-    guards of named tensors) the interpreter stack has them: ``Module._call_impl`` frames.
+    guards of named tensors, the scoped backend) the interpreter stack has them:
+    ``Module._call_impl`` frames.
     """
-    modules = STATE.modules or _modules_on_stack()
+    # Inside a scoped call, nested module calls skip the hooks: only the stack has them.
+    modules = STATE.modules if STATE.modules and not STATE.scoped_calls else _modules_on_stack()
     if not modules:
         return None
     return display_path(modules[-1], modules[0])

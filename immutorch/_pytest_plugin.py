@@ -510,8 +510,13 @@ def _watch(settings: _Settings, include_inplace: bool = False) -> Iterator[None]
         return
     from . import _boundaries
 
+    # The watch is the plugin's own: complete ("all") unless a scope was configured, as in
+    # strict mode; an override, if any, still wins inside watch_modules.
     with _boundaries.watch_modules(
-        _class_in(settings.modules), settings.mode, include_inplace=include_inplace
+        _class_in(settings.modules),
+        settings.mode,
+        include_inplace=include_inplace,
+        scope=settings.scope or "all",
     ):
         yield
 

@@ -54,10 +54,10 @@ class Protected(torch.Tensor):
     """
 
     # torch functions run as on plain tensors; only the aten ops below reach Python.
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
     @classmethod
-    def __torch_dispatch__(
+    def __torch_dispatch__(  # type: ignore[override]
         cls,
         func: Any,
         types: Any,
@@ -110,7 +110,7 @@ class Protected(torch.Tensor):
         # Pickled (torch.save, multiprocessing) as the plain tensor it stands for.
         return _plain_leaf(self).__reduce_ex__(protocol)
 
-    def __repr__(self, *, tensor_contents: Any = None) -> str:
+    def __repr__(self, *, tensor_contents: Any = None) -> Any:  # type: ignore[override]
         return repr(_plain_leaf(self))
 
 

@@ -14,6 +14,14 @@ import immutorch
 from immutorch import ImmutableTensorError, MutationWarning, clone_stats, immutable_inputs
 
 
+@pytest.fixture(autouse=True, params=["all", "arguments"])
+def scope(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs through both backends: IMMUTORCH_SCOPE overrides the scope each
+    decorator, guard and watch asks for."""
+    monkeypatch.setenv("IMMUTORCH_SCOPE", request.param)
+    return str(request.param)
+
+
 def copies_since(before: immutorch.CloneStats) -> tuple[int, int]:
     now = clone_stats()
     return now.copies - before.copies, now.bytes_copied - before.bytes_copied

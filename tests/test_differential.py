@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import torch
 from corpus import Snapshot, assert_same
 from hypothesis import given, settings
@@ -127,9 +128,25 @@ def _inputs() -> tuple[Tensor, Tensor]:
     return torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
 
 
+def _guarded_run(door: str, program: list[Step], p: Tensor, u: Tensor) -> Any:
+    if door == "guard":
+        with guard(p):
+            return run(program, p, u)
+
+    @immutable_inputs(only=("p",), scope=door)  # type: ignore[call-overload]
+    def call(p: Tensor, u: Tensor) -> Any:
+        return run(program, p, u)
+
+    return call(p, u)
+
+
+@pytest.mark.parametrize("door", ["guard", "all", "arguments"])
 @settings(max_examples=150, deadline=None, derandomize=True, database=None)
-@given(programs)
-def test_raise_flags_exactly_the_writes_into_protected_memory(program: list[Step]) -> None:
+@given(program=programs)
+def test_raise_flags_exactly_the_writes_into_protected_memory(
+    door: str, program: list[Step]
+) -> None:
+    """Through guard(p) and through the decorator in each scope."""
     p, u = _inputs()
     oracle_p, oracle_u = p.clone(), u.clone()
     _, writes_p = run(program, oracle_p, oracle_u)
@@ -138,8 +155,7 @@ def test_raise_flags_exactly_the_writes_into_protected_memory(program: list[Step
 
     snapshot = Snapshot.of(p)
     try:
-        with guard(p):
-            run(program, p, u)
+        _guarded_run(door, program, p, u)
         raised = False
     except ImmutableTensorError:
         raised = True
@@ -149,14 +165,17 @@ def test_raise_flags_exactly_the_writes_into_protected_memory(program: list[Step
         assert torch.equal(u, oracle_u)
 
 
+@pytest.mark.parametrize("scope", ["all", "arguments"])
 @settings(max_examples=150, deadline=None, derandomize=True, database=None)
-@given(programs)
-def test_clone_returns_the_oracle_and_leaves_protected_memory(program: list[Step]) -> None:
+@given(program=programs)
+def test_clone_returns_the_oracle_and_leaves_protected_memory(
+    scope: str, program: list[Step]
+) -> None:
     p, u = _inputs()
     expected, _ = run(program, p.clone(), u.clone())
     snapshot = Snapshot.of(p)
 
-    @immutable_inputs(mode="clone", only=("p",))
+    @immutable_inputs(mode="clone", only=("p",), scope=scope)  # type: ignore[call-overload]
     def call(p: Tensor, u: Tensor) -> list[Any]:
         return run(program, p, u)[0]
 

@@ -112,7 +112,10 @@ def test_materialize_failure_propagates_and_is_not_notimplemented(
     monkeypatch.undo()
 
 
-def test_a_failure_after_the_op_is_not_notimplemented(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("scope", "where"), [("all", "join"), ("arguments", "_rewrap")])
+def test_a_failure_after_the_op_is_not_notimplemented(
+    monkeypatch: pytest.MonkeyPatch, scope: str, where: str
+) -> None:
     """After the op has written, a NotImplemented would make ``x += 1`` add a second time."""
 
     real_add = _clone.CowGroup.add
@@ -124,14 +127,14 @@ def test_a_failure_after_the_op_is_not_notimplemented(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(_clone.CowGroup, "add", add_fails_for_views)
 
-    @immutable_inputs(mode="clone")
+    @immutable_inputs(mode="clone", scope=scope)  # type: ignore[call-overload]
     def f(x: Tensor) -> Tensor:
         y = x[0:]  # a view of the alias: joins its group (after the op ran)
         y += 1
         return y
 
     x = torch.ones(3)
-    with pytest.raises(RuntimeError, match=r"internal error in join: TypeError"):
+    with pytest.raises(RuntimeError, match=rf"internal error in {where}: TypeError"):
         f(x)
     assert torch.equal(x, torch.ones(3))
     monkeypatch.undo()

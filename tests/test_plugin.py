@@ -798,3 +798,47 @@ def test_a_watch_adds_no_torch_warning_to_compiled_modules(pytester: pytest.Pyte
         "-W", "error::UserWarning", "--immutorch=raise", "--immutorch-modules=otherpkg"
     )
     result.assert_outcomes(passed=1)
+
+
+CACHED_WRITE = """
+import torch
+import pkg_cached
+
+
+def test_cached():
+    x = torch.ones(3)
+    m = pkg_cached.Cached()
+    m.cache = x  # the same memory as the argument, reached through an attribute
+    m(x)
+"""
+
+CACHED_PKG = """
+import torch
+
+
+class Cached(torch.nn.Module):
+    def forward(self, x):
+        self.cache.zero_()
+        return x + 1
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "caught"),
+    [
+        (["--immutorch-modules=pkg_cached"], True),  # the plugin's watch: scope "all"
+        (["--immutorch-modules=pkg_cached", "--immutorch-scope=arguments"], False),
+    ],
+)
+def test_the_plugins_watch_is_complete_unless_a_scope_is_chosen(
+    pytester: pytest.Pytester, args: list[str], caught: bool
+) -> None:
+    """A write through another reference than the argument (here a cached attribute) is
+    caught by the watch in its default scope, "all", and not in scope "arguments"."""
+    pytester.makepyfile(pkg_cached=CACHED_PKG, test_cached=CACHED_WRITE)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+    if caught:
+        result.assert_outcomes(failed=1)
+        result.stdout.fnmatch_lines(["*aten::zero_ would write into `x`*the watch on Cached*"])
+    else:
+        result.assert_outcomes(passed=1)

@@ -471,3 +471,48 @@ def test_environment_variable_sets_the_scope(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(ValueError, match="IMMUTORCH_SCOPE"):
         f(torch.ones(1))
     assert seen == [Tensor, Protected]
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_watch_in_each_scope(scope: str) -> None:
+    from immutorch._boundaries import watch_modules
+
+    class Writes(torch.nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            self.cache.zero_()  # the caller's memory, through an attribute
+            return x + 1
+
+    class WritesArgument(torch.nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x[1:].zero_()
+
+    x = torch.ones(3)
+    m = Writes()
+    m.cache = x
+    watched = (Writes, WritesArgument)
+    with watch_modules(lambda mod: isinstance(mod, watched), scope=scope):  # type: ignore[arg-type]
+        with pytest.raises(ImmutableTensorError, match="the watch on WritesArgument"):
+            WritesArgument()(x)
+        if scope == "all":
+            with pytest.raises(ImmutableTensorError, match="the watch on Writes"):
+                m(x)
+        else:
+            m(x)
+    assert torch.equal(x, torch.ones(3) if scope == "all" else torch.zeros(3))
+
+
+def test_a_tensor_default_crosses_as_an_alias_or_falls_back() -> None:
+    default = torch.zeros(2)
+
+    @immutable_inputs
+    def by_keyword(a: int, d: Tensor = default) -> None:
+        d.add_(1)
+
+    @immutable_inputs
+    def positional_only(a: int, d: Tensor = default, /) -> None:
+        d.add_(1)  # cannot be passed by keyword: this call runs under the every-op mode
+
+    for f in (by_keyword, positional_only):
+        with pytest.raises(ImmutableTensorError, match="`d`"):
+            f(1)
+    assert torch.equal(default, torch.zeros(2))

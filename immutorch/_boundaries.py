@@ -238,6 +238,7 @@ def arg_label(names: list[str], index: int) -> str:
 class _Boundary:
     __slots__ = (
         "compiled",
+        "detached",
         "frame",
         "labels",
         "module",
@@ -268,6 +269,8 @@ class _Boundary:
         self.suspended: Optional[tuple[int, int]] = None
         self.required = False
         self.recursion = 0
+        # The module's own hooks while the global ones are off for this call (_detach_hooks).
+        self.detached: Optional[tuple[Any, Any]] = None
 
     def label(self, name: str, t: torch.Tensor) -> None:
         storage = storage_of(t)
@@ -384,7 +387,65 @@ def _hand_over_scoped(
         boundary.required = True
     else:
         boundary.suspended = _mode.suspend()
+        _detach_hooks(boundary)
     return replaced
+
+
+def _detach_hooks(boundary: _Boundary) -> None:
+    """Take the global module hooks off for the rest of a scoped call, so that its nested
+    module calls cost nothing at all (the global hooks' slow path of ``Module.__call__`` costs
+    a few microseconds a call, measured ~3% on the encoder). The module's own always-called
+    forward hook ends the boundary and puts the global hooks back.
+
+    Only where nothing else needs them during the call: no other user of the hooks (a guard on
+    another thread), no watch, and torch.compile not in use (a compiled submodule must get
+    plain tensors at its own boundary)."""
+    module = boundary.module
+    if STATE.watchers or compile_in_use() or isinstance(module, torch.jit.ScriptModule):
+        return
+    with _lock:
+        if _users != 1 or not _handles:
+            return
+        _remove_locked()
+    try:
+        handles = (
+            module.register_forward_pre_hook(_count_recursion),
+            module.register_forward_hook(_end_detached, always_call=True),
+        )
+    except BaseException:
+        _reinstall()
+        raise
+    boundary.detached = handles
+
+
+def _reinstall() -> None:
+    with _lock:
+        if _users > 0 and not _handles:
+            _install()
+
+
+def _count_recursion(module: torch.nn.Module, args: Any) -> None:
+    """The module called again within its own detached call (the outer call's hooks do not
+    include this one)."""
+    state = STATE
+    if state.boundaries and state.boundaries[-1].module is module:
+        state.boundaries[-1].recursion += 1
+
+
+def _end_detached(module: torch.nn.Module, args: Any, output: Any) -> Any:
+    state = STATE
+    if not state.boundaries or state.boundaries[-1].module is not module:
+        return None
+    top = state.boundaries[-1]
+    if top.recursion:
+        top.recursion -= 1
+        return None
+    if top.detached is not None:
+        handles, top.detached = top.detached, None
+        for handle in handles:
+            handle.remove()
+        _reinstall()
+    return _finish_boundary(module, output)
 
 
 def _label_arguments(
@@ -485,9 +546,16 @@ def _post_hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
     if not state.boundaries or state.boundaries[-1].module is not module:
         return None
     top = state.boundaries[-1]
+    if top.detached is not None:
+        return None  # hooks put back by another thread mid-call: _end_detached ends it
     if top.recursion:
         top.recursion -= 1
         return None
+    return _finish_boundary(module, output)
+
+
+def _finish_boundary(module: torch.nn.Module, output: Any) -> Any:
+    state = STATE
     boundary = state.boundaries.pop()
     # always_call hooks also run while an exception unwinds: then only restore state.
     failed = sys.exc_info()[0] is not None

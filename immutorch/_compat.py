@@ -53,8 +53,11 @@ if os.environ.get("IMMUTORCH_IGNORE_TORCH_FLOOR") != "1":
 # Below the check: on an unsupported torch the ImportError above is what the user sees.
 import torch.utils._python_dispatch as _dispatch  # noqa: E402
 
-
 # -- the dispatch-mode stack ------------------------------------------------------------------
+# The C++ guard class itself, for hot paths where a function call around it costs too much.
+DisableTorchDispatch: Any = torch._C._DisableTorchDispatch
+
+
 def disable_torch_dispatch() -> Any:
     """A context manager under which ops skip every Python dispatch mode (C++ guard)."""
     return torch._C._DisableTorchDispatch()

@@ -29,9 +29,9 @@ import torch
 from . import _judge
 from ._arguments import replace
 from ._clone import GROUP_ATTR, alias, can_alias, group_of
-from ._compat import disable_torch_dispatch
+from ._compat import DisableTorchDispatch, disable_torch_dispatch
 from ._registry import STATE, CloneStats, strictest
-from ._schema import op_facts
+from ._schema import OpFacts, op_facts
 from ._storage import PLAIN, STANDS_FOR_ATTR, storage_of
 
 # Ops that return views of an argument without an alias annotation in their schema: the
@@ -43,6 +43,22 @@ _UNDECLARED_VIEWS: dict[str, int] = {
     "aten::unsafe_split_with_sizes": 0,
     "aten::unsafe_chunk": 0,
 }
+
+
+# Per overload, what the dispatch below needs, computed once: (facts, whether its writes or
+# set_ must be judged, the index of the argument a returned view aliases, the C++ callable).
+_plans: dict[Any, tuple[OpFacts, bool, Optional[int], Any]] = {}
+
+
+def _plan(func: Any) -> tuple[OpFacts, bool, Optional[int], Any]:
+    facts = op_facts(func)
+    view_of = facts.view_of
+    if view_of is None:
+        view_of = _UNDECLARED_VIEWS.get(facts.name)
+    judged = bool(facts.writes) or facts.name == "aten::set_"
+    plan = (facts, judged, view_of, getattr(func, "_op", func))
+    _plans[func] = plan
+    return plan
 
 
 class Protected(torch.Tensor):
@@ -65,29 +81,33 @@ class Protected(torch.Tensor):
         kwargs: Optional[dict[str, Any]] = None,
     ) -> Any:
         __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
+        plan = _plans.get(func)
+        if plan is None:
+            plan = _plan(func)
+        facts, judged, view_of, run = plan
         if kwargs is None:
             kwargs = {}
-        facts = op_facts(func)
-        state = STATE
-        # With the every-op mode on the stack, it has judged this op already (modes come
-        # before subclasses); immutorch's own ops run with bypass set.
-        judge = state.mode_handle is None and not state.bypass
-        if judge and facts.writes:
-            _judge.check_writes(state, facts, args, kwargs)
-        if judge and facts.name == "aten::set_":
-            _judge_set_source(state, args, kwargs)
+        if judged:
+            state = STATE
+            # With the every-op mode on the stack, it has judged this op already (modes come
+            # before subclasses); immutorch's own ops run with bypass set.
+            if state.mode_handle is None and not state.bypass:
+                if facts.writes:
+                    _judge.check_writes(state, facts, args, kwargs)
+                if facts.name == "aten::set_":
+                    _judge_set_source(state, args, kwargs)
         try:
-            with disable_torch_dispatch():
-                out = func(*args, **kwargs)
+            with DisableTorchDispatch():
+                out = run(*args, **kwargs)
         except Exception as exc:
             _judge.remember_error(exc)
             raise
-        view_of = facts.view_of
         if view_of is None:
-            view_of = _UNDECLARED_VIEWS.get(facts.name)
-            if view_of is None:
-                return out
-        return _rewrap(out, args[view_of] if view_of < len(args) else None, judge)
+            return out
+        source = args[view_of] if view_of < len(args) else None
+        if type(out) is torch.Tensor and (source is None or GROUP_ATTR not in source.__dict__):
+            return out.as_subclass(Protected)  # the common case: one view, no clone group
+        return _rewrap(out, source, STATE.mode_handle is None and not STATE.bypass)
 
     # -- ways out of the dispatcher ------------------------------------------------------------
     # numpy() and DLPack hand the memory to code no dispatcher sees. While raise or clone

@@ -516,3 +516,50 @@ def test_a_tensor_default_crosses_as_an_alias_or_falls_back() -> None:
         with pytest.raises(ImmutableTensorError, match="`d`"):
             f(1)
     assert torch.equal(default, torch.zeros(2))
+
+
+def test_global_hooks_are_off_inside_a_scoped_call_and_back_after() -> None:
+    from immutorch import _boundaries
+
+    inside: list[bool] = []
+
+    class Inner(torch.nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            inside.append(_boundaries.hooks_installed())
+            return x + 1
+
+    class Outer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.inner(x) * 2
+
+    x = torch.ones(3)
+    outer = Outer()
+    with guard(x, scope="arguments"):
+        outer(x)
+        assert _boundaries.hooks_installed()
+        outer(x)
+    assert inside == [False, False]
+    assert not outer._forward_hooks and not outer._forward_pre_hooks
+
+
+def test_a_module_that_calls_itself_inside_a_scoped_call() -> None:
+    class Recursive(torch.nn.Module):
+        def forward(self, x: Tensor, depth: int = 2) -> Tensor:
+            if depth == 0:
+                return x[1:].add_(1)  # a view of the argument, deep down
+            return self(x, depth - 1)
+
+    x = torch.zeros(3)
+    m = Recursive()
+    for _ in range(2):
+        with pytest.raises(ImmutableTensorError, match="aten::add_"), guard(x, scope="arguments"):
+            m(x)
+    assert torch.equal(x, torch.zeros(3))
+    assert STATE.boundaries == [] and STATE.scoped_calls == 0 and STATE.modules == []
+    with guard(mode="clone", scope="arguments"):
+        out = m(x)
+    assert torch.equal(out, torch.ones(2)) and torch.equal(x, torch.zeros(3))

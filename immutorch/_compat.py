@@ -58,6 +58,11 @@ import torch.utils._python_dispatch as _dispatch  # noqa: E402
 DisableTorchDispatch: Any = torch._C._DisableTorchDispatch
 
 
+def disable_dynamo(fn: Any) -> Any:
+    """``fn`` wrapped so that Dynamo never traces into it (it runs as a graph break)."""
+    return torch._disable_dynamo(fn)  # type: ignore[attr-defined]
+
+
 def disable_torch_dispatch() -> Any:
     """A context manager under which ops skip every Python dispatch mode (C++ guard)."""
     return torch._C._DisableTorchDispatch()

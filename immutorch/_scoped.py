@@ -29,7 +29,8 @@ import torch
 from . import _judge
 from ._arguments import replace
 from ._clone import GROUP_ATTR, alias, can_alias, group_of
-from ._compat import DisableTorchDispatch, disable_torch_dispatch
+from ._compat import DisableTorchDispatch, disable_dynamo, disable_torch_dispatch
+from ._compiled import compile_in_use
 from ._registry import STATE, CloneStats, strictest
 from ._schema import OpFacts, op_facts
 from ._storage import PLAIN, STANDS_FOR_ATTR, storage_of
@@ -61,6 +62,43 @@ def _plan(func: Any) -> tuple[OpFacts, bool, Optional[int], Any]:
     return plan
 
 
+def _dispatch(
+    cls: type,
+    func: Any,
+    types: Any,
+    args: tuple[Any, ...] = (),
+    kwargs: Optional[dict[str, Any]] = None,
+) -> Any:
+    __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
+    plan = _plans.get(func)
+    if plan is None:
+        plan = _plan(func)
+    facts, judged, view_of, run = plan
+    if kwargs is None:
+        kwargs = {}
+    if judged:
+        state = STATE
+        # With the every-op mode on the stack, it has judged this op already (modes come
+        # before subclasses); immutorch's own ops run with bypass set.
+        if state.mode_handle is None and not state.bypass:
+            if facts.writes:
+                _judge.check_writes(state, facts, args, kwargs)
+            if facts.name == "aten::set_":
+                _judge_set_source(state, args, kwargs)
+    try:
+        with DisableTorchDispatch():
+            out = run(*args, **kwargs)
+    except Exception as exc:
+        _judge.remember_error(exc)
+        raise
+    if view_of is None:
+        return out
+    source = args[view_of] if view_of < len(args) else None
+    if type(out) is torch.Tensor and (source is None or GROUP_ATTR not in source.__dict__):
+        return out.as_subclass(Protected)  # the common case: one view, no clone group
+    return _rewrap(out, source, STATE.mode_handle is None and not STATE.bypass)
+
+
 class Protected(torch.Tensor):
     """A protected argument, or a view of one, handed across a boundary.
 
@@ -72,42 +110,7 @@ class Protected(torch.Tensor):
     # torch functions run as on plain tensors; only the aten ops below reach Python.
     __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
-    @classmethod
-    def __torch_dispatch__(  # type: ignore[override]
-        cls,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: Optional[dict[str, Any]] = None,
-    ) -> Any:
-        __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
-        plan = _plans.get(func)
-        if plan is None:
-            plan = _plan(func)
-        facts, judged, view_of, run = plan
-        if kwargs is None:
-            kwargs = {}
-        if judged:
-            state = STATE
-            # With the every-op mode on the stack, it has judged this op already (modes come
-            # before subclasses); immutorch's own ops run with bypass set.
-            if state.mode_handle is None and not state.bypass:
-                if facts.writes:
-                    _judge.check_writes(state, facts, args, kwargs)
-                if facts.name == "aten::set_":
-                    _judge_set_source(state, args, kwargs)
-        try:
-            with DisableTorchDispatch():
-                out = run(*args, **kwargs)
-        except Exception as exc:
-            _judge.remember_error(exc)
-            raise
-        if view_of is None:
-            return out
-        source = args[view_of] if view_of < len(args) else None
-        if type(out) is torch.Tensor and (source is None or GROUP_ATTR not in source.__dict__):
-            return out.as_subclass(Protected)  # the common case: one view, no clone group
-        return _rewrap(out, source, STATE.mode_handle is None and not STATE.bypass)
+    __torch_dispatch__ = classmethod(_dispatch)  # type: ignore[assignment,var-annotated]
 
     # -- ways out of the dispatcher ------------------------------------------------------------
     # numpy() and DLPack hand the memory to code no dispatcher sees. While raise or clone
@@ -135,6 +138,18 @@ class Protected(torch.Tensor):
 
 
 PLAIN.add(Protected)
+
+# Once torch.compile is in use, Dynamo must not trace into the dispatch above when a compiled
+# function inside a scoped call gets an alias (it warns about what it cannot trace, then falls
+# back to eager). torch._disable_dynamo costs ~0.5 us an op, so it goes on only then.
+_dynamo_safe = False
+
+
+def _make_dynamo_safe() -> None:
+    global _dynamo_safe
+    if compile_in_use():
+        Protected.__torch_dispatch__ = classmethod(disable_dynamo(_dispatch))  # type: ignore[assignment]
+        _dynamo_safe = True
 
 
 def _plain_leaf(t: torch.Tensor) -> torch.Tensor:
@@ -220,6 +235,8 @@ def hand_over(t: torch.Tensor, mode: str, stats: CloneStats) -> Optional[torch.T
         return t  # already handed over by an outer boundary
     if not can_scope(t) or (mode == "clone" and not can_alias(t)):
         return None
+    if not _dynamo_safe:
+        _make_dynamo_safe()
     if mode == "clone":
         out = alias(t, stats, cls=Protected)
     else:

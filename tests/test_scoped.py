@@ -563,3 +563,25 @@ def test_a_module_that_calls_itself_inside_a_scoped_call() -> None:
     with guard(mode="clone", scope="arguments"):
         out = m(x)
     assert torch.equal(out, torch.ones(2)) and torch.equal(x, torch.zeros(3))
+
+
+def test_a_compiled_function_inside_a_scoped_call(recwarn: pytest.WarningsRecorder) -> None:
+    """No boundary around it: it gets the alias, Dynamo runs the aliased ops as graph breaks
+    (without warnings about what it cannot trace), and writes are still refused."""
+    torch._dynamo.reset()
+    read = torch.compile(lambda t: t.sin() * 2, backend="eager")
+    write = torch.compile(lambda t: t.add_(1), backend="eager")
+
+    @immutable_inputs
+    def f(x: Tensor) -> Tensor:
+        return read(x)
+
+    @immutable_inputs
+    def g(x: Tensor) -> Tensor:
+        return write(x)
+
+    x = torch.randn(3)
+    assert torch.equal(f(x), x.sin() * 2)
+    with pytest.raises(ImmutableTensorError, match="aten::add_"):
+        g(x)
+    assert not [w for w in recwarn if "Dynamo" in str(w.message)]

@@ -81,6 +81,10 @@ def run(repeats: int = 5, batch: int = 8, frames: int = 300) -> list[DemoRow]:
         with guard(mode="clone"):
             return legacy.encode_mel_spectrogram(m)
 
+    def cloned_scoped(m: torch.Tensor) -> torch.Tensor:
+        with guard(mode="clone", scope="arguments"):
+            return legacy.encode_mel_spectrogram(m)
+
     def fixed_call(m: torch.Tensor) -> torch.Tensor:
         return fixed.encode_mel_spectrogram(m)
 
@@ -91,6 +95,7 @@ def run(repeats: int = 5, batch: int = 8, frames: int = 300) -> list[DemoRow]:
     timed = [
         ('guard(mode="warn")', warned),
         ('guard(mode="clone")', cloned),
+        ('guard(mode="clone", scope="arguments")', cloned_scoped),
         ("fixed InputNormalization", fixed_call),
         ('fixed + guard(mode="raise")', fixed_raise),
     ]

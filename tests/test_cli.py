@@ -34,6 +34,7 @@ MODES = (
     'guard(mode="raise")',
     'guard(mode="warn")',
     'guard(mode="clone")',
+    'guard(mode="clone", scope="arguments")',
     "fixed InputNormalization",
 )
 
@@ -305,10 +306,13 @@ def test_demo_rows_tell_the_story() -> None:
     # without a guard, and in warn mode, the caller's mel changes; otherwise it is intact
     assert rows["unguarded (legacy normalizer)"].mel_mse > 1.0
     assert rows['guard(mode="warn")'].mel_mse == rows["unguarded (legacy normalizer)"].mel_mse
-    for mode in ('guard(mode="raise")', 'guard(mode="clone")', "fixed InputNormalization"):
+    clone_scoped = 'guard(mode="clone", scope="arguments")'
+    for mode in ('guard(mode="raise")', 'guard(mode="clone")', clone_scoped):
         assert rows[mode].mel_mse == 0.0
+    assert rows["fixed InputNormalization"].mel_mse == 0.0
     assert rows['guard(mode="raise")'].embedding == "raised"
     assert rows['guard(mode="clone")'].embedding == "yes"  # bit-identical
+    assert rows[clone_scoped].embedding == "yes"
     assert rows["fixed InputNormalization"].embedding.startswith("yes")
     assert rows['guard(mode="raise")'].ratio is None
     assert all(r.ratio is not None and r.ratio > 0 for m, r in rows.items() if "raise" not in m)

@@ -518,8 +518,15 @@ def test_a_tensor_default_crosses_as_an_alias_or_falls_back() -> None:
     assert torch.equal(default, torch.zeros(2))
 
 
-def test_global_hooks_are_off_inside_a_scoped_call_and_back_after() -> None:
+@pytest.mark.parametrize("compiling", [False, True])
+def test_global_hooks_are_off_inside_a_scoped_call_and_back_after(
+    monkeypatch: pytest.MonkeyPatch, compiling: bool
+) -> None:
+    """Unless torch.compile is in use in the process: a compiled submodule must still get
+    plain tensors at its own boundary, which the hooks make."""
     from immutorch import _boundaries
+
+    monkeypatch.setattr(_boundaries, "compile_in_use", lambda: compiling)
 
     inside: list[bool] = []
 
@@ -542,7 +549,7 @@ def test_global_hooks_are_off_inside_a_scoped_call_and_back_after() -> None:
         outer(x)
         assert _boundaries.hooks_installed()
         outer(x)
-    assert inside == [False, False]
+    assert inside == [compiling, compiling]
     assert not outer._forward_hooks and not outer._forward_pre_hooks
 
 

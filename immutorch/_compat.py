@@ -58,6 +58,11 @@ import torch.utils._python_dispatch as _dispatch  # noqa: E402
 DisableTorchDispatch: Any = torch._C._DisableTorchDispatch
 
 
+def is_functorch_wrapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a functorch wrapper (vmap's BatchedTensor, grad's TensorWrapper)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
 def disable_dynamo(fn: Any) -> Any:
     """``fn`` wrapped so that Dynamo never traces into it (it runs as a graph break)."""
     return torch._disable_dynamo(fn)  # type: ignore[attr-defined]

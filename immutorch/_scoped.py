@@ -29,7 +29,12 @@ import torch
 from . import _judge
 from ._arguments import replace
 from ._clone import GROUP_ATTR, alias, can_alias, group_of
-from ._compat import DisableTorchDispatch, disable_dynamo, disable_torch_dispatch
+from ._compat import (
+    DisableTorchDispatch,
+    disable_dynamo,
+    disable_torch_dispatch,
+    is_functorch_wrapped,
+)
 from ._compiled import compile_in_use
 from ._registry import STATE, CloneStats, strictest
 from ._schema import OpFacts, op_facts
@@ -224,7 +229,7 @@ def can_scope(t: torch.Tensor) -> bool:
         and t.layout is torch.strided
         and not t.is_nested
         and storage_of(t) is not None
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        and not is_functorch_wrapped(t)
     )
 
 

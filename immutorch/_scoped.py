@@ -98,10 +98,49 @@ def _dispatch(
         raise
     if view_of is None:
         return out
+    if facts.name in _BIT_VIEWS and bit_views_broken():
+        raise RuntimeError(
+            f"immutorch: {facts.name} made a conjugate or negative view of a scoped "
+            f"argument; torch {torch.__version__} cannot run ops on such a view of a tensor "
+            'subclass (fixed in newer torch). Use scope="all" for this call, or resolve '
+            "the view first (x.resolve_conj(), x.resolve_neg())."
+        )
     source = args[view_of] if view_of < len(args) else None
     if type(out) is torch.Tensor and (source is None or GROUP_ATTR not in source.__dict__):
         return out.as_subclass(Protected)  # the common case: one view, no clone group
     return _rewrap(out, source, STATE.mode_handle is None and not STATE.bypass)
+
+
+# Views that set a lazy conjugate or negative bit. Before torch 2.9 (2.5.1 seen; 2.6 to 2.8 not
+# tried), an op on such a view of a Python tensor subclass fails in torch's conjugate fallback
+# with "SystemError: ... returned NULL without setting an exception".
+_BIT_VIEWS = frozenset({"aten::_conj", "aten::_neg_view"})
+_bit_views: Optional[bool] = None
+
+
+def bit_views_broken() -> bool:
+    """Whether this torch fails ops on a conjugate view of a tensor subclass (probed once)."""
+    global _bit_views
+    if _bit_views is None:
+
+        class _Probe(torch.Tensor):
+            __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+            @classmethod
+            def __torch_dispatch__(  # type: ignore[override]
+                cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
+            ) -> Any:
+                with DisableTorchDispatch():
+                    out = func(*args, **(kwargs or {}))
+                return out.as_subclass(_Probe) if func is torch.ops.aten._conj.default else out
+
+        try:
+            probe = torch.ones(1, dtype=torch.complex64).as_subclass(_Probe).conj()
+            _ = probe * 2
+            _bit_views = False
+        except Exception:  # SystemError on the affected releases
+            _bit_views = True
+    return _bit_views
 
 
 class Protected(torch.Tensor):
@@ -230,6 +269,7 @@ def can_scope(t: torch.Tensor) -> bool:
         and not t.is_nested
         and storage_of(t) is not None
         and not is_functorch_wrapped(t)
+        and not ((t.is_conj() or t.is_neg()) and bit_views_broken())
     )
 
 

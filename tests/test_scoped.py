@@ -592,3 +592,25 @@ def test_a_compiled_function_inside_a_scoped_call(recwarn: pytest.WarningsRecord
     with pytest.raises(ImmutableTensorError, match="aten::add_"):
         g(x)
     assert not [w for w in recwarn if "Dynamo" in str(w.message)]
+
+
+def test_conjugate_views_of_a_scoped_argument() -> None:
+    """Before torch 2.9 an op on a conjugate view of a tensor subclass fails inside torch: a
+    conjugate argument falls back to the every-op mode there, and a conjugate view made in the
+    callee is refused with a clear error instead of torch's SystemError."""
+    from immutorch._scoped import bit_views_broken
+
+    c = torch.randn(3, dtype=torch.complex64)
+    f = immutable_inputs(lambda x: x * 2)
+    assert torch.equal(f(c.conj()), c.conj() * 2)  # a conjugate argument: either way
+
+    @immutable_inputs
+    def g(x: Tensor) -> Tensor:
+        return x.conj() * 2
+
+    if bit_views_broken():
+        with pytest.raises(RuntimeError, match='scope="all"'):
+            g(c)
+    else:
+        assert torch.equal(g(c), c.conj() * 2)
+    assert torch.equal(immutable_inputs(scope="all")(g.__wrapped__)(c), c.conj() * 2)

@@ -1,8 +1,10 @@
 """immutorch: PyTorch code must not write into the tensors it was handed.
 
-A ``TorchDispatchMode`` watches every aten op while a guard is active and acts *before* an op
-writes into a protected tensor's memory: ``raise`` (:class:`ImmutableTensorError`), ``warn``
-(:class:`MutationWarning`), ``clone`` (the write lands in a private copy), or ``off``.
+While a guard is active, immutorch sees every aten op (``scope="all"``, a
+``TorchDispatchMode``) or only the ops on protected arguments (``scope="arguments"``, a tensor
+subclass handed to the callee), and acts *before* an op writes into a protected tensor's
+memory: ``raise`` (:class:`ImmutableTensorError`), ``warn`` (:class:`MutationWarning`),
+``clone`` (the write lands in a private copy), or ``off``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._config import Mode as Mode
+    from ._config import Scope as Scope
     from ._decorator import immutable_inputs as immutable_inputs
     from ._errors import ImmutableTensorError as ImmutableTensorError
     from ._errors import MutationWarning as MutationWarning
@@ -31,6 +34,7 @@ _EXPORTS = {
     "Guard": "._guard",
     "ImmutableTensorError": "._errors",
     "Mode": "._config",
+    "Scope": "._config",
     "MutationWarning": "._errors",
     "clone_stats": "._stats",
     "guard": "._guard",

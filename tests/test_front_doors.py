@@ -208,6 +208,7 @@ def test_public_surface_is_small_and_typed():
             "ImmutableTensorError",
             "Mode",
             "MutationWarning",
+            "Scope",
             "clone_stats",
             "guard",
             "immutable_inputs",

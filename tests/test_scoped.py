@@ -299,7 +299,7 @@ def test_deepcopy_pickle_and_save_give_plain_tensors() -> None:
         buffer = io.BytesIO()
         torch.save({"x": x}, buffer)
         buffer.seek(0)
-        got["save"] = torch.load(buffer)["x"]
+        got["save"] = torch.load(buffer, weights_only=True)["x"]
         got["repr"] = repr(x)
 
     x = torch.arange(6.0).reshape(2, 3)

@@ -305,9 +305,11 @@ def _begin_boundary(
     module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
     state = STATE
-    if state.bypass or not (state.frames or state.watchers):
+    if state.bypass or _users == 0 or not (state.frames or state.watchers):
+        # No user of the hooks left (the frames active now need none: named raise and warn
+        # guards, decorators in scope "arguments"): the first module call takes them off.
         if _users == 0:
-            _remove_if_unused()  # the first module call after the last guard takes them off
+            _remove_if_unused()
         return None
     state.modules.append(module)
     # A ScriptModule calls its submodules inside TorchScript, where no hook sees them; DDP

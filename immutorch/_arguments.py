@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -31,18 +31,35 @@ def walk(
             walk(getattr(value, field.name, None), f"{label}.{field.name}", visit, depth + 1)
 
 
-def replace(value: Any, fn: Callable[[torch.Tensor], torch.Tensor], depth: int = 0) -> Any:
+class Rebuilt(NamedTuple):
+    """A mutable container ``replace`` rebuilt: the caller's, the copy the callee got, and
+    what the copy held when it was handed over."""
+
+    original: Any
+    copy: Any
+    placed: Any
+
+
+def replace(
+    value: Any,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    depth: int = 0,
+    rebuilt: Optional[list[Rebuilt]] = None,
+) -> Any:
     """``value`` with each tensor ``t`` replaced by ``fn(t)``; containers are rebuilt only when
-    something inside them changed, so untouched arguments keep their identity."""
+    something inside them changed, so untouched arguments keep their identity. Each list, dict
+    and dataclass rebuilt is recorded in ``rebuilt`` (innermost first), for :func:`write_back`."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if depth >= _MAX_DEPTH or isinstance(value, (str, bytes, int, float, bool, type(None))):
         return value
     if isinstance(value, (list, tuple)):
-        items = [replace(item, fn, depth + 1) for item in value]
+        items = [replace(item, fn, depth + 1, rebuilt) for item in value]
         if all(a is b for a, b in zip(items, value)):
             return value
         if isinstance(value, list):
+            if rebuilt is not None:
+                rebuilt.append(Rebuilt(value, items, list(items)))
             return items
         if hasattr(value, "_fields"):  # namedtuple
             return type(value)(*items)
@@ -51,20 +68,22 @@ def replace(value: Any, fn: Callable[[torch.Tensor], torch.Tensor], depth: int =
         except TypeError:
             return tuple(items)
     if isinstance(value, dict):
-        new = {k: replace(v, fn, depth + 1) for k, v in value.items()}
+        new = {k: replace(v, fn, depth + 1, rebuilt) for k, v in value.items()}
         if all(new[k] is value[k] for k in value):
             return value
         try:
             out = type(value)()
             out.update(new)
-            return out
         except TypeError:
-            return new
+            out = new
+        if rebuilt is not None:
+            rebuilt.append(Rebuilt(value, out, dict(out)))
+        return out
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         changes = {}
         for field in dataclasses.fields(value):
             old = getattr(value, field.name, None)
-            new_value = replace(old, fn, depth + 1)
+            new_value = replace(old, fn, depth + 1, rebuilt)
             if new_value is not old:
                 changes[field.name] = new_value
         if not changes:
@@ -74,5 +93,35 @@ def replace(value: Any, fn: Callable[[torch.Tensor], torch.Tensor], depth: int =
         clone = copy.copy(value)
         for name, new_value in changes.items():
             object.__setattr__(clone, name, new_value)
+        if rebuilt is not None and hasattr(clone, "__dict__"):
+            rebuilt.append(Rebuilt(value, clone, dict(vars(clone))))
         return clone
     return value
+
+
+def write_back(rebuilt: list[Rebuilt], back: Callable[[Any], Any]) -> None:
+    """Carry what the callee did to the containers it was handed (keys and items it added,
+    replaced or removed, attributes it set) over to the caller's own, as without the guard.
+    What is still as it was handed over stays the caller's; anything new passes through
+    ``back`` (which turns immutorch's aliases back into plain tensors)."""
+    for entry in rebuilt:
+        original, new, placed = entry
+        if isinstance(new, dict):
+            # A value the callee moved to another key (d["y"] = d["x"]) is the caller's.
+            by_id = {id(p): original[k] for k, p in placed.items() if k in original}
+            for key in [k for k in original if k not in new]:
+                del original[key]
+            for key, item in new.items():
+                if key in placed and placed[key] is item and key in original:
+                    continue
+                original[key] = by_id[id(item)] if id(item) in by_id else back(item)
+        elif isinstance(new, list):
+            if len(new) == len(placed) and all(a is b for a, b in zip(new, placed)):
+                continue
+            by_id = {id(p): o for p, o in zip(placed, list(original))}
+            original[:] = [by_id[id(i)] if id(i) in by_id else back(i) for i in new]
+        else:  # a dataclass instance
+            for name, item in vars(new).items():
+                if placed.get(name) is item:
+                    continue
+                object.__setattr__(original, name, back(item))

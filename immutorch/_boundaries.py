@@ -24,6 +24,7 @@ import torch
 from torch.nn.modules import module as _module_mod
 
 from . import _arguments, _mode
+from ._arguments import write_back
 from ._clone import alias, group_of
 from ._compiled import CompiledBoundary, compile_in_use
 from ._config import Mode, Scope, check_mode, check_scope, resolve, resolve_scope
@@ -243,6 +244,7 @@ class _Boundary:
         "labels",
         "module",
         "originals",
+        "rebuilt",
         "recursion",
         "required",
         "storages",
@@ -269,6 +271,7 @@ class _Boundary:
         self.suspended: Optional[tuple[int, int]] = None
         self.required = False
         self.recursion = 0
+        self.rebuilt: list[_arguments.Rebuilt] = []
         # The module's own hooks while the global ones are off for this call (_detach_hooks).
         self.detached: Optional[tuple[Any, Any]] = None
 
@@ -465,8 +468,20 @@ def _label_arguments(
 def _replace_arguments(
     args: tuple[Any, ...], kwargs: dict[str, Any], fn: Callable[[torch.Tensor], torch.Tensor]
 ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
-    new_args = _arguments.replace(args, fn)
-    new_kwargs = _arguments.replace(kwargs, fn) if kwargs else kwargs
+    # The containers inside the arguments that get rebuilt are recorded on the boundary, so
+    # that what the module does to them reaches the caller's own (_finish_boundary). The args
+    # tuple and the kwargs dict themselves are the call's own, not the caller's.
+    rebuilt: list[_arguments.Rebuilt] = []
+    new_args = tuple(_arguments.replace(a, fn, rebuilt=rebuilt) for a in args)
+    if all(a is b for a, b in zip(new_args, args)):
+        new_args = args
+    new_kwargs = kwargs
+    if kwargs:
+        new_kwargs = {k: _arguments.replace(v, fn, rebuilt=rebuilt) for k, v in kwargs.items()}
+        if all(new_kwargs[k] is kwargs[k] for k in kwargs):
+            new_kwargs = kwargs
+    if rebuilt and STATE.boundaries:
+        STATE.boundaries[-1].rebuilt = rebuilt
     if new_args is args and new_kwargs is kwargs:
         return None
     return tuple(new_args), new_kwargs
@@ -576,6 +591,9 @@ def _finish_boundary(module: torch.nn.Module, output: Any) -> Any:
         finally:
             if boundary.frame is not None:
                 leave(boundary.frame)
+            if boundary.rebuilt:
+                originals = boundary.originals or {}
+                write_back(boundary.rebuilt, lambda v: unwrap(v, originals))
     if boundary.originals is None or failed:
         return None
     return _scoped_output(boundary, output)

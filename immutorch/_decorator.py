@@ -136,6 +136,7 @@ def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]], scope: Scope) -> 
         if compiled:
             return _call_compiled(fn, args, kwargs, frame)
         originals: Optional[dict[int, torch.Tensor]] = None
+        rebuilt: list[_arguments.Rebuilt] = []
         if frame.scope == "arguments" and frame.protections:
             originals = {}
             if signature.tensor_defaults:
@@ -148,15 +149,17 @@ def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]], scope: Scope) -> 
                     for name, default in signature.tensor_defaults:
                         if name not in given and (only is None or name in only):
                             kwargs[name] = default
-            args, kwargs = _hand_over_scoped(frame, args, kwargs, originals)
+            args, kwargs = _hand_over_scoped(frame, args, kwargs, originals, rebuilt)
         elif effective == "clone" and frame.protections:
             protected = {id(p.obj) for p in frame.protections}
 
             def hand_over(t: torch.Tensor) -> torch.Tensor:
                 return alias(t, frame.stats) if id(t) in protected else t
 
-            args = tuple(_arguments.replace(a, hand_over) for a in args)
-            kwargs = {k: _arguments.replace(v, hand_over) for k, v in kwargs.items()}
+            args = tuple(_arguments.replace(a, hand_over, rebuilt=rebuilt) for a in args)
+            kwargs = {
+                k: _arguments.replace(v, hand_over, rebuilt=rebuilt) for k, v in kwargs.items()
+            }
         enter(frame)
         try:
             out = fn(*args, **kwargs)
@@ -165,13 +168,21 @@ def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]], scope: Scope) -> 
             raise
         finally:
             leave(frame)
+            if rebuilt:
+                # What the callee did to the lists, dicts and dataclasses it was handed
+                # (rebuilt to carry aliases) reaches the caller's own, as unguarded.
+                _arguments.write_back(rebuilt, lambda v: unwrap(v, originals or {}))
         return out if not originals else unwrap(out, originals)
 
     return wrapper
 
 
 def _hand_over_scoped(
-    frame: Frame, args: tuple[Any, ...], kwargs: dict[str, Any], originals: dict[int, Any]
+    frame: Frame,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    originals: dict[int, Any],
+    rebuilt: list[_arguments.Rebuilt],
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Scope "arguments": each protected argument crosses as a scoped alias; where one cannot
     (a wrapper subclass, a sparse tensor ...), this call falls back to the every-op mode."""
@@ -188,8 +199,8 @@ def _hand_over_scoped(
             originals[id(new)] = t
         return new
 
-    args = tuple(_arguments.replace(a, hand_over) for a in args)
-    kwargs = {k: _arguments.replace(v, hand_over) for k, v in kwargs.items()}
+    args = tuple(_arguments.replace(a, hand_over, rebuilt=rebuilt) for a in args)
+    kwargs = {k: _arguments.replace(v, hand_over, rebuilt=rebuilt) for k, v in kwargs.items()}
     return args, kwargs
 
 

@@ -169,6 +169,13 @@ class Protected(torch.Tensor):
     def __dlpack__(self, *args: Any, **kwargs: Any) -> Any:
         return _plain_leaf(_escape_source(self)).__dlpack__(*args, **kwargs)
 
+    # Python-level Tensor methods that refuse, or take another path for, any subclass.
+    def tolist(self) -> Any:
+        return _plain_leaf(self).tolist()
+
+    def __format__(self, spec: str) -> str:
+        return str(_plain_leaf(self).__format__(spec))
+
     def __deepcopy__(self, memo: dict[int, Any]) -> torch.Tensor:
         # A deep copy is new memory: a plain tensor, as deepcopy of the caller's tensor gives.
         return copy.deepcopy(_plain_leaf(self), memo)

@@ -8,6 +8,7 @@ what only the scoped backend has.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import pickle
 import threading
@@ -614,3 +615,57 @@ def test_conjugate_views_of_a_scoped_argument() -> None:
     else:
         assert torch.equal(g(c), c.conj() * 2)
     assert torch.equal(immutable_inputs(scope="all")(g.__wrapped__)(c), c.conj() * 2)
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("mode", ["raise", "warn", "clone"])
+def test_what_a_callee_does_to_containers_it_was_handed_reaches_the_caller(
+    scope: str, mode: str
+) -> None:
+    """Containers holding a protected tensor are rebuilt to carry the aliases; the callee's
+    changes to them (found in kornia-style code passing params dicts) are carried back."""
+
+    @dataclasses.dataclass
+    class Batch:
+        x: Tensor
+        note: str = ""
+
+    def callee(d: dict[str, Any], items: list[Any], batch: Batch) -> Tensor:
+        d["last"] = d["x"].shape
+        d["same"] = d["x"]  # a handed-over value moved to another key
+        del d["drop"]
+        items.append(items[0] * 2)
+        items.pop(0)
+        batch.note = "seen"
+        return d["x"].sum()
+
+    def run(guarded: bool) -> tuple[Any, ...]:
+        x = torch.ones(3)
+        d: dict[str, Any] = {"x": x, "drop": 1}
+        items: list[Any] = [x, "keep"]
+        batch = Batch(x)
+        f = immutable_inputs(mode=mode, scope=scope)(callee) if guarded else callee  # type: ignore[call-overload]
+        f(d, items, batch)
+        return x, d, items, batch
+
+    x, d, items, batch = run(True)
+    _, ed, eitems, _ = run(False)
+    assert sorted(d) == sorted(ed) == ["last", "same", "x"]
+    assert d["x"] is x and d["same"] is x and d["last"] == ed["last"]
+    assert items[0] == "keep" and torch.equal(items[1], eitems[1]) and type(items[1]) is Tensor
+    assert batch.note == "seen" and batch.x is x
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_module_adding_to_a_dict_argument_inside_a_clone_guard(scope: str) -> None:
+    class Fill(torch.nn.Module):
+        def forward(self, params: dict[str, Any]) -> Tensor:
+            params["scale"] = params["x"].mean()
+            return params["x"] * 2
+
+    x = torch.ones(3)
+    params: dict[str, Any] = {"x": x}
+    with guard(mode="clone", scope=scope):  # type: ignore[arg-type]
+        Fill()(params)
+    assert params["x"] is x and torch.equal(params["scale"], torch.tensor(1.0))
+    assert type(params["scale"]) is Tensor

@@ -50,6 +50,8 @@ def acquire_hooks() -> None:
         _users += 1
         if not _handles:
             _install()
+        elif _handles[0] is None:
+            _register_pre()  # taken off for another thread's scoped call: back for everyone
     # Also before torch.compile is first used: a watch opened at the start of a test is
     # already there when the test compiles a module (found in kornia's suite, where the
     # warning failed `-W error` runs).
@@ -95,14 +97,22 @@ _GLOBAL_HOOKS_TAKE_KWARGS = (
 
 
 def _install() -> None:
-    register_pre: Any = _module_mod.register_module_forward_pre_hook
+    """Register the hooks: ``_handles`` is [pre-hook handle, post-hook handle]."""
     register_post: Any = _module_mod.register_module_forward_hook
+    _handles.append(None)
+    _register_pre()
     if _GLOBAL_HOOKS_TAKE_KWARGS:
-        _handles.append(register_pre(_pre_hook_with_kwargs, with_kwargs=True))
         _handles.append(register_post(_post_hook_with_kwargs, with_kwargs=True, always_call=True))
     else:
-        _handles.append(register_pre(_pre_hook))
         _handles.append(register_post(_post_hook, always_call=True))
+
+
+def _register_pre() -> None:
+    register_pre: Any = _module_mod.register_module_forward_pre_hook
+    if _GLOBAL_HOOKS_TAKE_KWARGS:
+        _handles[0] = register_pre(_pre_hook_with_kwargs, with_kwargs=True)
+    else:
+        _handles[0] = register_pre(_pre_hook)
 
 
 def _remove_if_unused() -> None:
@@ -113,12 +123,14 @@ def _remove_if_unused() -> None:
 
 def _remove_locked() -> None:
     for h in _handles:
-        h.remove()
+        if h is not None:
+            h.remove()
     _handles.clear()
 
 
 def hooks_installed() -> bool:
-    return bool(_handles)
+    """Whether the pre-hook, which does the boundary work, is installed."""
+    return bool(_handles) and _handles[0] is not None
 
 
 def enter(frame: Frame) -> None:
@@ -272,8 +284,9 @@ class _Boundary:
         self.required = False
         self.recursion = 0
         self.rebuilt: list[_arguments.Rebuilt] = []
-        # The module's own hooks while the global ones are off for this call (_detach_hooks).
-        self.detached: Optional[tuple[Any, Any]] = None
+        # The Module.__call__ frame of this call while the global pre-hook is off for it
+        # (_detach_hooks): what tells its post-hook from a recursive call's.
+        self.detached: Optional[tuple[types.FrameType, Optional[types.FrameType]]] = None
 
     def label(self, name: str, t: torch.Tensor) -> None:
         storage = storage_of(t)
@@ -397,60 +410,43 @@ def _hand_over_scoped(
 
 
 def _detach_hooks(boundary: _Boundary) -> None:
-    """Take the global module hooks off for the rest of a scoped call, so that its nested
-    module calls cost nothing at all (the global hooks' slow path of ``Module.__call__`` costs
-    a few microseconds a call, measured ~3% on the encoder). The module's own always-called
-    forward hook ends the boundary and puts the global hooks back.
+    """Take the global pre-hook off for the rest of a scoped call, so that its nested module
+    calls do no boundary work (the pre-hook's Python call and ``Module.__call__``'s slow path
+    cost a few microseconds a call: ~3% on the encoder). The post-hook stays, to end this
+    call; it returns at once for the nested ones. No hook goes on the module itself: modules
+    such as ``nn.TransformerEncoderLayer`` leave their fused fast path when they have one.
 
-    Only where nothing else needs them during the call: no other user of the hooks (a guard on
-    another thread), no watch, and torch.compile not in use (a compiled submodule must get
-    plain tensors at its own boundary)."""
+    Only where nothing else needs the pre-hook during the call: no other user of the hooks (a
+    guard on another thread), no watch, and torch.compile not in use (a compiled submodule
+    must get plain tensors at its own boundary)."""
     module = boundary.module
     if STATE.watchers or compile_in_use() or isinstance(module, torch.jit.ScriptModule):
         return
+    frame = _call_impl_frame()
+    if frame is None:
+        return
     with _lock:
-        if _users != 1 or not _handles:
+        if _users != 1 or not _handles or _handles[0] is None:
             return
-        _remove_locked()
-    try:
-        handles = (
-            module.register_forward_pre_hook(_count_recursion),
-            module.register_forward_hook(_end_detached, always_call=True),
-        )
-    except BaseException:
-        _reinstall()
-        raise
-    boundary.detached = handles
+        _handles[0].remove()
+        _handles[0] = None
+    # Hooks run in ``inner``, but always-called ones run in ``_call_impl`` when the call
+    # raises: either frame is this call's.
+    boundary.detached = (frame, frame.f_back)
 
 
-def _reinstall() -> None:
+def _reattach() -> None:
     with _lock:
-        if _users > 0 and not _handles:
-            _install()
+        if _handles and _handles[0] is None:
+            _register_pre()
 
 
-def _count_recursion(module: torch.nn.Module, args: Any) -> None:
-    """The module called again within its own detached call (the outer call's hooks do not
-    include this one)."""
-    state = STATE
-    if state.boundaries and state.boundaries[-1].module is module:
-        state.boundaries[-1].recursion += 1
-
-
-def _end_detached(module: torch.nn.Module, args: Any, output: Any) -> Any:
-    state = STATE
-    if not state.boundaries or state.boundaries[-1].module is not module:
-        return None
-    top = state.boundaries[-1]
-    if top.recursion:
-        top.recursion -= 1
-        return None
-    if top.detached is not None:
-        handles, top.detached = top.detached, None
-        for handle in handles:
-            handle.remove()
-        _reinstall()
-    return _finish_boundary(module, output)
+def _call_impl_frame() -> Optional[types.FrameType]:
+    """The ``Module.__call__`` frame (``_call_impl`` or its ``inner``) running the hooks."""
+    frame: Optional[types.FrameType] = sys._getframe(1)
+    while frame is not None and frame.f_code not in _CALL_IMPL_CODES:
+        frame = frame.f_back
+    return frame
 
 
 def _label_arguments(
@@ -564,8 +560,11 @@ def _post_hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
         return None
     top = state.boundaries[-1]
     if top.detached is not None:
-        return None  # hooks put back by another thread mid-call: _end_detached ends it
-    if top.recursion:
+        if _call_impl_frame() not in top.detached:
+            return None  # the same module, called again within its own scoped call
+        top.detached = None
+        _reattach()
+    elif top.recursion:
         top.recursion -= 1
         return None
     return _finish_boundary(module, output)

@@ -550,7 +550,7 @@ def test_global_hooks_are_off_inside_a_scoped_call_and_back_after(
         outer(x)
         assert _boundaries.hooks_installed()
         outer(x)
-    assert inside == [compiling, compiling]
+    assert inside == [compiling, compiling]  # the pre-hook, which does the boundary work
     assert not outer._forward_hooks and not outer._forward_pre_hooks
 
 
@@ -669,3 +669,26 @@ def test_a_module_adding_to_a_dict_argument_inside_a_clone_guard(scope: str) -> 
         Fill()(params)
     assert params["x"] is x and torch.equal(params["scale"], torch.tensor(1.0))
     assert type(params["scale"]) is Tensor
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_fused_fast_path_survives_the_guard(monkeypatch: pytest.MonkeyPatch, scope: str) -> None:
+    """nn.TransformerEncoderLayer leaves its fused path when hooks sit on it or its
+    submodules: the guard must put none there (global hooks do not count)."""
+    fused: list[bool] = []
+    real = torch._transformer_encoder_layer_fwd
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        fused.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", spy)
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=16, nhead=2, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = layer(x)
+        with guard(mode="clone", scope=scope):  # type: ignore[arg-type]
+            out = layer(x)
+    assert fused == [True, True]
+    assert torch.equal(out, expected)

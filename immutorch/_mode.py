@@ -138,14 +138,18 @@ def require(*, body: bool = False) -> None:
     body, not inside the module calls it hands over (see :func:`suspend`).
     """
     state = STATE
+    _push_if_absent(state)
+    state.mode_users += 1
+    if body:
+        state.body_users += 1
+
+
+def _push_if_absent(state: ThreadState) -> None:
     if state.mode_handle is None:
         _tracing.install()
         handle_ = ImmutorchMode(state)
         handle_.__enter__()
         state.mode_handle = handle_
-    state.mode_users += 1
-    if body:
-        state.body_users += 1
 
 
 def release(*, body: bool = False) -> None:
@@ -181,10 +185,6 @@ def suspend() -> Optional[tuple[int, int]]:
 def resume(users: tuple[int, int]) -> None:
     """Put back what :func:`suspend` took off."""
     state = STATE
-    if state.mode_handle is None:
-        _tracing.install()
-        handle_ = ImmutorchMode(state)
-        handle_.__enter__()
-        state.mode_handle = handle_
+    _push_if_absent(state)
     state.mode_users += users[0]
     state.body_users += users[1]

@@ -30,18 +30,19 @@ _scope_override: Optional[Scope] = None
 
 def check_mode(mode: object, *, source: str = "mode") -> Mode:
     """Return ``mode`` if it is a valid mode, else raise a ValueError that lists the choices."""
-    if isinstance(mode, str) and mode in STRICTNESS:
-        return mode  # type: ignore[return-value]
-    choices = ", ".join(repr(m) for m in MODES)
-    raise ValueError(f"immutorch: {source} must be one of {choices}, got {mode!r}")
+    return _check_choice(mode, MODES, source)  # type: ignore[return-value]
+
+
+def _check_choice(value: object, choices: tuple[str, ...], source: str) -> str:
+    if isinstance(value, str) and value in choices:
+        return value
+    listed = ", ".join(repr(c) for c in choices)
+    raise ValueError(f"immutorch: {source} must be one of {listed}, got {value!r}")
 
 
 def check_scope(scope: object, *, source: str = "scope") -> Scope:
     """Return ``scope`` if it is a valid scope, else raise a ValueError that lists the choices."""
-    if isinstance(scope, str) and scope in SCOPES:
-        return scope  # type: ignore[return-value]
-    choices = ", ".join(repr(s) for s in SCOPES)
-    raise ValueError(f"immutorch: {source} must be one of {choices}, got {scope!r}")
+    return _check_choice(scope, SCOPES, source)  # type: ignore[return-value]
 
 
 def set_override(mode: Optional[Mode]) -> Optional[Mode]:
@@ -62,12 +63,14 @@ def get_override() -> Optional[Mode]:
 # resolve() runs on every decorated call: os.environ.get costs ~1 us (it encodes the key each
 # time), a lookup in the mapping behind os.environ costs ~40 ns and sees the same updates.
 _environ_data: Optional[dict[Any, Any]] = getattr(os.environ, "_data", None)
-_env_key: Any = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else ENV_VAR
 
 
-_scope_env_key: Any = (
-    os.environ.encodekey(SCOPE_ENV_VAR) if hasattr(os.environ, "encodekey") else SCOPE_ENV_VAR
-)
+def _encoded(name: str) -> Any:
+    return os.environ.encodekey(name) if hasattr(os.environ, "encodekey") else name
+
+
+_env_key: Any = _encoded(ENV_VAR)
+_scope_env_key: Any = _encoded(SCOPE_ENV_VAR)
 
 
 def _env_mode() -> Optional[str]:

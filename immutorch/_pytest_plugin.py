@@ -110,21 +110,19 @@ _PREVIOUS_SCOPE_OVERRIDE: pytest.StashKey[Optional[Scope]] = pytest.StashKey()
 
 
 # -- parsing ----------------------------------------------------------------------------------
-def _allowed() -> str:
-    return ", ".join(repr(m) for m in MODES)
+def _check_choice(value: object, choices: tuple[str, ...], source: str) -> str:
+    if isinstance(value, str) and value.strip().lower() in choices:
+        return value.strip().lower()
+    allowed = ", ".join(repr(c) for c in choices)
+    raise pytest.UsageError(f"immutorch: {source} must be one of {allowed}, got {value!r}")
 
 
 def _check_mode(value: object, source: str) -> Mode:
-    if isinstance(value, str) and value.strip().lower() in MODES:
-        return cast("Mode", value.strip().lower())
-    raise pytest.UsageError(f"immutorch: {source} must be one of {_allowed()}, got {value!r}")
+    return cast("Mode", _check_choice(value, MODES, source))
 
 
 def _check_scope(value: object, source: str) -> Scope:
-    if isinstance(value, str) and value.strip().lower() in SCOPES:
-        return cast("Scope", value.strip().lower())
-    allowed = ", ".join(repr(s) for s in SCOPES)
-    raise pytest.UsageError(f"immutorch: {source} must be one of {allowed}, got {value!r}")
+    return cast("Scope", _check_choice(value, SCOPES, source))
 
 
 def _check_modules(value: object, source: str) -> tuple[str, ...]:
@@ -147,34 +145,50 @@ def _check_modules(value: object, source: str) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _from_sources(
+    config: pytest.Config,
+    ini: str,
+    env_var: str,
+    env_source: str,
+    option: str,
+    dest: str,
+    choices: tuple[str, ...],
+) -> tuple[Any, Optional[str]]:
+    """A setting from the ini file < the environment < the command line, each source that is
+    set validated: (value, where it came from), or (None, None)."""
+    inifile = f" ({config.inipath})" if config.inipath else ""
+    value: Optional[str] = None
+    source: Optional[str] = None
+    from_ini = str(config.getini(ini) or "").strip()
+    if from_ini:
+        value, source = _check_choice(from_ini, choices, f"the ini option {ini}{inifile}"), _INI
+    from_env = os.environ.get(env_var, "").strip()
+    if from_env:
+        value = _check_choice(from_env, choices, f"the environment variable {env_var}")
+        source = env_source
+    from_cmd: Optional[str] = config.getoption(dest)
+    if from_cmd is not None:
+        value, source = _check_choice(from_cmd, choices, option), _CMDLINE
+    return value, source
+
+
 def _session_settings(config: pytest.Config) -> _Settings:
     """Resolve ini < environment < command line, validating each source that is set."""
     inifile = f" ({config.inipath})" if config.inipath else ""
-    mode: Optional[Mode] = None
-    source: Optional[str] = None
-    ini_mode = str(config.getini("immutorch") or "").strip()
-    if ini_mode:
-        mode, source = _check_mode(ini_mode, f"the ini option immutorch{inifile}"), _INI
-    env_mode = os.environ.get(ENV_VAR, "").strip()
-    if env_mode:
-        mode, source = _check_mode(env_mode, f"the environment variable {ENV_VAR}"), _ENV
-    cmd_mode: Optional[str] = config.getoption("immutorch_mode")
-    if cmd_mode is not None:
-        mode, source = _check_mode(cmd_mode, "--immutorch"), _CMDLINE
-
-    scope: Optional[Scope] = None
-    scope_source: Optional[str] = None
-    ini_scope = str(config.getini("immutorch_scope") or "").strip()
-    if ini_scope:
-        scope = _check_scope(ini_scope, f"the ini option immutorch_scope{inifile}")
-        scope_source = _INI
-    env_scope = os.environ.get(SCOPE_ENV_VAR, "").strip()
-    if env_scope:
-        scope = _check_scope(env_scope, f"the environment variable {SCOPE_ENV_VAR}")
-        scope_source = _SCOPE_ENV
-    cmd_scope: Optional[str] = config.getoption("immutorch_scope")
-    if cmd_scope is not None:
-        scope, scope_source = _check_scope(cmd_scope, "--immutorch-scope"), _CMDLINE
+    mode: Optional[Mode]
+    mode, source = _from_sources(
+        config, "immutorch", ENV_VAR, _ENV, "--immutorch", "immutorch_mode", MODES
+    )
+    scope: Optional[Scope]
+    scope, scope_source = _from_sources(
+        config,
+        "immutorch_scope",
+        SCOPE_ENV_VAR,
+        _SCOPE_ENV,
+        "--immutorch-scope",
+        "immutorch_scope",
+        SCOPES,
+    )
 
     modules: tuple[str, ...] = ()
     ini_modules = str(config.getini("immutorch_modules") or "").strip()

@@ -449,11 +449,23 @@ def test_bad_values_are_usage_errors_naming_the_source(
     args: list[str],
     message: str,
 ) -> None:
+    _assert_usage_error(pytester, monkeypatch, ini, (_config.ENV_VAR, env), args, message)
+
+
+def _assert_usage_error(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    ini: str | None,
+    env: tuple[str, str | None],
+    args: list[str],
+    message: str,
+) -> None:
     pytester.makepyfile("def test_nothing(): pass")
     if ini is not None:
         pytester.makeini(f"[pytest]\n{ini}\n")
-    if env is not None:
-        monkeypatch.setenv(_config.ENV_VAR, env)
+    name, value = env
+    if value is not None:
+        monkeypatch.setenv(name, value)
     result = pytester.runpytest(*args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"ERROR: immutorch: {message}"])
@@ -488,14 +500,7 @@ def test_bad_scopes_are_usage_errors_naming_the_source(
     args: list[str],
     message: str,
 ) -> None:
-    pytester.makepyfile("def test_nothing(): pass")
-    if ini is not None:
-        pytester.makeini(f"[pytest]\n{ini}\n")
-    if env is not None:
-        monkeypatch.setenv(_config.SCOPE_ENV_VAR, env)
-    result = pytester.runpytest(*args)
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([f"ERROR: immutorch: {message}"])
+    _assert_usage_error(pytester, monkeypatch, ini, (_config.SCOPE_ENV_VAR, env), args, message)
     assert _config.get_scope_override() is None
 
 

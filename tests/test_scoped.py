@@ -18,7 +18,7 @@ import pytest
 import torch
 from corpus import Snapshot, assert_same
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 import immutorch
 from immutorch import ImmutableTensorError, MutationWarning, guard, immutable_inputs, readonly
@@ -26,16 +26,6 @@ from immutorch._registry import STATE
 from immutorch._scoped import Protected
 
 SCOPES = ["all", "arguments"]
-
-
-class _Counting(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 # -- what the callee gets, and what the caller gets back ---------------------------------------

@@ -99,6 +99,23 @@ def replace(
     return value
 
 
+def replace_call(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    rebuilt: Optional[list[Rebuilt]] = None,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A call's positional and keyword arguments with :func:`replace` applied to each; the
+    tuple and the dict come back as the same objects when nothing in them changed."""
+    new_args = tuple(replace(a, fn, rebuilt=rebuilt) for a in args)
+    if all(a is b for a, b in zip(new_args, args)):
+        new_args = args
+    new_kwargs = {k: replace(v, fn, rebuilt=rebuilt) for k, v in kwargs.items()}
+    if all(new_kwargs[k] is kwargs[k] for k in kwargs):
+        new_kwargs = kwargs
+    return new_args, new_kwargs
+
+
 def write_back(rebuilt: list[Rebuilt], back: Callable[[Any], Any]) -> None:
     """Carry what the callee did to the containers it was handed (keys and items it added,
     replaced or removed, attributes it set) over to the caller's own, as without the guard.

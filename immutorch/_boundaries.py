@@ -23,8 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.nn.modules import module as _module_mod
 
-from . import _arguments, _mode
-from ._arguments import write_back
+from . import _arguments, _mode, _registry
 from ._clone import alias, group_of
 from ._compiled import CompiledBoundary, compile_in_use
 from ._config import Mode, Scope, check_mode, check_scope, resolve, resolve_scope
@@ -33,7 +32,7 @@ from ._naming import display_path, is_compiled
 
 # Importing the policy also installs it as the dispatch mode's write handler.
 from ._policy import raise_original
-from ._registry import BLOCK, STATE, Frame, Hit, current_epoch_tag, strictest
+from ._registry import BLOCK, STATE, Frame, Hit, strictest
 from ._scoped import Protected, can_scope, to_plain, unwrap
 from ._scoped import hand_over as hand_over_scoped
 from ._storage import BORN_ATTR, storage_of, tensor_leaves
@@ -468,19 +467,12 @@ def _replace_arguments(
     # that what the module does to them reaches the caller's own (_finish_boundary). The args
     # tuple and the kwargs dict themselves are the call's own, not the caller's.
     rebuilt: list[_arguments.Rebuilt] = []
-    new_args = tuple(_arguments.replace(a, fn, rebuilt=rebuilt) for a in args)
-    if all(a is b for a, b in zip(new_args, args)):
-        new_args = args
-    new_kwargs = kwargs
-    if kwargs:
-        new_kwargs = {k: _arguments.replace(v, fn, rebuilt=rebuilt) for k, v in kwargs.items()}
-        if all(new_kwargs[k] is kwargs[k] for k in kwargs):
-            new_kwargs = kwargs
+    new_args, new_kwargs = _arguments.replace_call(args, kwargs, fn, rebuilt)
     if rebuilt and STATE.boundaries:
         STATE.boundaries[-1].rebuilt = rebuilt
     if new_args is args and new_kwargs is kwargs:
         return None
-    return tuple(new_args), new_kwargs
+    return new_args, new_kwargs
 
 
 # The frames that call global hooks: Module._call_impl, or (2.x) the ``inner`` closure it
@@ -592,7 +584,7 @@ def _finish_boundary(module: torch.nn.Module, output: Any) -> Any:
                 leave(boundary.frame)
             if boundary.rebuilt:
                 originals = boundary.originals or {}
-                write_back(boundary.rebuilt, lambda v: unwrap(v, originals))
+                _arguments.write_back(boundary.rebuilt, lambda v: unwrap(v, originals))
     if boundary.originals is None or failed:
         return None
     return _scoped_output(boundary, output)
@@ -604,7 +596,7 @@ def _scoped_output(boundary: _Boundary, output: Any) -> Any:
     every-op mode, which records births, was off the stack during the call)."""
     new = unwrap(output, boundary.originals or {})
     if STATE.blocks:
-        epoch = current_epoch_tag()
+        epoch = _registry.current_epoch
         handed = boundary.storages
 
         def tag(_label: str, t: torch.Tensor) -> None:

@@ -156,10 +156,7 @@ def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]], scope: Scope) -> 
             def hand_over(t: torch.Tensor) -> torch.Tensor:
                 return alias(t, frame.stats) if id(t) in protected else t
 
-            args = tuple(_arguments.replace(a, hand_over, rebuilt=rebuilt) for a in args)
-            kwargs = {
-                k: _arguments.replace(v, hand_over, rebuilt=rebuilt) for k, v in kwargs.items()
-            }
+            args, kwargs = _arguments.replace_call(args, kwargs, hand_over, rebuilt)
         enter(frame)
         try:
             out = fn(*args, **kwargs)
@@ -199,9 +196,7 @@ def _hand_over_scoped(
             originals[id(new)] = t
         return new
 
-    args = tuple(_arguments.replace(a, hand_over, rebuilt=rebuilt) for a in args)
-    kwargs = {k: _arguments.replace(v, hand_over, rebuilt=rebuilt) for k, v in kwargs.items()}
-    return args, kwargs
+    return _arguments.replace_call(args, kwargs, hand_over, rebuilt)
 
 
 def _call_compiled(
@@ -215,8 +210,7 @@ def _call_compiled(
         label = protected.get(id(t))
         return t if label is None else boundary.hand_over(t, frame.mode, label, frame.stats)
 
-    args = tuple(_arguments.replace(a, hand_over) for a in args)
-    kwargs = {k: _arguments.replace(v, hand_over) for k, v in kwargs.items()}
+    args, kwargs = _arguments.replace_call(args, kwargs, hand_over)
     with boundary:
         return wrapped(*args, **kwargs)
 

@@ -55,11 +55,6 @@ _epochs = itertools.count(1)
 current_epoch = 0
 
 
-def current_epoch_tag() -> int:
-    """The birth tag for memory a block allocated just now (the newest block's epoch)."""
-    return current_epoch
-
-
 def next_epoch() -> int:
     global current_epoch
     current_epoch = next(_epochs)

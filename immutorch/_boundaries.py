@@ -32,7 +32,7 @@ from ._naming import display_path, is_compiled
 
 # Importing the policy also installs it as the dispatch mode's write handler.
 from ._policy import raise_original
-from ._registry import BLOCK, STATE, Frame, Hit, strictest
+from ._registry import BLOCK, STATE, Frame, protection_of
 from ._scoped import Protected, can_scope, to_plain, unwrap
 from ._scoped import hand_over as hand_over_scoped
 from ._storage import BORN_ATTR, storage_of, tensor_leaves
@@ -380,7 +380,7 @@ def _hand_over_scoped(
 
     def hand_over(t: torch.Tensor) -> torch.Tensor:
         nonlocal fallback
-        hit = _protection_of(t)
+        hit = protection_of(t)
         if hit is None:
             if not can_scope(t) and _protected_leaves(t):
                 fallback = True  # sparse, a wrapper subclass ...: its memory is protected
@@ -612,23 +612,14 @@ def _scoped_output(boundary: _Boundary, output: Any) -> Any:
     return None if new is output else new
 
 
-def _protection_of(t: torch.Tensor) -> Optional[Hit]:
-    """The strictest protection over ``t``'s memory, if any."""
-    storage = storage_of(t)
-    if storage is None:
-        return None
-    hits = STATE.storage_hits(t, storage)
-    return strictest(hits) if hits else None
-
-
 def _protected_leaves(t: torch.Tensor) -> bool:
     """Whether any tensor holding ``t``'s memory (sparse values and indices, a wrapper's inner
     tensors) is protected."""
-    return any(_protection_of(leaf) is not None for leaf in tensor_leaves(t) if leaf is not t)
+    return any(protection_of(leaf) is not None for leaf in tensor_leaves(t) if leaf is not t)
 
 
 def _hand_over_compiled(t: torch.Tensor, compiled: CompiledBoundary) -> torch.Tensor:
-    hit = _protection_of(t)
+    hit = protection_of(t)
     if hit is None:
         return to_plain(t) if isinstance(t, Protected) else t
     # Compiled code gets plain tensors: Dynamo cannot trace the scoped backend's subclass.
@@ -639,7 +630,7 @@ def _hand_over(t: torch.Tensor) -> torch.Tensor:
     """In clone mode, a protected tensor crosses a boundary as a copy-on-write alias."""
     if group_of(t) is not None:
         return t  # already an alias from an outer boundary: its writes are isolated
-    hit = _protection_of(t)
+    hit = protection_of(t)
     if hit is None or hit.mode != "clone":
         return t
     return alias(t, hit.frame.stats)

@@ -332,6 +332,15 @@ class ThreadState(threading.local):
         return hits
 
 
+def protection_of(t: torch.Tensor) -> Optional[Hit]:
+    """The strictest protection over ``t``'s memory on this thread, if any."""
+    storage = storage_of(t)
+    if storage is None:
+        return None
+    hits = STATE.storage_hits(t, storage)
+    return strictest(hits) if hits else None
+
+
 def strictest(hits: list[Hit]) -> Hit:
     """The hit whose mode wins: the strictest, the innermost frame among equals."""
     best = hits[0]

@@ -36,7 +36,7 @@ from ._compat import (
     is_functorch_wrapped,
 )
 from ._compiled import compile_in_use
-from ._registry import STATE, CloneStats, strictest
+from ._registry import STATE, CloneStats, protection_of
 from ._schema import OpFacts, op_facts
 from ._storage import PLAIN, STANDS_FOR_ATTR, storage_of
 
@@ -210,7 +210,8 @@ def _plain_leaf(t: torch.Tensor) -> torch.Tensor:
 
 
 def _escape_source(t: torch.Tensor) -> torch.Tensor:
-    mode = _protection_mode(t)
+    hit = protection_of(t)
+    mode = hit.mode if hit is not None else None
     if mode == "clone":
         group = group_of(t)
         if group is not None:
@@ -225,14 +226,6 @@ def _escape_source(t: torch.Tensor) -> torch.Tensor:
         finally:
             STATE.bypass -= 1
     return t
-
-
-def _protection_mode(t: torch.Tensor) -> Optional[str]:
-    storage = storage_of(t)
-    if storage is None:
-        return None
-    hits = STATE.storage_hits(t, storage)
-    return strictest(hits).mode if hits else None
 
 
 @_judge.never_type_error

@@ -23,7 +23,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch.nn.modules import module as _module_mod
 
-from . import _arguments, _mode, _registry
+from . import _arguments, _registry
+from ._backends import mode as _mode
+from ._backends.scoped import Protected, can_scope, to_plain, unwrap
+from ._backends.scoped import hand_over as hand_over_scoped
 from ._clone import alias, group_of
 from ._compiled import CompiledBoundary, compile_in_use
 from ._config import Mode, Scope, check_mode, check_scope, resolve, resolve_scope
@@ -33,8 +36,6 @@ from ._naming import display_path, is_compiled
 # Importing the policy also installs it as the dispatch mode's write handler.
 from ._policy import raise_original
 from ._registry import BLOCK, STATE, Frame, protection_of
-from ._scoped import Protected, can_scope, to_plain, unwrap
-from ._scoped import hand_over as hand_over_scoped
 from ._storage import BORN_ATTR, storage_of, tensor_leaves
 
 _lock = threading.Lock()

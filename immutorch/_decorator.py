@@ -11,6 +11,8 @@ import torch
 from typing_extensions import ParamSpec
 
 from . import _arguments
+from ._backends.scoped import hand_over as hand_over_scoped
+from ._backends.scoped import unwrap
 from ._boundaries import enter, leave
 from ._clone import alias
 from ._compiled import CompiledBoundary
@@ -18,8 +20,6 @@ from ._config import Mode, Scope, check_mode, check_scope, resolve, resolve_scop
 from ._naming import is_compiled
 from ._policy import raise_original
 from ._registry import STATE, Frame
-from ._scoped import hand_over as hand_over_scoped
-from ._scoped import unwrap
 
 P = ParamSpec("P")
 R = TypeVar("R")

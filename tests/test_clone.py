@@ -403,7 +403,7 @@ def _plain(t: Tensor) -> Tensor:
 @pytest.mark.parametrize("through", ["base", "view"])
 @pytest.mark.parametrize("view", list(VIEWS))
 def test_every_view_follows_the_copy(view: str, through: str, scope: str) -> None:
-    from immutorch._scoped import bit_views_broken
+    from immutorch._backends.scoped import bit_views_broken
 
     if scope == "arguments" and view in ("conj", "neg_view") and bit_views_broken():
         # torch < 2.9 cannot run ops on such a view of a tensor subclass: refused, clearly.

@@ -17,8 +17,9 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 import immutorch
-from immutorch import ImmutableTensorError, _boundaries, _clone, _compiled, _mode, guard
+from immutorch import ImmutableTensorError, _boundaries, _clone, _compiled, guard
 from immutorch import immutable_inputs as immutable_inputs
+from immutorch._backends import mode as _mode
 from immutorch._registry import STATE
 
 

@@ -291,7 +291,8 @@ def test_public_classes_show_the_public_path(tmp_path):
     "module",
     [
         "_boundaries",
-        "_mode",
+        "_backends.mode",
+        "_backends.scoped",
         "_policy",
         "_guard",
         "_decorator",

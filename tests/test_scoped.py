@@ -22,8 +22,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 import immutorch
 from immutorch import ImmutableTensorError, MutationWarning, guard, immutable_inputs, readonly
+from immutorch._backends.scoped import Protected
 from immutorch._registry import STATE
-from immutorch._scoped import Protected
 
 SCOPES = ["all", "arguments"]
 
@@ -589,7 +589,7 @@ def test_conjugate_views_of_a_scoped_argument() -> None:
     """Before torch 2.9 an op on a conjugate view of a tensor subclass fails inside torch: a
     conjugate argument falls back to the every-op mode there, and a conjugate view made in the
     callee is refused with a clear error instead of torch's SystemError."""
-    from immutorch._scoped import bit_views_broken
+    from immutorch._backends.scoped import bit_views_broken
 
     c = torch.randn(3, dtype=torch.complex64)
     f = immutable_inputs(lambda x: x * 2)

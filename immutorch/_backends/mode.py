@@ -13,12 +13,12 @@ from typing import Any, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import _registry, _tracing
-from ._clone import GROUP_ATTR
-from ._compat import current_dispatch_mode
-from ._judge import check_writes, join, owns_memory, remember_error, tag_births
-from ._registry import STATE, ThreadState
-from ._schema import op_facts
+from .. import _registry, _tracing
+from .._clone import GROUP_ATTR
+from .._compat import current_dispatch_mode
+from .._judge import check_writes, join, owns_memory, remember_error, tag_births
+from .._registry import STATE, ThreadState
+from .._schema import op_facts
 
 
 class ImmutorchMode(TorchDispatchMode):

@@ -26,19 +26,19 @@ from typing import Any, Optional
 
 import torch
 
-from . import _judge
-from ._arguments import replace
-from ._clone import GROUP_ATTR, alias, can_alias, group_of
-from ._compat import (
+from .. import _judge
+from .._arguments import replace
+from .._clone import GROUP_ATTR, alias, can_alias, group_of
+from .._compat import (
     DisableTorchDispatch,
     disable_dynamo,
     disable_torch_dispatch,
     is_functorch_wrapped,
 )
-from ._compiled import compile_in_use
-from ._registry import STATE, CloneStats, protection_of
-from ._schema import OpFacts, op_facts
-from ._storage import PLAIN, STANDS_FOR_ATTR, storage_of
+from .._compiled import compile_in_use
+from .._registry import STATE, CloneStats, protection_of
+from .._schema import OpFacts, op_facts
+from .._storage import PLAIN, STANDS_FOR_ATTR, storage_of
 
 # Ops that return views of an argument without an alias annotation in their schema: the
 # ``unsafe_`` splits (PyTorch's own docs: "views ... without the view semantics"). Found by

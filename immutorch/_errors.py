@@ -56,7 +56,7 @@ class ImmutableTensorError(_WriteReport, RuntimeError):
 class MutationWarning(_WriteReport, UserWarning):
     """Issued in ``warn`` mode when an operation writes into a protected tensor.
 
-    The write goes ahead. It carries the same attributes as :class:`ImmutableTensorError`.
+    The write goes ahead. It carries the same attributes as ``ImmutableTensorError``.
     Turn it into an error with ``-W error::immutorch.MutationWarning``.
     """
 

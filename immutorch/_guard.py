@@ -21,7 +21,7 @@ Allowed = Union[torch.Tensor, torch.nn.Module, torch.optim.Optimizer, Iterable[A
 
 
 class Guard:
-    """A context manager (and decorator) returned by :func:`guard`.
+    """A context manager (and decorator) returned by ``guard``.
 
     ``stats`` counts the copies clone mode made for this guard, over all its uses.
     """

@@ -16,17 +16,18 @@ import pytest
 import torch
 from audit_targets import padded_from
 
+import immutorch
 from immutorch import _demo
 from immutorch._cli import main
 
 ENCODER_INPUT = ["--input", "4,80,60", "--lengths"]
 LEGACY = "immutorch._reference:LegacyInputNormalization"  # norm_type="global" unless --init
 SENTENCE = ["--init", '{"norm_type": "sentence"}']
-README = Path(__file__).resolve().parent.parent / "README.md"
-# The README's "Audit a model" examples: each command, then the output it shows.
-README_AUDITS = re.findall(
+AUDIT_PAGE = Path(__file__).resolve().parent.parent / "docs" / "audit.md"
+# The docs' "Audit a model" examples: each command, then the output it shows.
+DOCS_AUDITS = re.findall(
     r"```bash\n(.*?)```\n\n```text\n(.*?)```",
-    README.read_text().split("### Audit a model", 1)[1].split("\n### ", 1)[0],
+    AUDIT_PAGE.read_text().split("\n## Audit a model\n", 1)[1].split("\n## ", 1)[0],
     flags=re.S,
 )
 MODES = (
@@ -240,11 +241,13 @@ def test_the_output_says_what_was_run() -> None:
     )
 
 
-@pytest.mark.parametrize(("command", "shown"), README_AUDITS, ids=["encoder", "init-train-runs"])
-def test_readme_audit_examples_print_what_the_readme_shows(
+@pytest.mark.parametrize(("command", "shown"), DOCS_AUDITS, ids=["encoder", "init-train-runs"])
+def test_docs_audit_examples_print_what_the_docs_show(
     command: str, shown: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.chdir(README.parent)  # the table shows paths relative to the working directory
+    # The table shows paths relative to the working directory: the folder holding the package
+    # (a checkout, or site-packages where the suite runs against the installed wheel).
+    monkeypatch.chdir(Path(immutorch.__file__).resolve().parent.parent)
     argv = shlex.split(command.replace("\\\n", " "))
     assert argv[:3] == ["python", "-m", "immutorch"]
     assert _run(*argv[3:]) == (1, shown)

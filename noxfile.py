@@ -1,4 +1,4 @@
-"""The torch release matrix, run before a release: `python -m nox` (README, Development).
+"""The torch release matrix, run before a release: `python -m nox` (docs/releases.md).
 
 One session per torch release that pyproject's range rests on: the floor (2.4.1); 2.5.1, the
 first whose Dynamo skips frames under a dispatch mode, with the old version-counter signature;
@@ -21,7 +21,7 @@ import nox
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 
-# Keep in step with pyproject's `torch>=` floor and README's release table.
+# Keep in step with pyproject's `torch>=` floor and the release table in docs/releases.md.
 TORCH_RELEASES = ["2.4.1", "2.5.1", "2.9.1", "2.13.0", "2.15.0"]
 
 # What each release needs beside torch: wheels built against numpy 1 break on numpy 2 below 2.3.

@@ -6,7 +6,7 @@ every supported release, so a change upstream breaks this file and nothing else.
 also checks the installed torch against the supported range: an older torch gets an
 ImportError that names both versions at first use, not a TypeError deep inside a write.
 
-Supported: torch >= 2.4 (``TORCH_FLOOR``); README's release table says which releases ran.
+Supported: torch >= 2.4 (``TORCH_FLOOR``); docs/releases.md says which releases ran.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 
 # Keep in step with pyproject's `torch>=` and noxfile.TORCH_RELEASES[0]. Below it: 2.3.1 fails
-# the suite (see README's release table); 2.1.2 keeps no Python storage object alive with its
+# the suite (see the release table in docs/releases.md); 2.1.2 keeps no Python storage object alive with its
 # memory (read-only marks and birth records live on them); 2.2 was not run.
 TORCH_FLOOR = (2, 4)
 

@@ -30,7 +30,9 @@ PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
 # What the test suite and the docs read beside the package: the sdist must carry them.
 SDIST_FILES = ("LICENSE", "CHANGELOG.md", "README.md", "pyproject.toml", "mkdocs.yml")
 SDIST_TREES = ("tests", "docs", "examples", "benchmarks")
-JUNK = re.compile(r"(^|/)(__pycache__/|[^/]*\.py[cod]$)")
+# Bytecode and what tools leave in a tree (.pytest_cache/ in examples/strict_test_suite/ once
+# its suite has run): never shipped, never expected.
+JUNK = re.compile(r"(^|/)(__pycache__/|\.[^/]+/|[^/]*\.py[cod]$)")
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +189,11 @@ def test_every_classifier_exists(dists: tuple[Path, Path]) -> None:
     wheel, _ = dists
     unknown = set(_metadata(wheel).get_all("Classifier", [])) - set(trove.classifiers)
     assert not unknown, f"not trove classifiers (PyPI refuses the upload): {sorted(unknown)}"
+
+
+def test_ci_runs_the_suite_against_the_installed_wheel() -> None:
+    if not os.environ.get(DIST_ENV):
+        pytest.skip(f"only where .ci/run tests the wheel it built ({DIST_ENV} is set)")
+    where = Path(immutorch.__file__).resolve()
+    assert ROOT not in where.parents, f"immutorch imported from the tree under test: {where}"
+    assert "site-packages" in where.parts, where

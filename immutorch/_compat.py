@@ -21,8 +21,8 @@ from typing import Any, Callable, Optional
 import torch
 
 # Keep in step with pyproject's `torch>=` and noxfile.TORCH_RELEASES[0]. Below it: 2.3.1 fails
-# the suite (see the release table in docs/releases.md); 2.1.2 keeps no Python storage object alive with its
-# memory (read-only marks and birth records live on them); 2.2 was not run.
+# the suite (see the release table in docs/releases.md); 2.1.2 keeps no Python storage object
+# alive with its memory (read-only marks and birth records live on them); 2.2 was not run.
 TORCH_FLOOR = (2, 4)
 
 

@@ -14,6 +14,7 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -30,6 +31,8 @@ PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
 # What the test suite and the docs read beside the package: the sdist must carry them.
 SDIST_FILES = ("LICENSE", "CHANGELOG.md", "README.md", "pyproject.toml", "mkdocs.yml")
 SDIST_TREES = ("tests", "docs", "examples", "benchmarks")
+# Build output and tool state, left out of the copy a local run builds from.
+NOT_SOURCE = ("*.egg-info", "build", "dist", "site", ".git", ".nox", ".*cache", ".hypothesis")
 # Bytecode and what tools leave in a tree (.pytest_cache/ in examples/strict_test_suite/ once
 # its suite has run): never shipped, never expected.
 JUNK = re.compile(r"(^|/)(__pycache__/|\.[^/]+/|[^/]*\.py[cod]$)")
@@ -45,9 +48,13 @@ def dists(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             pytest.skip(f"no source checkout at {ROOT} to build from, and {DIST_ENV} is not set")
         if importlib.util.find_spec("build") is None:
             pytest.skip("`build` is not installed (pip install -e '.[dev]')")
+        # From a copy: setuptools folds an existing immutorch.egg-info's file list (an
+        # editable install leaves one) into the sdist, which would hide a file left out.
+        src = tmp_path_factory.mktemp("src") / "immutorch"
+        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*NOT_SOURCE))
         out = tmp_path_factory.mktemp("dist")
         subprocess.run(
-            [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
+            [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(src)],
             check=True,
             capture_output=True,
             text=True,

@@ -251,16 +251,17 @@ def immutable_inputs(
     through another reference (a closure, a global, a cached attribute). Writes through the
     arguments and every view of them are caught in both.
 
-    >>> import torch, immutorch
-    >>> @immutorch.immutable_inputs(mode="clone")
-    ... def center(x):
-    ...     x -= x.mean()
-    ...     return x
-    >>> x = torch.tensor([1.0, 2.0, 3.0])
-    >>> center(x)
-    tensor([-1.,  0.,  1.])
-    >>> x
-    tensor([1., 2., 3.])
+    Examples:
+        >>> import torch, immutorch
+        >>> @immutorch.immutable_inputs(mode="clone")
+        ... def center(x):
+        ...     x -= x.mean()
+        ...     return x
+        >>> x = torch.tensor([1.0, 2.0, 3.0])
+        >>> center(x)
+        tensor([-1.,  0.,  1.])
+        >>> x
+        tensor([1., 2., 3.])
     """
     check_mode(mode)
     check_scope(scope)

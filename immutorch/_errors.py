@@ -44,12 +44,13 @@ class ImmutableTensorError(_WriteReport, RuntimeError):
     ``guard`` position), ``where`` (function or module path), ``location`` (``"file.py:12"``
     of the user's line), ``shape`` and ``dtype`` of the protected tensor.
 
-    >>> import torch, immutorch
-    >>> x = torch.zeros(3)
-    >>> with immutorch.guard(x):
-    ...     x.add_(1)  # doctest: +IGNORE_EXCEPTION_DETAIL
-    Traceback (most recent call last):
-    immutorch.ImmutableTensorError: aten::add_ would write into ...
+    Examples:
+        >>> import torch, immutorch
+        >>> x = torch.zeros(3)
+        >>> with immutorch.guard(x):
+        ...     x.add_(1)  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        immutorch.ImmutableTensorError: aten::add_ would write into ...
     """
 
 

@@ -136,12 +136,13 @@ def guard(
     at full speed, and a write that reaches protected memory there through another reference
     (a closure, a global, a cached attribute) goes unseen.
 
-    >>> import torch, immutorch
-    >>> mel = torch.randn(2, 80, 10)
-    >>> with immutorch.guard(mode="clone"):
-    ...     out = torch.nn.ReLU(inplace=True)(mel)
-    >>> bool((mel < 0).any())
-    True
+    Examples:
+        >>> import torch, immutorch
+        >>> mel = torch.randn(2, 80, 10)
+        >>> with immutorch.guard(mode="clone"):
+        ...     out = torch.nn.ReLU(inplace=True)(mel)
+        >>> bool((mel < 0).any())
+        True
     """
     return Guard(tensors, mode, allow, protect_state, scope)
 

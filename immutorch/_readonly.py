@@ -42,11 +42,12 @@ def readonly(*tensors: Markable) -> None:
     The mark is enforced wherever a guard is active (``guard``, ``immutable_inputs``, the
     pytest plugin's strict mode), in that guard's mode. It covers every view of the memory.
 
-    >>> import torch, immutorch
-    >>> w = torch.ones(3)
-    >>> immutorch.readonly(w)
-    >>> immutorch.is_readonly(w[1:])
-    True
+    Examples:
+        >>> import torch, immutorch
+        >>> w = torch.ones(3)
+        >>> immutorch.readonly(w)
+        >>> immutorch.is_readonly(w[1:])
+        True
     """
     for label, storage in _storages(tensors, "readonly"):
         setattr(storage, READONLY_ATTR, label)

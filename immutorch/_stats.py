@@ -8,9 +8,10 @@ from ._registry import TOTAL_STATS, CloneStats
 def clone_stats() -> CloneStats:
     """Copies made by clone mode in this process so far (a snapshot).
 
-    >>> import immutorch
-    >>> before = immutorch.clone_stats()
-    >>> immutorch.clone_stats().copies - before.copies
-    0
+    Examples:
+        >>> import immutorch
+        >>> before = immutorch.clone_stats()
+        >>> immutorch.clone_stats().copies - before.copies
+        0
     """
     return CloneStats(TOTAL_STATS.copies, TOTAL_STATS.bytes_copied)

@@ -69,7 +69,7 @@ class InputNormalization(nn.Module):
     (``count``, ``glob_mean``, ``glob_std``, ``spk_dict_mean``, ``spk_dict_std``,
     ``spk_dict_count``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from immutorch.nn import InputNormalization
         >>> norm = InputNormalization(norm_type="sentence")

@@ -18,7 +18,7 @@ import torch
 
 from ._compat import disable_torch_dispatch, set_version_counter
 from ._registry import STATE, TOTAL_STATS, CloneStats
-from ._storage import BORN_ATTR, PLAIN, PRIVATE_BORN, storage_of
+from ._storage import BORN_ATTR, PLAIN, PRIVATE_BORN, storage_of, tensor_leaves
 
 GROUP_ATTR = "_immutorch_cow"
 
@@ -134,18 +134,30 @@ def can_alias(x: torch.Tensor) -> bool:
     )
 
 
+def _copy(x: torch.Tensor, stats: CloneStats) -> torch.Tensor:
+    """A private copy, where no alias over the same bytes exists: sparse, quantized, wrapper
+    subclasses, functorch wrappers. Made in sight of the every-op mode, so that a block guard
+    counts what the copy allocates as the block's own (under forward AD that includes the
+    copy's tangent, which an in-place op on the copy then writes); the copy itself is marked
+    private for the guards that are off the stack."""
+    copy = x.clone()
+    for leaf in tensor_leaves(copy):
+        storage = storage_of(leaf)
+        if storage is not None:
+            setattr(storage, BORN_ATTR, PRIVATE_BORN)
+    nbytes = x.numel() * x.element_size()
+    stats.add(nbytes)
+    TOTAL_STATS.add(nbytes)
+    return copy
+
+
 def alias(x: torch.Tensor, stats: CloneStats, cls: Optional[type] = None) -> torch.Tensor:
     """Hand ``x`` across a boundary: a copy-on-write alias (of type ``cls``, the scoped
     backend's subclass, if given), or a copy where none can be made."""
+    if not can_alias(x):
+        return _copy(x, stats)
     STATE.bypass += 1
     try:
-        if not can_alias(x):
-            # Sparse, quantized, wrapper subclasses: no alias over the same bytes exists.
-            copy = x.clone()
-            nbytes = x.numel() * x.element_size()
-            stats.add(nbytes)
-            TOTAL_STATS.add(nbytes)
-            return copy
         conj = x.is_conj()
         base = x.conj() if conj else x  # the raw memory, without the lazy conjugation bit
         if base.requires_grad:

@@ -63,6 +63,12 @@ def is_functorch_wrapped(t: torch.Tensor) -> bool:
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
+def functorch_unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The tensor one functorch level below the wrapper ``t``: what the wrapper holds, over
+    the same storage (a BatchedTensor's physical value, a TensorWrapper's unwrapped tensor)."""
+    return torch._C._functorch.get_unwrapped(t)
+
+
 def disable_dynamo(fn: Any) -> Any:
     """``fn`` wrapped so that Dynamo never traces into it (it runs as a graph break)."""
     return torch._disable_dynamo(fn)  # type: ignore[attr-defined]

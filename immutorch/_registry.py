@@ -333,10 +333,19 @@ class ThreadState(threading.local):
 
 
 def protection_of(t: torch.Tensor) -> Optional[Hit]:
-    """The strictest protection over ``t``'s memory on this thread, if any."""
+    """The strictest protection over ``t``'s memory on this thread, if any. A tensor with no
+    storage of its own (a functorch wrapper, a sparse tensor) is judged by the tensors that
+    hold its memory."""
     storage = storage_of(t)
     if storage is None:
-        return None
+        hits = [
+            hit
+            for leaf in tensor_leaves(t)
+            if leaf is not t
+            for hit in [protection_of(leaf)]
+            if hit is not None
+        ]
+        return strictest(hits) if hits else None
     hits = STATE.storage_hits(t, storage)
     return strictest(hits) if hits else None
 

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from ._arguments import replace
 from ._compat import disable_torch_dispatch, set_version_counter
 from ._registry import STATE, TOTAL_STATS, CloneStats
 from ._storage import BORN_ATTR, PLAIN, PRIVATE_BORN, storage_of, tensor_leaves
@@ -181,3 +182,32 @@ def alias(x: torch.Tensor, stats: CloneStats, cls: Optional[type] = None) -> tor
     finally:
         STATE.bypass -= 1
     return out  # type: ignore[no-any-return]
+
+
+def shows_caller(alias: torch.Tensor, original: torch.Tensor) -> bool:
+    """Whether the alias still shows exactly the caller's tensor: the same memory (not clone
+    mode's private copy) and the same size, strides and offset (no metadata write such as
+    ``unsqueeze_`` changed the alias alone)."""
+    storage, mine = storage_of(alias), storage_of(original)
+    return (
+        storage is not None
+        and mine is not None
+        and storage._cdata == mine._cdata
+        and alias.size() == original.size()
+        and alias.stride() == original.stride()
+        and alias.storage_offset() == original.storage_offset()
+        and alias.dtype == original.dtype
+    )
+
+
+def back_to_caller(value: Any, originals: dict[int, torch.Tensor]) -> Any:
+    """A callee's result with each alias handed over for a caller's tensor (``originals``: id
+    of the alias -> the caller's tensor) that still shows exactly that tensor replaced by it:
+    a callee that returns its argument gives the caller its own object back, as unguarded. An
+    alias clone mode has copied stays the callee's private result."""
+
+    def back(t: torch.Tensor) -> torch.Tensor:
+        original = originals.get(id(t))
+        return original if original is not None and shows_caller(t, original) else t
+
+    return replace(value, back)

@@ -28,9 +28,11 @@ from ._backends import mode as _mode
 from ._backends.scoped import Protected, can_scope, to_plain, unwrap
 from ._backends.scoped import hand_over as hand_over_scoped
 from ._clone import alias, back_to_caller, group_of
+from ._compat import functional_mutations
 from ._compiled import CompiledBoundary, compile_in_use
 from ._config import Mode, Scope, check_mode, check_scope, resolve, resolve_scope
 from ._distributed import framework_state, is_framework
+from ._judge import check
 from ._naming import display_path, is_compiled
 
 # Importing the policy also installs it as the dispatch mode's write handler.
@@ -156,6 +158,21 @@ def enter(frame: Frame) -> None:
     except BaseException:
         _unhook(frame)
         raise
+
+
+# The op a functionalize write-back is reported as: functionalize copies what the callee wrote
+# into the real tensor (aten::copy_) after the callee has returned.
+FUNCTIONAL_WRITE_BACK = "functionalize's aten::copy_"
+
+
+def finish(frame: Frame) -> None:
+    """A call or block ended without an exception, ``frame`` still active: judge the writes
+    that functionalize recorded on the frame's protected wrappers and will apply once the
+    transformed function returns, so that raise refuses them before they land."""
+    __tracebackhide__ = True
+    for protection, recorded in frame.deferred:
+        if functional_mutations(protection.obj) != recorded:
+            check(STATE, FUNCTIONAL_WRITE_BACK, "self", False, protection.obj)
 
 
 def leave(frame: Frame) -> None:

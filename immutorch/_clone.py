@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from ._arguments import replace
-from ._compat import disable_torch_dispatch, set_version_counter
+from ._compat import disable_torch_dispatch, is_functional, set_version_counter
 from ._registry import STATE, TOTAL_STATS, CloneStats
 from ._storage import BORN_ATTR, PLAIN, PRIVATE_BORN, storage_of, tensor_leaves
 
@@ -132,6 +132,8 @@ def can_alias(x: torch.Tensor) -> bool:
         and not x.is_neg()
         # A strided nested tensor has no single size/stride to set_ an alias with.
         and not x.is_nested
+        # A functionalize wrapper's storage is bookkeeping, not memory: set_ onto it crashes.
+        and not is_functional(x)
     )
 
 

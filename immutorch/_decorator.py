@@ -13,7 +13,7 @@ from typing_extensions import ParamSpec
 from . import _arguments
 from ._backends.scoped import hand_over as hand_over_scoped
 from ._backends.scoped import unwrap
-from ._boundaries import enter, leave
+from ._boundaries import enter, finish, leave
 from ._clone import alias, back_to_caller
 from ._compiled import CompiledBoundary
 from ._config import Mode, Scope, check_mode, check_scope, resolve, resolve_scope
@@ -166,6 +166,8 @@ def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]], scope: Scope) -> 
         enter(frame)
         try:
             out = fn(*args, **kwargs)
+            if frame.deferred:
+                finish(frame)
         except RuntimeError as exc:
             raise_original(exc)
             raise

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from ._compat import is_functorch_wrapped
+from ._compat import functional_mutations, is_functional, is_functorch_wrapped
 from ._config import STRICTNESS, Mode, Scope
 from ._storage import (
     BORN_ATTR,
@@ -98,6 +98,7 @@ class Frame:
         "allow",
         "body_only",
         "boundary",
+        "deferred",
         "hooked",
         "kind",
         "mode",
@@ -140,6 +141,10 @@ class Frame:
         self.kind = kind
         self.start = next_epoch() if kind == BLOCK else 0
         self.protections: list[Protection] = []
+        # Protected functionalize wrappers and the writes each had recorded when protected:
+        # functionalize applies a callee's writes to the real tensor only after the callee
+        # has returned (see _boundaries.finish).
+        self.deferred: list[tuple[Protection, int]] = []
         # Storages this frame does not protect: allow= and, for block frames, module state.
         self.allow: dict[int, Any] = {}
         self.state: dict[int, Any] = {}
@@ -157,8 +162,12 @@ class Frame:
         if t.layout is torch.strided and type(t) in PLAIN:
             storage = storage_of(t)
             if storage is not None:
-                self.protections.append(Protection(self, label, t, storage))
-                return
+                protection = Protection(self, label, t, storage)
+                self.protections.append(protection)
+                if not is_functional(t):
+                    return
+                # functionalize's wrapper: its storage is bookkeeping; the memory is under it.
+                self.deferred.append((protection, functional_mutations(t)))
         holds = is_functorch_wrapped(t)
         for leaf in tensor_leaves(t):
             storage = storage_of(leaf)
@@ -352,19 +361,16 @@ class ThreadState(threading.local):
 
 def protection_of(t: torch.Tensor) -> Optional[Hit]:
     """The strictest protection over ``t``'s memory on this thread, if any. A tensor with no
-    storage of its own (a functorch wrapper, a sparse tensor) is judged by the tensors that
+    storage of its own (a torch.func wrapper, a sparse tensor) is judged by the tensors that
     hold its memory."""
     storage = storage_of(t)
-    if storage is None:
-        hits = [
-            hit
-            for leaf in tensor_leaves(t)
-            if leaf is not t
-            for hit in [protection_of(leaf)]
-            if hit is not None
-        ]
-        return strictest(hits) if hits else None
-    hits = STATE.storage_hits(t, storage)
+    hits = STATE.storage_hits(t, storage) if storage is not None else []
+    if storage is None or is_functorch_wrapped(t):  # functionalize's wrappers have a storage
+        for leaf in tensor_leaves(t):
+            if leaf is not t:
+                hit = protection_of(leaf)
+                if hit is not None:
+                    hits.append(hit)
     return strictest(hits) if hits else None
 
 

@@ -124,14 +124,16 @@ def replace_call(
 def once_per_tensor(
     fn: Callable[[torch.Tensor], torch.Tensor],
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``fn``, remembering its result for each tensor object it has seen."""
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (the tensor, pinned; fn(t))
+    """``fn``, remembering its result for each tensor object it has seen. Keyed by ``id``: use
+    it only while the tensors it sees are alive (the arguments of the call being handed over
+    hold them), so that no id can be reused meanwhile."""
+    seen: dict[int, torch.Tensor] = {}
 
     def replace_once(t: torch.Tensor) -> torch.Tensor:
-        done = seen.get(id(t))
-        if done is None:
-            done = seen[id(t)] = (t, fn(t))
-        return done[1]
+        new = seen.get(id(t))
+        if new is None:
+            new = seen[id(t)] = fn(t)
+        return new
 
     return replace_once
 

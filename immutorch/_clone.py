@@ -61,7 +61,16 @@ class CowGroup:
         """Copy the storage once and move every live member onto the copy."""
         STATE.bypass += 1
         try:
-            copy = self.storage.clone()  # type: ignore[no-untyped-call]
+            try:
+                copy = self.storage.clone()  # type: ignore[no-untyped-call]
+            except NotImplementedError as err:
+                # A tracing mode below immutorch's (make_fx, which torch.func.linearize runs)
+                # records every op and cannot record one on a bare storage.
+                raise RuntimeError(
+                    "immutorch: clone mode cannot copy the protected memory to isolate this "
+                    f"write while torch traces the function ({err}); torch.func.linearize "
+                    'and make_fx do. Use mode="raise" or mode="warn" for this call.'
+                ) from err
             setattr(copy, BORN_ATTR, PRIVATE_BORN)
             live = [t for t in (ref() for ref in self.members) if t is not None]
             moved: list[tuple[torch.Tensor, int]] = []

@@ -392,3 +392,15 @@ DOC_BLOCKS = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
 def test_the_docs_page_examples_run(code: str) -> None:
     """docs/torch-func.md's examples run as written (each asserts what it shows)."""
     exec(compile(code, str(DOCS), "exec"), {"__name__": "docs"})
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_clone_mode_under_linearize_refuses_loudly(scope: str) -> None:
+    """make_fx (under linearize) cannot trace clone mode's copy: a clear error, never a
+    wrong linearization."""
+    x = torch.zeros(3, 2)
+    before = Snapshot.of(x)
+    fn = immutable_inputs(_writes_batched, mode="clone", scope=scope)
+    with pytest.raises(RuntimeError, match=r"clone mode cannot copy .*linearize"):
+        F.linearize(fn, x)
+    assert before.matches(x)

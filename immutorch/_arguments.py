@@ -106,7 +106,12 @@ def replace_call(
     rebuilt: Optional[list[Rebuilt]] = None,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """A call's positional and keyword arguments with :func:`replace` applied to each; the
-    tuple and the dict come back as the same objects when nothing in them changed."""
+    tuple and the dict come back as the same objects when nothing in them changed.
+
+    ``fn`` runs once per tensor object: one passed several times (``f(x, x)``, ``mha(x, x,
+    x)``, in a list and as a keyword) is replaced by one object everywhere, so the callee's
+    identity tests (``q is k``) and the fused paths that rest on them go as unguarded."""
+    fn = once_per_tensor(fn)
     new_args = tuple(replace(a, fn, rebuilt=rebuilt) for a in args)
     if all(a is b for a, b in zip(new_args, args)):
         new_args = args
@@ -114,6 +119,23 @@ def replace_call(
     if all(new_kwargs[k] is kwargs[k] for k in kwargs):
         new_kwargs = kwargs
     return new_args, new_kwargs
+
+
+def once_per_tensor(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn``, remembering its result for each tensor object it has seen. Keyed by ``id``: use
+    it only while the tensors it sees are alive (the arguments of the call being handed over
+    hold them), so that no id can be reused meanwhile."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def replace_once(t: torch.Tensor) -> torch.Tensor:
+        new = seen.get(id(t))
+        if new is None:
+            new = seen[id(t)] = fn(t)
+        return new
+
+    return replace_once
 
 
 def write_back(rebuilt: list[Rebuilt], back: Callable[[Any], Any]) -> None:

@@ -27,10 +27,12 @@ from . import _arguments, _registry
 from ._backends import mode as _mode
 from ._backends.scoped import Protected, can_scope, to_plain, unwrap
 from ._backends.scoped import hand_over as hand_over_scoped
-from ._clone import alias, group_of
+from ._clone import alias, back_to_caller, group_of
+from ._compat import functional_mutations
 from ._compiled import CompiledBoundary, compile_in_use
 from ._config import Mode, Scope, check_mode, check_scope, resolve, resolve_scope
 from ._distributed import framework_state, is_framework
+from ._judge import check
 from ._naming import display_path, is_compiled
 
 # Importing the policy also installs it as the dispatch mode's write handler.
@@ -158,6 +160,21 @@ def enter(frame: Frame) -> None:
         raise
 
 
+# The op a functionalize write-back is reported as: functionalize copies what the callee wrote
+# into the real tensor (aten::copy_) after the callee has returned.
+FUNCTIONAL_WRITE_BACK = "functionalize's aten::copy_"
+
+
+def finish(frame: Frame) -> None:
+    """A call or block ended without an exception, ``frame`` still active: judge the writes
+    that functionalize recorded on the frame's protected wrappers and will apply once the
+    transformed function returns, so that raise refuses them before they land."""
+    __tracebackhide__ = True
+    for protection, recorded in frame.deferred:
+        if functional_mutations(protection.obj) != recorded:
+            check(STATE, FUNCTIONAL_WRITE_BACK, "self", False, protection.obj)
+
+
 def leave(frame: Frame) -> None:
     """Deactivate ``frame`` and drop its reference on the module hooks."""
     try:
@@ -250,6 +267,7 @@ def arg_label(names: list[str], index: int) -> str:
 # -- the hooks --------------------------------------------------------------------------------
 class _Boundary:
     __slots__ = (
+        "aliased",
         "compiled",
         "detached",
         "frame",
@@ -279,6 +297,9 @@ class _Boundary:
         # whether the call needed the every-op mode instead; calls of this same module nested
         # in it (recursion), which skip the hooks.
         self.originals: Optional[dict[int, torch.Tensor]] = None
+        # Clone mode's plain copy-on-write aliases: alias id -> the caller's tensor, so that a
+        # module returning its argument gives the caller its own tensor back.
+        self.aliased: dict[int, torch.Tensor] = {}
         self.storages: set[int] = set()
         self.suspended: Optional[tuple[int, int]] = None
         self.required = False
@@ -365,7 +386,7 @@ def _begin_boundary(
     ):
         return _hand_over_scoped(boundary, args, kwargs)
     if state.clone_frames:
-        return _replace_arguments(args, kwargs, _hand_over)
+        return _replace_arguments(args, kwargs, lambda t: _hand_over(t, boundary.aliased))
     return None
 
 
@@ -389,7 +410,7 @@ def _hand_over_scoped(
         new = hand_over_scoped(t, hit.mode, hit.frame.stats)
         if new is None:
             fallback = True
-            return _hand_over(t)
+            return _hand_over(t, boundary.aliased)
         storage = storage_of(t)
         if storage is not None:
             boundary.storages.add(storage._cdata)
@@ -586,8 +607,13 @@ def _finish_boundary(module: torch.nn.Module, output: Any) -> Any:
             if boundary.rebuilt:
                 originals = boundary.originals or {}
                 _arguments.write_back(boundary.rebuilt, lambda v: unwrap(v, originals))
-    if boundary.originals is None or failed:
+    if failed:
         return None
+    if boundary.originals is None:
+        if not boundary.aliased:
+            return None
+        new = back_to_caller(output, boundary.aliased)
+        return None if new is output else new
     return _scoped_output(boundary, output)
 
 
@@ -596,6 +622,8 @@ def _scoped_output(boundary: _Boundary, output: Any) -> Any:
     and, inside a block guard, its fresh tensors count as the block's own memory (the block's
     every-op mode, which records births, was off the stack during the call)."""
     new = unwrap(output, boundary.originals or {})
+    if boundary.aliased:
+        new = back_to_caller(new, boundary.aliased)
     if STATE.blocks:
         epoch = _registry.current_epoch
         handed = boundary.storages
@@ -627,11 +655,14 @@ def _hand_over_compiled(t: torch.Tensor, compiled: CompiledBoundary) -> torch.Te
     return compiled.hand_over(to_plain(t), hit.mode, hit.label, hit.frame.stats)
 
 
-def _hand_over(t: torch.Tensor) -> torch.Tensor:
-    """In clone mode, a protected tensor crosses a boundary as a copy-on-write alias."""
+def _hand_over(t: torch.Tensor, aliased: dict[int, torch.Tensor]) -> torch.Tensor:
+    """In clone mode, a protected tensor crosses a boundary as a copy-on-write alias (recorded
+    in ``aliased``: the alias's id -> ``t``)."""
     if group_of(t) is not None:
         return t  # already an alias from an outer boundary: its writes are isolated
     hit = protection_of(t)
     if hit is None or hit.mode != "clone":
         return t
-    return alias(t, hit.frame.stats)
+    new = alias(t, hit.frame.stats)
+    aliased[id(new)] = t
+    return new

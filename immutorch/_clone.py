@@ -16,9 +16,10 @@ from typing import Any, Optional
 
 import torch
 
-from ._compat import disable_torch_dispatch, set_version_counter
+from ._arguments import replace
+from ._compat import disable_torch_dispatch, is_functional, set_version_counter
 from ._registry import STATE, TOTAL_STATS, CloneStats
-from ._storage import BORN_ATTR, PLAIN, PRIVATE_BORN, storage_of
+from ._storage import BORN_ATTR, PLAIN, PRIVATE_BORN, storage_of, tensor_leaves
 
 GROUP_ATTR = "_immutorch_cow"
 
@@ -60,7 +61,16 @@ class CowGroup:
         """Copy the storage once and move every live member onto the copy."""
         STATE.bypass += 1
         try:
-            copy = self.storage.clone()  # type: ignore[no-untyped-call]
+            try:
+                copy = self.storage.clone()  # type: ignore[no-untyped-call]
+            except NotImplementedError as err:
+                # A tracing mode below immutorch's (make_fx, which torch.func.linearize runs)
+                # records every op and cannot record one on a bare storage.
+                raise RuntimeError(
+                    "immutorch: clone mode cannot copy the protected memory to isolate this "
+                    f"write while torch traces the function ({err}); torch.func.linearize "
+                    'and make_fx do. Use mode="raise" or mode="warn" for this call.'
+                ) from err
             setattr(copy, BORN_ATTR, PRIVATE_BORN)
             live = [t for t in (ref() for ref in self.members) if t is not None]
             moved: list[tuple[torch.Tensor, int]] = []
@@ -131,21 +141,35 @@ def can_alias(x: torch.Tensor) -> bool:
         and not x.is_neg()
         # A strided nested tensor has no single size/stride to set_ an alias with.
         and not x.is_nested
+        # A functionalize wrapper's storage is bookkeeping, not memory: set_ onto it crashes.
+        and not is_functional(x)
     )
+
+
+def _copy(x: torch.Tensor, stats: CloneStats) -> torch.Tensor:
+    """A private copy, where no alias over the same bytes exists: sparse, quantized, wrapper
+    subclasses, functorch wrappers. Made in sight of the every-op mode, so that a block guard
+    counts what the copy allocates as the block's own (under forward AD that includes the
+    copy's tangent, which an in-place op on the copy then writes); the copy itself is marked
+    private for the guards that are off the stack."""
+    copy = x.clone()
+    for leaf in tensor_leaves(copy):
+        storage = storage_of(leaf)
+        if storage is not None:
+            setattr(storage, BORN_ATTR, PRIVATE_BORN)
+    nbytes = x.numel() * x.element_size()
+    stats.add(nbytes)
+    TOTAL_STATS.add(nbytes)
+    return copy
 
 
 def alias(x: torch.Tensor, stats: CloneStats, cls: Optional[type] = None) -> torch.Tensor:
     """Hand ``x`` across a boundary: a copy-on-write alias (of type ``cls``, the scoped
     backend's subclass, if given), or a copy where none can be made."""
+    if not can_alias(x):
+        return _copy(x, stats)
     STATE.bypass += 1
     try:
-        if not can_alias(x):
-            # Sparse, quantized, wrapper subclasses: no alias over the same bytes exists.
-            copy = x.clone()
-            nbytes = x.numel() * x.element_size()
-            stats.add(nbytes)
-            TOTAL_STATS.add(nbytes)
-            return copy
         conj = x.is_conj()
         base = x.conj() if conj else x  # the raw memory, without the lazy conjugation bit
         if base.requires_grad:
@@ -169,3 +193,32 @@ def alias(x: torch.Tensor, stats: CloneStats, cls: Optional[type] = None) -> tor
     finally:
         STATE.bypass -= 1
     return out  # type: ignore[no-any-return]
+
+
+def shows_caller(alias: torch.Tensor, original: torch.Tensor) -> bool:
+    """Whether the alias still shows exactly the caller's tensor: the same memory (not clone
+    mode's private copy) and the same size, strides and offset (no metadata write such as
+    ``unsqueeze_`` changed the alias alone)."""
+    storage, mine = storage_of(alias), storage_of(original)
+    return (
+        storage is not None
+        and mine is not None
+        and storage._cdata == mine._cdata
+        and alias.size() == original.size()
+        and alias.stride() == original.stride()
+        and alias.storage_offset() == original.storage_offset()
+        and alias.dtype == original.dtype
+    )
+
+
+def back_to_caller(value: Any, originals: dict[int, torch.Tensor]) -> Any:
+    """A callee's result with each alias handed over for a caller's tensor (``originals``: id
+    of the alias -> the caller's tensor) that still shows exactly that tensor replaced by it:
+    a callee that returns its argument gives the caller its own object back, as unguarded. An
+    alias clone mode has copied stays the callee's private result."""
+
+    def back(t: torch.Tensor) -> torch.Tensor:
+        original = originals.get(id(t))
+        return original if original is not None and shows_caller(t, original) else t
+
+    return replace(value, back)

@@ -63,6 +63,28 @@ def is_functorch_wrapped(t: torch.Tensor) -> bool:
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
+def is_functional(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a functionalization wrapper (torch.func.functionalize's inputs)."""
+    return bool(torch._is_functional_tensor(t))
+
+
+def functional_mutations(t: torch.Tensor) -> int:
+    """How many writes a functionalization wrapper has recorded: functionalize applies them to
+    the tensor it wraps only when the transformed function returns."""
+    counter = getattr(torch, "_functionalize_mutation_counter", None)
+    if counter is not None:
+        data = int(counter(t))
+    else:  # before the counter existed: whether there was any
+        data = int(torch._functionalize_has_data_mutation(t))  # type: ignore[attr-defined]
+    return data + int(torch._functionalize_has_metadata_mutation(t))  # type: ignore[attr-defined]
+
+
+def functorch_unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The tensor one functorch level below the wrapper ``t``: what the wrapper holds, over
+    the same storage (a BatchedTensor's physical value, a TensorWrapper's unwrapped tensor)."""
+    return torch._C._functorch.get_unwrapped(t)
+
+
 def disable_dynamo(fn: Any) -> Any:
     """``fn`` wrapped so that Dynamo never traces into it (it runs as a graph break)."""
     return torch._disable_dynamo(fn)  # type: ignore[attr-defined]

@@ -13,8 +13,8 @@ from typing_extensions import ParamSpec
 from . import _arguments
 from ._backends.scoped import hand_over as hand_over_scoped
 from ._backends.scoped import unwrap
-from ._boundaries import enter, leave
-from ._clone import alias
+from ._boundaries import enter, finish, leave
+from ._clone import alias, back_to_caller
 from ._compiled import CompiledBoundary
 from ._config import Mode, Scope, check_mode, check_scope, resolve, resolve_scope
 from ._naming import is_compiled
@@ -136,6 +136,7 @@ def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]], scope: Scope) -> 
         if compiled:
             return _call_compiled(fn, args, kwargs, frame)
         originals: Optional[dict[int, torch.Tensor]] = None
+        aliased: Optional[dict[int, torch.Tensor]] = None  # clone in scope all: alias -> caller's
         rebuilt: list[_arguments.Rebuilt] = []
         if frame.scope == "arguments" and frame.protections:
             originals = {}
@@ -152,14 +153,21 @@ def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]], scope: Scope) -> 
             args, kwargs = _hand_over_scoped(frame, args, kwargs, originals, rebuilt)
         elif effective == "clone" and frame.protections:
             protected = {id(p.obj) for p in frame.protections}
+            aliased = {}
 
             def hand_over(t: torch.Tensor) -> torch.Tensor:
-                return alias(t, frame.stats) if id(t) in protected else t
+                if id(t) not in protected:
+                    return t
+                new = alias(t, frame.stats)
+                aliased[id(new)] = t
+                return new
 
             args, kwargs = _arguments.replace_call(args, kwargs, hand_over, rebuilt)
         enter(frame)
         try:
             out = fn(*args, **kwargs)
+            if frame.deferred:
+                finish(frame)
         except RuntimeError as exc:
             raise_original(exc)
             raise
@@ -169,6 +177,8 @@ def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]], scope: Scope) -> 
                 # What the callee did to the lists, dicts and dataclasses it was handed
                 # (rebuilt to carry aliases) reaches the caller's own, as unguarded.
                 _arguments.write_back(rebuilt, lambda v: unwrap(v, originals or {}))
+        if aliased:
+            return back_to_caller(out, aliased)
         return out if not originals else unwrap(out, originals)
 
     return wrapper

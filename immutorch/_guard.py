@@ -10,7 +10,7 @@ import torch
 import wrapt
 
 from . import _arguments
-from ._boundaries import enter, leave
+from ._boundaries import enter, finish, leave
 from ._config import Mode, Scope, check_mode, check_scope, resolve, resolve_scope
 from ._policy import raise_original, user_frame
 from ._registry import BLOCK, NAMED, STATE, CloneStats, Frame
@@ -92,7 +92,11 @@ class Guard:
     ) -> None:
         frame = self._active.pop()
         if frame is not None:
-            leave(frame)
+            try:
+                if exc is None and frame.deferred:
+                    finish(frame)
+            finally:
+                leave(frame)
         if exc is not None:
             raise_original(exc)
 
@@ -105,7 +109,10 @@ class Guard:
                 return wrapped(*args, **kwargs)
             enter(frame)
             try:
-                return wrapped(*args, **kwargs)
+                out = wrapped(*args, **kwargs)
+                if frame.deferred:
+                    finish(frame)
+                return out
             except RuntimeError as exc:
                 raise_original(exc)
                 raise

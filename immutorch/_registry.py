@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from ._compat import functional_mutations, is_functional, is_functorch_wrapped
 from ._config import STRICTNESS, Mode, Scope
 from ._storage import (
     BORN_ATTR,
@@ -64,12 +65,23 @@ def next_epoch() -> int:
 class Protection:
     """One protected tensor in one frame."""
 
-    __slots__ = ("cdata", "end", "frame", "label", "obj", "start", "storage")
+    __slots__ = ("cdata", "end", "frame", "holder", "label", "obj", "start", "storage")
 
-    def __init__(self, frame: Frame, label: str, obj: torch.Tensor, storage: Any) -> None:
+    def __init__(
+        self,
+        frame: Frame,
+        label: str,
+        obj: torch.Tensor,
+        storage: Any,
+        holder: Optional[torch.Tensor] = None,
+    ) -> None:
         self.frame = frame
         self.label = label
         self.obj = obj
+        # Where ``obj`` is a torch.func wrapper: the tensor under it that holds the memory. A
+        # metadata write through the wrapper (``unsqueeze_`` under vmap) reaches the backends
+        # on this tensor, and changes the caller's tensor when it is the caller's own.
+        self.holder = holder
         self.storage = storage
         self.cdata: int = storage._cdata
         rng = byte_range(storage)
@@ -86,6 +98,7 @@ class Frame:
         "allow",
         "body_only",
         "boundary",
+        "deferred",
         "hooked",
         "kind",
         "mode",
@@ -128,6 +141,10 @@ class Frame:
         self.kind = kind
         self.start = next_epoch() if kind == BLOCK else 0
         self.protections: list[Protection] = []
+        # Protected functionalize wrappers and the writes each had recorded when protected:
+        # functionalize applies a callee's writes to the real tensor only after the callee
+        # has returned (see _boundaries.finish).
+        self.deferred: list[tuple[Protection, int]] = []
         # Storages this frame does not protect: allow= and, for block frames, module state.
         self.allow: dict[int, Any] = {}
         self.state: dict[int, Any] = {}
@@ -145,12 +162,18 @@ class Frame:
         if t.layout is torch.strided and type(t) in PLAIN:
             storage = storage_of(t)
             if storage is not None:
-                self.protections.append(Protection(self, label, t, storage))
-                return
+                protection = Protection(self, label, t, storage)
+                self.protections.append(protection)
+                if not is_functional(t):
+                    return
+                # functionalize's wrapper: its storage is bookkeeping; the memory is under it.
+                self.deferred.append((protection, functional_mutations(t)))
+        holds = is_functorch_wrapped(t)
         for leaf in tensor_leaves(t):
             storage = storage_of(leaf)
             if storage is not None:
-                self.protections.append(Protection(self, label, t, storage))
+                holder = leaf if holds else None
+                self.protections.append(Protection(self, label, t, storage, holder))
 
     def allow_tensor(self, t: torch.Tensor) -> None:
         for leaf in tensor_leaves(t):
@@ -245,6 +268,8 @@ class ThreadState(threading.local):
         for p in frame.protections:
             self.by_storage.setdefault(p.cdata, []).append(p)
             self.by_object.setdefault(id(p.obj), []).append(p)
+            if p.holder is not None:
+                self.by_object.setdefault(id(p.holder), []).append(p)
             if p.start:
                 self.ranged.append(p)
         if frame.kind == BLOCK:
@@ -263,6 +288,8 @@ class ThreadState(threading.local):
         for p in frame.protections:
             _remove(self.by_storage, p.cdata, p)
             _remove(self.by_object, id(p.obj), p)
+            if p.holder is not None:
+                _remove(self.by_object, id(p.holder), p)
         if frame.protections and self.ranged:
             self.ranged = [p for p in self.ranged if p.frame is not frame]
         if frame.kind == BLOCK:
@@ -318,7 +345,7 @@ class ThreadState(threading.local):
         hits = [
             p.hit()
             for p in self.by_object.get(id(t), ())
-            if p.obj is t and not p.frame.exempt(p.cdata)
+            if (p.obj is t or p.holder is t) and not p.frame.exempt(p.cdata)
         ]
         if self.blocks:
             storage = storage_of(t)
@@ -333,11 +360,17 @@ class ThreadState(threading.local):
 
 
 def protection_of(t: torch.Tensor) -> Optional[Hit]:
-    """The strictest protection over ``t``'s memory on this thread, if any."""
+    """The strictest protection over ``t``'s memory on this thread, if any. A tensor with no
+    storage of its own (a torch.func wrapper, a sparse tensor) is judged by the tensors that
+    hold its memory."""
     storage = storage_of(t)
-    if storage is None:
-        return None
-    hits = STATE.storage_hits(t, storage)
+    hits = STATE.storage_hits(t, storage) if storage is not None else []
+    if storage is None or is_functorch_wrapped(t):  # functionalize's wrappers have a storage
+        for leaf in tensor_leaves(t):
+            if leaf is not t:
+                hit = protection_of(leaf)
+                if hit is not None:
+                    hits.append(hit)
     return strictest(hits) if hits else None
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ._compat import TORCH_FLOOR
+from ._compat import TORCH_FLOOR, functorch_unwrapped, is_functorch_wrapped
 
 # Attribute names set on UntypedStorage objects.
 READONLY_ATTR = "_immutorch_readonly"
@@ -53,8 +53,14 @@ def memory_leaves(t: torch.Tensor, visit: Callable[[torch.Tensor], None]) -> Non
     """Visit the dense tensors that hold ``t``'s memory.
 
     Sparse tensors have no storage of their own: their values and indices do. Wrapper
-    subclasses hold their data in inner tensors, reached with ``__tensor_flatten__``.
+    subclasses hold their data in inner tensors, reached with ``__tensor_flatten__``. The
+    wrappers torch.func makes (vmap's BatchedTensor, grad's TensorWrapper) have no storage
+    either: they are unwrapped level by level down to the tensor that holds the memory, which
+    is also the tensor a write reaches the dispatch mode and the scoped subclass as.
     """
+    if is_functorch_wrapped(t):
+        memory_leaves(functorch_unwrapped(t), visit)
+        return
     layout = t.layout
     if layout is torch.strided:
         flatten = getattr(type(t), "__tensor_flatten__", None)

@@ -28,7 +28,7 @@ import torch
 
 from .. import _judge
 from .._arguments import replace
-from .._clone import GROUP_ATTR, alias, can_alias, group_of
+from .._clone import GROUP_ATTR, alias, can_alias, group_of, shows_caller
 from .._compat import (
     DisableTorchDispatch,
     disable_dynamo,
@@ -315,24 +315,8 @@ def unwrap(value: Any, originals: dict[int, torch.Tensor]) -> Any:
         if not isinstance(t, Protected):
             return t
         original = originals.get(id(t))
-        if original is not None and _same_view(t, original):
+        if original is not None and shows_caller(t, original):
             return original
         return to_plain(t)
 
     return replace(value, back)
-
-
-def _same_view(alias: torch.Tensor, original: torch.Tensor) -> bool:
-    """Whether the alias still shows exactly the caller's tensor: the same memory (not clone
-    mode's private copy) and the same size, strides and offset (no metadata write such as
-    ``unsqueeze_`` changed the alias alone)."""
-    storage, mine = storage_of(alias), storage_of(original)
-    return (
-        storage is not None
-        and mine is not None
-        and storage._cdata == mine._cdata
-        and alias.size() == original.size()
-        and alias.stride() == original.stride()
-        and alias.storage_offset() == original.storage_offset()
-        and alias.dtype == original.dtype
-    )

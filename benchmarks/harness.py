@@ -3,8 +3,8 @@
 Everything runs in one process. For one workload at one thread count, every variant
 (``variants.py``), every extra row of the workload, and ``SchemaCheckMode`` become a
 :class:`Case`; a guarded variant becomes one case per immutorch backend, run with
-``IMMUTORCH_BACKEND`` set to it (:func:`backend_selected`, around the whole sample, so the
-switch costs no call anything). A backend this installation lacks
+``IMMUTORCH_BACKEND`` set to it (:func:`backend_selected`) while it is built and around each
+whole sample, so that no timed call pays for the switch. A backend this installation lacks
 (:func:`backend_unavailable`) has no cases; the report shows it as n/a.
 
 Each case first runs ``warmup`` times, is counted (what clone mode copied, the peak of torch
@@ -158,16 +158,14 @@ def _case(w: Workload, key: str, label: str, backend: Optional[str], call: Call)
 
 def build_cases(w: Workload, backends: Sequence[str], with_schema_check: bool) -> list[Case]:
     """Every row of ``w``'s table, the guarded ones once per backend in ``backends``."""
+    rows = [(v.key, v.label_for(w.protect), v, w.fn) for v in VARIANTS]
+    rows += [(e.key, e.label, BY_KEY[e.wraps], e.fn) for e in w.extras]
     cases = []
-    for v in VARIANTS:
+    for key, label, v, fn in rows:
         for backend in _backends_of(v.guarded, backends):
-            call = v.build(w.fn, _copy_inputs(w.inputs), w.protect)
-            cases.append(_case(w, v.key, v.label_for(w.protect), backend, call))
-    for extra in w.extras:
-        v = BY_KEY[extra.wraps]
-        for backend in _backends_of(v.guarded, backends):
-            call = v.build(extra.fn, _copy_inputs(w.inputs), w.protect)
-            cases.append(_case(w, extra.key, extra.label, backend, call))
+            with backend_selected(backend):  # in case a front door reads it when it is made
+                call = v.build(fn, _copy_inputs(w.inputs), w.protect)
+            cases.append(_case(w, key, label, backend, call))
     mode = schema_check_mode()
     if with_schema_check and w.schema_check and mode is not None:
         call = in_mode(mode, w.fn, _copy_inputs(w.inputs))

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -301,3 +302,46 @@ def test_every_guarded_variant_protects_the_argument(backend: str) -> None:
         assert torch.equal(p, torch.zeros(4, 4)), v.key
         checked += 1
     assert checked == 7
+
+
+def test_two_backends_run_side_by_side(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With both backends available, each guarded row runs under its own IMMUTORCH_BACKEND, in
+    the same repetitions as the unguarded call, and the headline and targets fill both columns.
+    (Here both rows run the Python backend: the switch is what is checked, not the backend.)"""
+    harness, report, workloads = _bench("harness"), _bench("report"), _bench("workloads")
+    monkeypatch.setattr(harness, "backend_unavailable", lambda name: None)
+    monkeypatch.delenv("IMMUTORCH_BACKEND", raising=False)
+    seen: list[Optional[str]] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        seen.append(os.environ.get("IMMUTORCH_BACKEND"))
+        return torch.tanh(x @ x)
+
+    w = workloads.Workload("small_ops", "tanh", "[4, 4]", fn, (torch.randn(4, 4),))
+    result = harness.measure(
+        w,
+        backends=["python", "native"],
+        reps=2,
+        schema_check_reps=0,
+        warmup=1,
+        sample_s=0.001,
+        rng=random.Random(0),
+        calibrate=False,
+    )
+    assert set(seen) == {None, "python", "native"}
+    assert "IMMUTORCH_BACKEND" not in os.environ
+    block = report.summarize(result)
+    assert block["unavailable_backends"] == {}
+    for r in block["variants"]:
+        assert r["reps"] == 2 and len(r) > 10
+    headline = report.headline_table([block]).splitlines()[-1]
+    assert "n/a" not in headline and headline.count("x |") == 9
+    native = [t for t in report.check_targets([block]) if t["backend"] == "native"]
+    assert [t["target"] for t in native] == [
+        "native: small ops: raise, scope all ≤ 1.05x",
+        "native: small ops: clone, scope all ≤ 1.05x",
+    ]
+    assert all(t["met"] is not None for t in native)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert report.write_plot([block], tmp_path / "plot.svg") is None
+        assert "[native]" in (tmp_path / "plot.svg").read_text(encoding="utf-8")

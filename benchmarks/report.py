@@ -355,9 +355,9 @@ def targets_table(targets: Sequence[dict[str, Any]]) -> str:
 
 
 def write_plot(blocks: Sequence[Block], path: Path) -> Optional[str]:
-    """One panel per workload, a bar per row and thread count, the ratio to unguarded on a log
-    axis; written with matplotlib (the ``bench`` extra). Returns why it was not written, or
-    None when it was."""
+    """One panel per workload, a bar per row and thread count (hatched: the native backend), the
+    ratio to unguarded on a log axis; written with matplotlib (the ``bench`` extra). Returns why
+    it was not written, or None when it was."""
     try:
         import matplotlib
 
@@ -372,12 +372,13 @@ def write_plot(blocks: Sequence[Block], path: Path) -> Optional[str]:
     ratios = [r["ratio"] for b in blocks for r in b["variants"]]
     lo, hi = min(0.8, min(ratios) * 0.9), max(2.0, max(ratios) * 1.4)
     rows_of = {key: group[0]["variants"] for key, group in panels.items()}
-    heights = [len(rows) + 2 for rows in rows_of.values()]
+    # In units of one bar: a bar per row and thread count, and room for the panel's title.
+    heights = [len(rows_of[key]) * len(group) + 3 for key, group in panels.items()]
     plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "immutorch", "font.size": 8})
     fig, axes = plt.subplots(
         len(panels),
         1,
-        figsize=(11, 0.17 * sum(heights) + 0.6),
+        figsize=(11, 0.11 * sum(heights) + 0.6),
         gridspec_kw={"height_ratios": heights},
         squeeze=False,
     )
@@ -393,7 +394,10 @@ def write_plot(blocks: Sequence[Block], path: Path) -> Optional[str]:
                 same = find_row(block, r["key"], r["backend"])
                 values.append(same["ratio"] if same is not None else math.nan)
             widths = [v - lo for v in values]
-            ax.barh(ys, widths, height=height, left=lo, label=_threads(block["threads"]))
+            bars = ax.barh(ys, widths, height=height, left=lo, label=_threads(block["threads"]))
+            for patch, r in zip(bars, rows):
+                if r["backend"] == "native":  # the backends apart at a glance
+                    patch.set_hatch("///")
             for y, v in zip(ys, values):
                 if not math.isnan(v):
                     ax.text(v * 1.02, y, f"{v:.2f}x", va="center", fontsize=6)
@@ -402,9 +406,17 @@ def write_plot(blocks: Sequence[Block], path: Path) -> Optional[str]:
         ax.axvline(1.0, color="#555", linewidth=0.8)
         ax.set_yticks(range(len(rows)), names)
         ax.invert_yaxis()
-        ax.set_title(f"{group[0]['title']} {group[0]['shape']}", loc="left", fontsize=9)
+        ax.annotate(  # from the figure's left edge: the row labels take the axes' left
+            f"{group[0]['title']} {group[0]['shape']}",
+            xy=(0, 1),
+            xycoords=("figure fraction", "axes fraction"),
+            xytext=(6, 4),
+            textcoords="offset points",
+            fontsize=9,
+            fontweight="bold",
+        )
         ax.grid(axis="x", which="both", linestyle=":", linewidth=0.5)
-    axes[0, 0].legend(loc="lower right")
+    axes[0, 0].legend(loc="upper right")
     axes[-1, 0].set_xlabel("time per call ÷ unguarded (log scale, median of paired repetitions)")
     fig.tight_layout()
     fig.savefig(path, metadata={"Date": None})

@@ -274,7 +274,7 @@ def make_workloads(quick: bool) -> list[Workload]:
             enable_nested_tensor=False,
         ).train()
     tokens = torch.randn(b, s, 128, generator=gen)
-    title = "nn.TransformerEncoder 6 x d128 (nhead 4, feedforward 512), train mode"
+    title = "nn.TransformerEncoder 6 x d128, train mode"
     forward = Workload(
         key="encoder_forward",
         title=f"{title}, forward",
@@ -282,8 +282,9 @@ def make_workloads(quick: bool) -> list[Workload]:
         fn=calling(stack),
         inputs=(tokens,),
         grad=True,
-        note="Training mode (dropout 0.1) with autograd recording: the forward half of the "
-        "training step below.",
+        note="6 layers of `nn.TransformerEncoderLayer(d_model=128, nhead=4, dim_feedforward=512)`"
+        " in training mode (dropout 0.1), autograd recording: the forward half of the training "
+        "step below.",
     )
     train_step = Workload(
         key="encoder_train_step",

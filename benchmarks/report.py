@@ -366,6 +366,8 @@ def write_plot(blocks: Sequence[Block], path: Path) -> Optional[str]:
     except ImportError:
         return "matplotlib is not installed (pip install -e '.[bench]')"
 
+    if not blocks:
+        return "nothing was measured"
     panels: dict[str, list[Block]] = {}
     for block in blocks:
         panels.setdefault(block["key"], []).append(block)
@@ -374,51 +376,54 @@ def write_plot(blocks: Sequence[Block], path: Path) -> Optional[str]:
     rows_of = {key: group[0]["variants"] for key, group in panels.items()}
     # In units of one bar: a bar per row and thread count, and room for the panel's title.
     heights = [len(rows_of[key]) * len(group) + 3 for key, group in panels.items()]
-    plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "immutorch", "font.size": 8})
-    fig, axes = plt.subplots(
-        len(panels),
-        1,
-        figsize=(11, 0.11 * sum(heights) + 0.6),
-        gridspec_kw={"height_ratios": heights},
-        squeeze=False,
-    )
-    bar = 0.8
-    for ax, (key, group) in zip(axes[:, 0], panels.items()):
-        rows = rows_of[key]
-        names = [r["label"] + (f" [{r['backend']}]" if r["backend"] else "") for r in rows]
-        for i, block in enumerate(group):
-            height = bar / len(group)
-            ys = [j - bar / 2 + height * (i + 0.5) for j in range(len(rows))]
-            values = []
-            for r in rows:
-                same = find_row(block, r["key"], r["backend"])
-                values.append(same["ratio"] if same is not None else math.nan)
-            widths = [v - lo for v in values]
-            bars = ax.barh(ys, widths, height=height, left=lo, label=_threads(block["threads"]))
-            for patch, r in zip(bars, rows):
-                if r["backend"] == "native":  # the backends apart at a glance
-                    patch.set_hatch("///")
-            for y, v in zip(ys, values):
-                if not math.isnan(v):
-                    ax.text(v * 1.02, y, f"{v:.2f}x", va="center", fontsize=6)
-        ax.set_xscale("log")
-        ax.set_xlim(lo, hi)
-        ax.axvline(1.0, color="#555", linewidth=0.8)
-        ax.set_yticks(range(len(rows)), names)
-        ax.invert_yaxis()
-        ax.annotate(  # from the figure's left edge: the row labels take the axes' left
-            f"{group[0]['title']} {group[0]['shape']}",
-            xy=(0, 1),
-            xycoords=("figure fraction", "axes fraction"),
-            xytext=(6, 4),
-            textcoords="offset points",
-            fontsize=9,
-            fontweight="bold",
+    # Text stays text in the SVG, and its ids do not change from run to run.
+    with plt.rc_context({"svg.fonttype": "none", "svg.hashsalt": "immutorch", "font.size": 8}):
+        fig, axes = plt.subplots(
+            len(panels),
+            1,
+            figsize=(11, 0.11 * sum(heights) + 0.6),
+            gridspec_kw={"height_ratios": heights},
+            squeeze=False,
         )
-        ax.grid(axis="x", which="both", linestyle=":", linewidth=0.5)
-    axes[0, 0].legend(loc="upper right")
-    axes[-1, 0].set_xlabel("time per call ÷ unguarded (log scale, median of paired repetitions)")
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Date": None})
-    plt.close(fig)
+        bar = 0.8
+        for ax, (key, group) in zip(axes[:, 0], panels.items()):
+            rows = rows_of[key]
+            names = [r["label"] + (f" [{r['backend']}]" if r["backend"] else "") for r in rows]
+            for i, block in enumerate(group):
+                height = bar / len(group)
+                ys = [j - bar / 2 + height * (i + 0.5) for j in range(len(rows))]
+                values = []
+                for r in rows:
+                    same = find_row(block, r["key"], r["backend"])
+                    values.append(same["ratio"] if same is not None else math.nan)
+                widths = [v - lo for v in values]
+                bars = ax.barh(ys, widths, height=height, left=lo, label=_threads(block["threads"]))
+                for patch, r in zip(bars, rows):
+                    if r["backend"] == "native":  # the backends apart at a glance
+                        patch.set_hatch("///")
+                for y, v in zip(ys, values):
+                    if not math.isnan(v):
+                        ax.text(v * 1.02, y, f"{v:.2f}x", va="center", fontsize=6)
+            ax.set_xscale("log")
+            ax.set_xlim(lo, hi)
+            ax.axvline(1.0, color="#555", linewidth=0.8)
+            ax.set_yticks(range(len(rows)), names)
+            ax.invert_yaxis()
+            ax.annotate(  # from the figure's left edge: the row labels take the axes' left
+                f"{group[0]['title']} {group[0]['shape']}",
+                xy=(0, 1),
+                xycoords=("figure fraction", "axes fraction"),
+                xytext=(6, 4),
+                textcoords="offset points",
+                fontsize=9,
+                fontweight="bold",
+            )
+            ax.grid(axis="x", which="both", linestyle=":", linewidth=0.5)
+        axes[0, 0].legend(loc="upper right")
+        axes[-1, 0].set_xlabel(
+            "time per call ÷ unguarded (log scale, median of paired repetitions)"
+        )
+        fig.tight_layout()
+        fig.savefig(path, metadata={"Date": None})
+        plt.close(fig)
     return None

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ._readonly import writable as writable
     from ._registry import CloneStats as CloneStats
     from ._stats import clone_stats as clone_stats
+    from ._boundaries import watch_modules as watch_modules
 
 # Public name -> the private module that defines it, imported on first use (PEP 562): the
 # pytest plugin is loaded in every pytest run wherever immutorch is installed, and must not
@@ -41,6 +42,7 @@ _EXPORTS = {
     "immutable_inputs": "._decorator",
     "is_readonly": "._readonly",
     "readonly": "._readonly",
+    "watch_modules": "._boundaries",
     "writable": "._readonly",
 }
 

@@ -196,11 +196,32 @@ def watch_modules(
     include_inplace: bool = False,
     scope: Scope = "arguments",
 ) -> Iterator[None]:
-    """Protect, on this thread, the tensor arguments of every module call that ``predicate``
-    accepts, for the duration of that call. Modules with ``inplace=True`` are exempt unless
-    ``include_inplace``: writing into their input is what they are built for. ``scope`` as for
-    ``immutable_inputs``: "arguments" intercepts only the ops on the arguments and their views,
-    "all" every op while the watched module runs."""
+    """Protect, on this thread, the tensor arguments of every ``nn.Module`` call that
+    ``predicate`` accepts, for the duration of that call, with no change to the modules.
+
+    This is what the pytest plugin's ``--immutorch-modules`` opens around each test, and what
+    ``python -m immutorch audit`` uses to find writes into data handed from one submodule to
+    the next. ``mode`` is what happens at a write (``"raise"``, ``"warn"``, ``"clone"`` or
+    ``"off"``; ``IMMUTORCH_MODE`` and the plugin's ``--immutorch`` override it, as they do
+    every guard's). Modules with ``inplace=True`` (``nn.ReLU(inplace=True)``) are exempt
+    unless ``include_inplace``: writing into their input is what they are built for.
+    ``scope`` as for :func:`immutable_inputs`: ``"arguments"`` intercepts only the ops on the
+    arguments and their views, ``"all"`` every op while a watched module runs. Only calls
+    through ``Module.__call__`` are seen, not direct ``.forward()`` calls.
+
+    >>> import torch, immutorch
+    >>> class Zeroing(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         x[0] = 0
+    ...         return x
+    >>> x = torch.ones(3)
+    >>> with immutorch.watch_modules(lambda module: isinstance(module, Zeroing)):
+    ...     Zeroing()(x)  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    immutorch.ImmutableTensorError: aten::fill_ would write into ...
+    >>> x
+    tensor([1., 1., 1.])
+    """
     watch = _Watch(predicate, check_mode(mode), include_inplace, check_scope(scope))
     acquire_hooks()
     STATE.watchers.append(watch)

@@ -13,6 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._boundaries import watch_modules as watch_modules
     from ._config import Mode as Mode
     from ._config import Scope as Scope
     from ._decorator import immutable_inputs as immutable_inputs
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from ._readonly import writable as writable
     from ._registry import CloneStats as CloneStats
     from ._stats import clone_stats as clone_stats
-    from ._boundaries import watch_modules as watch_modules
 
 # Public name -> the private module that defines it, imported on first use (PEP 562): the
 # pytest plugin is loaded in every pytest run wherever immutorch is installed, and must not

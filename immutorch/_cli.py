@@ -371,29 +371,17 @@ def _usage_error(parser: argparse.ArgumentParser, message: str) -> int:
     return 2
 
 
-def _short(location: Optional[str]) -> str:
-    if not location:
-        return "?"
-    rel = os.path.relpath(location)
-    return location if rel.startswith("..") else rel
-
-
 def _table(writes: Sequence[object], runs: int = 1) -> str:
-    from ._audit import Write
+    from ._rows import Write, relative_location, table
 
-    rows: list[tuple[str, ...]] = [("module", "op", "argument", "times", "runs", "line", "source")]
+    header: tuple[str, ...] = ("module", "op", "argument", "times", "runs", "line", "source")
+    rows: list[tuple[str, ...]] = []
     for w in writes:
         assert isinstance(w, Write)
         seen_in = f"{w.runs}/{runs}"
-        rows.append(
-            (w.where, w.op, w.argument, str(w.count), seen_in, _short(w.location), w.source)
-        )
+        line = relative_location(w.location) or "?"
+        rows.append((w.where, w.op, w.argument, str(w.count), seen_in, line, w.source))
     if runs == 1:  # the runs column says nothing about a single run
+        header = (*header[:4], *header[5:])
         rows = [(*r[:4], *r[5:]) for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = []
-    for r in rows:
-        cells = [cell.ljust(width) for cell, width in zip(r, widths)]
-        lines.append("  ".join([*cells, r[-1]]).rstrip())
-    lines.insert(1, "  ".join("-" * w for w in widths) + "  ------")
-    return "\n".join(lines)
+    return table(header, rows)

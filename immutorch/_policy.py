@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import wrapt  # noqa: F401  (imported so its frames can be skipped in locations)
 
-from . import _judge, _provenance
+from . import _judge, _provenance, _recorder
 from ._clone import group_of
 from ._errors import ImmutableTensorError, MutationWarning
 from ._naming import current_module_path
@@ -66,6 +66,8 @@ def handle(hit: Hit, op: str, written_arg: str, t: torch.Tensor, *, meta: bool =
     if mode == "clone":
         group = group_of(t)
         if group is not None and not group.copied:
+            if _recorder.listening():
+                _record("cloned", hit, op, hit.label, user_frame())
             if not meta:
                 group.materialize()
             return
@@ -123,11 +125,21 @@ def _context(
     return head + place, attrs, frame
 
 
+def _record(
+    action: _recorder.Action, hit: Hit, op: str, argument: str, frame: Optional[FrameType]
+) -> None:
+    """Tell the recorder's listeners (a findings report, the audit) of this write."""
+    location = f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else None
+    _recorder.record(_recorder.WriteEvent(action, _where(hit), op, argument, location))
+
+
 def _fail(
     hit: Hit, op: str, written_arg: str, t: torch.Tensor, *, cannot_isolate: bool = False
 ) -> None:
     __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
-    text, attrs, _ = _context(hit, op, written_arg, t)
+    text, attrs, frame = _context(hit, op, written_arg, t)
+    if _recorder.listening():
+        _record("refused", hit, op, hit.label, frame)
     if cannot_isolate:
         text += (
             "\nClone mode cannot isolate this write: it reaches the caller's own tensor, not a "
@@ -194,6 +206,8 @@ def raise_original(exc: BaseException) -> None:
 def _warn(hit: Hit, op: str, written_arg: str, t: torch.Tensor) -> None:
     __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
     text, attrs, frame = _context(hit, op, written_arg, t)
+    if _recorder.listening():
+        _record("warned", hit, op, hit.label, frame)
     warning = MutationWarning(
         "immutorch: " + text + '\nThe write went ahead (mode="warn").',
         **attrs,  # type: ignore[arg-type]

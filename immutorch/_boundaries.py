@@ -90,6 +90,33 @@ def _hush_compile_hook_warning() -> None:
     warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING, category=UserWarning)
 
 
+def compile_hook_warning_hushed() -> bool:
+    """Whether the filter :func:`_hush_compile_hook_warning` adds is on."""
+    return any(_is_hush_filter(f) for f in warnings.filters)
+
+
+def unhush_compile_hook_warning() -> None:
+    """Take that filter off again (the pytest plugin, at the end of a test whose watch put it
+    on: the suite's warnings filters as the test found them)."""
+    filters: list[Any] = warnings.filters  # type: ignore[assignment]  # a list at run time
+    for f in filters:
+        if _is_hush_filter(f):
+            filters.remove(f)
+            return
+
+
+def _is_hush_filter(f: Any) -> bool:
+    action, regex, category, module, lineno = f
+    return (
+        action == "ignore"
+        and regex is not None
+        and regex.pattern == _COMPILE_HOOK_WARNING
+        and category is UserWarning
+        and module is None
+        and not lineno
+    )
+
+
 # Global hooks see keyword arguments only in newer torch (not 2.13): use them where they exist.
 _GLOBAL_HOOKS_TAKE_KWARGS = (
     "with_kwargs" in inspect.signature(_module_mod.register_module_forward_pre_hook).parameters
@@ -113,6 +140,13 @@ def _register_pre() -> None:
         _handles[0] = register_pre(_pre_hook_with_kwargs, with_kwargs=True)
     else:
         _handles[0] = register_pre(_pre_hook)
+
+
+def remove_idle_hooks() -> None:
+    """Take the module hooks off now if nothing uses them; otherwise they stay until the
+    next module call (see :func:`release_hooks`). The pytest plugin calls this when a test's
+    watch ends, so torch's global hooks are left as the test found them."""
+    _remove_if_unused()
 
 
 def _remove_if_unused() -> None:

@@ -376,29 +376,54 @@ _DEPENDENCIES = ("torch", "wrapt", "typing_extensions")
 
 def _check_core_imports(settings: _Settings) -> None:
     """Stop the run at start-up, once, when immutorch's dependencies are missing, instead of
-    failing every test that reaches a guard. With a module watch the core is imported now
-    (the watch needs it for every test anyway)."""
+    failing every test that reaches a guard. Looked up, not imported: importing torch here
+    would change the suite (see :func:`pytest_collection`)."""
     import importlib.util
 
     missing = [name for name in _DEPENDENCIES if _find_spec(importlib.util, name) is None]
-    problem: Optional[BaseException] = None
-    if not missing and settings.watches:
-        try:
-            from . import _boundaries  # noqa: F401
-        except ImportError as exc:
-            problem = exc
-            missing = [getattr(exc, "name", None) or str(exc)]
     if missing:
-        on = (
-            f"mode={settings.mode} from {settings.mode_source}"
-            if settings.mode is not None
-            else f"scope={settings.scope} from {settings.scope_source}"
-        )
-        raise pytest.UsageError(
-            f"immutorch: the plugin is on ({on}) but immutorch cannot be imported: "
-            f"{', '.join(missing)} is missing. Install it (`pip install {' '.join(missing)}`, "
-            "or reinstall immutorch), or turn the plugin off with -p no:immutorch."
-        ) from problem
+        _cannot_import(settings, missing)
+
+
+def _cannot_import(
+    settings: _Settings, missing: list[str], problem: Optional[BaseException] = None
+) -> None:
+    on = (
+        f"mode={settings.mode} from {settings.mode_source}"
+        if settings.mode is not None
+        else f"scope={settings.scope} from {settings.scope_source}"
+    )
+    raise pytest.UsageError(
+        f"immutorch: the plugin is on ({on}) but immutorch cannot be imported: "
+        f"{', '.join(missing)} is missing. Install it (`pip install {' '.join(missing)}`, "
+        "or reinstall immutorch), or turn the plugin off with -p no:immutorch."
+    ) from problem
+
+
+def pytest_collection(session: pytest.Session) -> None:
+    """With a module watch, import the core (and so torch) once, before the first test, and
+    fail the run here if it cannot be imported.
+
+    Not at configure time: pytest's warning capture wraps collection but not configure, and
+    torch installs warnings filters at import (``TracerWarning.ignore_lib_warnings`` ignores
+    every TracerWarning from modules named ``torch*`` but ``torch.jit``). Imported outside
+    the capture, those filters stayed for the whole session, and the suite's TracerWarnings
+    from torch's own code vanished from its warnings summary. Imported here, they last for
+    collection only, as when the suite's test modules import torch themselves. So does what
+    the first watched call would import (Dynamo, sympy): not in the middle of a test.
+    """
+    config = session.config
+    settings = config.stash.get(_SESSION, _Settings())
+    if not settings.watches or config.pluginmanager.hasplugin("dsession"):
+        return  # nothing to watch, or an xdist controller, which runs no test
+    try:
+        from . import _boundaries  # noqa: F401
+    except ImportError as exc:
+        _cannot_import(settings, [getattr(exc, "name", None) or str(exc)], exc)
+    from . import _compat
+
+    # The first watched module call would import Dynamo (and sympy) inside a test.
+    _compat.load_dynamo()
 
 
 def _find_spec(util: Any, name: str) -> Any:
@@ -555,15 +580,24 @@ def _watch(settings: _Settings, include_inplace: bool = False) -> Iterator[None]
         return
     from . import _boundaries
 
+    hooked_before = _boundaries.hooks_installed()
+    hushed_before = _boundaries.compile_hook_warning_hushed()
     # The watch is the plugin's own: complete ("all") unless a scope was configured, as in
     # strict mode; an override, if any, still wins inside watch_modules.
-    with _boundaries.watch_modules(
-        _class_in(settings.modules),
-        settings.mode,
-        include_inplace=include_inplace,
-        scope=settings.scope or "all",
-    ):
-        yield
+    try:
+        with _boundaries.watch_modules(
+            _class_in(settings.modules),
+            settings.mode,
+            include_inplace=include_inplace,
+            scope=settings.scope or "all",
+        ):
+            yield
+    finally:
+        # torch's global module hooks and the warnings filters as the test found them.
+        if not hooked_before:
+            _boundaries.remove_idle_hooks()
+            if not hushed_before:
+                _boundaries.unhush_compile_hook_warning()
 
 
 def _class_in(packages: tuple[str, ...]) -> Callable[[torch.nn.Module], bool]:

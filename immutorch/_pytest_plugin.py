@@ -730,7 +730,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         "scope": settings.forced_scope,
         "modules": list(settings.modules),
     }
-    document = report(findings or Findings(), str(config.rootpath), asked)
+    document = report(findings if findings is not None else Findings(), str(config.rootpath), asked)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as file:
         json.dump(document, file, indent=2)

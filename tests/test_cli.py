@@ -486,8 +486,7 @@ def test_the_quiet_torch_import_leaves_the_filters_torch_installs() -> None:
         [
             sys.executable,
             "-c",
-            "from immutorch._cli import _import_torch_without_numpy_notice as imp; imp(); "
-            + show,
+            "from immutorch._cli import _import_torch_without_numpy_notice as imp; imp(); " + show,
         ],
         capture_output=True,
         text=True,

@@ -17,12 +17,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch._dynamo  # noqa: F401  (see below)
 from corpus import ELEMENT_ASSIGN, any_op
 
 import immutorch._pytest_plugin as plugin
 from immutorch import _config
 
 pytest_plugins = ["pytester"]
+
+# An in-process run with a module watch imports Dynamo while it collects (the plugin loads it
+# there, not in the first watched test); pytester drops the modules an in-process run imported
+# first, and Dynamo cannot be imported twice in one process: so it is imported here, once.
 
 
 @pytest.fixture(autouse=True)

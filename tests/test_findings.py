@@ -11,10 +11,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import textwrap
 from typing import Any
 
 import pytest
+from project_files import LAYERS, write_files
 
 from immutorch._findings import REPORT_VERSION, Findings
 from immutorch._recorder import WriteEvent
@@ -24,26 +24,7 @@ pytest_plugins = ["pytester"]
 
 SUITE = {
     "pkg/__init__.py": "",
-    "pkg/layers.py": """
-        import torch
-
-
-        class Zeroing(torch.nn.Module):
-            def forward(self, x):
-                x[0] = 0
-                return x
-
-
-        class Scaling(torch.nn.Module):
-            def forward(self, x):
-                x.mul_(2)
-                return x
-
-
-        class Doubling(torch.nn.Module):
-            def forward(self, x):
-                return x * 2
-    """,
+    "pkg/layers.py": LAYERS,
     "test_suite.py": """
         import pytest
         import torch
@@ -83,10 +64,7 @@ SECTION = "immutorch: writes into protected memory"
 def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     monkeypatch.delenv("IMMUTORCH_MODE", raising=False)
     monkeypatch.delenv("IMMUTORCH_SCOPE", raising=False)
-    for path, text in SUITE.items():
-        target = pytester.path / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(textwrap.dedent(text).lstrip())
+    write_files(pytester.path, SUITE)
     return pytester
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch._dynamo  # noqa: F401  (see below)
 from corpus import ELEMENT_ASSIGN, any_op
+from project_files import LAYERS, write_files
 
 import immutorch._pytest_plugin as plugin
 from immutorch import _config
@@ -48,20 +49,7 @@ def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 # -- a small project: a package whose modules write into their input -------------------------
 PROJECT = {
     "pkg/__init__.py": "",
-    "pkg/layers.py": """
-        import torch
-
-
-        class Zeroing(torch.nn.Module):
-            def forward(self, x):
-                x[0] = 0
-                return x
-
-
-        class Doubling(torch.nn.Module):
-            def forward(self, x):
-                return x * 2
-    """,
+    "pkg/layers.py": LAYERS,
     # Shares a prefix with "pkg" but is another package: not watched by --immutorch-modules=pkg.
     "pkgextra/__init__.py": """
         import torch
@@ -127,10 +115,7 @@ PROJECT = {
 
 @pytest.fixture
 def project(pytester: pytest.Pytester) -> pytest.Pytester:
-    for name, text in PROJECT.items():
-        path = pytester.path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text).lstrip())
+    write_files(pytester.path, PROJECT)
     return pytester
 
 

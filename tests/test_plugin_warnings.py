@@ -10,10 +10,10 @@ a suite's TracerWarnings vanished from its summary (9 of 28 on SpeechBrain's uni
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
+from project_files import write_files
 
 pytest_plugins = ["pytester"]
 
@@ -143,10 +143,7 @@ SUITE = {
 
 @pytest.fixture
 def suite(pytester: pytest.Pytester) -> pytest.Pytester:
-    for path, text in SUITE.items():
-        target = pytester.path / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(textwrap.dedent(text).lstrip())
+    write_files(pytester.path, SUITE)
     return pytester
 
 

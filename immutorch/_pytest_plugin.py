@@ -656,7 +656,7 @@ def _configure_findings(config: pytest.Config, settings: _Settings) -> None:
     config.stash[_ON] = (
         settings.mode is not None
         or bool(settings.modules)
-        or settings.forced_scope is not None
+        or settings.scope is not None
         or path is not None
     )
 

@@ -67,7 +67,9 @@ def handle(hit: Hit, op: str, written_arg: str, t: torch.Tensor, *, meta: bool =
         group = group_of(t)
         if group is not None and not group.copied:
             if _recorder.listening():
-                _record("cloned", hit, op, hit.label, user_frame())
+                frame = user_frame()
+                location = f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame else None
+                _record("cloned", hit, op, {"where": _where(hit), "location": location})
             if not meta:
                 group.materialize()
             return
@@ -125,21 +127,28 @@ def _context(
     return head + place, attrs, frame
 
 
-def _record(
-    action: _recorder.Action, hit: Hit, op: str, argument: str, frame: Optional[FrameType]
-) -> None:
-    """Tell the recorder's listeners (a findings report, the audit) of this write."""
-    location = f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else None
-    _recorder.record(_recorder.WriteEvent(action, _where(hit), op, argument, location))
+def _record(action: _recorder.Action, hit: Hit, op: str, attrs: dict[str, object]) -> None:
+    """Tell the recorder's listeners (a findings report, the audit) of this write, in the
+    words of the error or warning (``attrs`` from :func:`_context`)."""
+    location = attrs["location"]
+    _recorder.record(
+        _recorder.WriteEvent(
+            action,
+            str(attrs["where"]),
+            op,
+            hit.label,
+            location if isinstance(location, str) else None,
+        )
+    )
 
 
 def _fail(
     hit: Hit, op: str, written_arg: str, t: torch.Tensor, *, cannot_isolate: bool = False
 ) -> None:
     __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
-    text, attrs, frame = _context(hit, op, written_arg, t)
+    text, attrs, _ = _context(hit, op, written_arg, t)
     if _recorder.listening():
-        _record("refused", hit, op, hit.label, frame)
+        _record("refused", hit, op, attrs)
     if cannot_isolate:
         text += (
             "\nClone mode cannot isolate this write: it reaches the caller's own tensor, not a "
@@ -207,7 +216,7 @@ def _warn(hit: Hit, op: str, written_arg: str, t: torch.Tensor) -> None:
     __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
     text, attrs, frame = _context(hit, op, written_arg, t)
     if _recorder.listening():
-        _record("warned", hit, op, hit.label, frame)
+        _record("warned", hit, op, attrs)
     warning = MutationWarning(
         "immutorch: " + text + '\nThe write went ahead (mode="warn").',
         **attrs,  # type: ignore[arg-type]

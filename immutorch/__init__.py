@@ -13,6 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._boundaries import watch_modules as watch_modules
     from ._config import Mode as Mode
     from ._config import Scope as Scope
     from ._decorator import immutable_inputs as immutable_inputs
@@ -41,6 +42,7 @@ _EXPORTS = {
     "immutable_inputs": "._decorator",
     "is_readonly": "._readonly",
     "readonly": "._readonly",
+    "watch_modules": "._boundaries",
     "writable": "._readonly",
 }
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import linecache
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -25,6 +24,8 @@ import torch
 from ._boundaries import watch_modules
 from ._errors import MutationWarning
 from ._guard import guard
+from ._recorder import WriteEvent, listen
+from ._rows import Write, count_writes, merge_runs
 
 # Constructor arguments from --init: a JSON object (keywords) or a JSON list (positional).
 InitArgs = Union[dict[str, Any], list[Any]]
@@ -37,36 +38,6 @@ MIN_LENGTH = 0.1
 
 class AuditError(Exception):
     """The target could not be loaded, built or run; the message says why."""
-
-
-@dataclass(frozen=True)
-class Write:
-    """One place where the audited code writes into a tensor it was handed."""
-
-    where: str  # module path and class, or the protecting function
-    op: str  # e.g. "aten::copy_"
-    argument: str  # the protected argument, e.g. "x"
-    location: Optional[str]  # "file.py:12" of the line that wrote
-    source: str  # that line's text, stripped
-    count: int  # how many times it wrote there, all runs together
-    per_run: tuple[int, ...] = field(default=())  # the count in each run, in order
-
-    @property
-    def runs(self) -> int:
-        """In how many runs it wrote there at least once."""
-        return sum(1 for n in self.per_run if n) if self.per_run else 1
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "where": self.where,
-            "op": self.op,
-            "argument": self.argument,
-            "location": self.location,
-            "source": self.source,
-            "count": self.count,
-            "runs": self.runs,
-            "per_run": list(self.per_run) if self.per_run else [self.count],
-        }
 
 
 @dataclass(frozen=True)
@@ -305,57 +276,23 @@ def audit_runs(
     )
 
 
-def merge_runs(per_run: list[list[Write]]) -> list[Write]:
-    """One row per place (module, op, argument, line) over all runs, in the order first
-    seen, with the total count and the count in each run."""
-    counts: dict[tuple[str, str, str, Optional[str]], list[int]] = {}
-    first: dict[tuple[str, str, str, Optional[str]], Write] = {}
-    for i, writes in enumerate(per_run):
-        for w in writes:
-            key = (w.where, w.op, w.argument, w.location)
-            first.setdefault(key, w)
-            counts.setdefault(key, [0] * len(per_run))[i] += w.count
-    return [
-        Write(w.where, w.op, w.argument, w.location, w.source, sum(counts[k]), tuple(counts[k]))
-        for k, w in first.items()
-    ]
-
-
 def audit(target: Callable[..., Any], inputs: list[torch.Tensor]) -> list[Write]:
     """Call ``target(*inputs)`` once and return each write site into a protected tensor."""
-    seen: dict[tuple[str, str, str, Optional[str]], list[Any]] = {}
+    warned: list[WriteEvent] = []
 
-    def record(message: Any, category: Any, *_: Any, **__: Any) -> None:
-        if not isinstance(message, MutationWarning):
-            return
-        location, source = _writing_line(message.location)
-        key = (message.where, message.op, message.argument, location)
-        if key in seen:
-            seen[key][1] += 1
-        else:
-            seen[key] = [source, 1]
+    def hear(event: WriteEvent) -> None:
+        # Only the audit's own warn-mode protection: a guard inside the target that refuses
+        # or clones protects the target's memory, not its inputs.
+        if event.action == "warned":
+            warned.append(event)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("always", MutationWarning)
-        # Called synchronously inside warnings.warn, so the writing frame is still on the stack.
-        warnings.showwarning = record
-        with watch_modules(lambda module: True, "warn"), guard(*inputs, mode="warn"):
-            try:
-                target(*inputs)
-            except Exception as exc:
-                raise AuditError(f"running the target raised {exc!r}") from exc
-    return [
-        Write(where, op, argument, location, source, count, (count,))
-        for (where, op, argument, location), (source, count) in seen.items()
-    ]
-
-
-def _writing_line(location: Optional[str]) -> tuple[Optional[str], str]:
-    """The line that wrote (immutorch's ``location``: the innermost frame outside torch and
-    immutorch's machinery) and its source text."""
-    if not location:
-        return None, ""
-    filename, _, lineno = location.rpartition(":")
-    if not lineno.isdigit():
-        return location, ""
-    return location, linecache.getline(filename, int(lineno)).strip()
+        # Every write is heard by the recorder; the warnings themselves would only be noise.
+        warnings.simplefilter("ignore", MutationWarning)
+        with listen(hear), watch_modules(lambda module: True, "warn"):
+            with guard(*inputs, mode="warn"):
+                try:
+                    target(*inputs)
+                except Exception as exc:
+                    raise AuditError(f"running the target raised {exc!r}") from exc
+    return count_writes(warned)

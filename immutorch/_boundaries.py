@@ -92,6 +92,33 @@ def _hush_compile_hook_warning() -> None:
     warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING, category=UserWarning)
 
 
+def compile_hook_warning_hushed() -> bool:
+    """Whether the filter :func:`_hush_compile_hook_warning` adds is on."""
+    return any(_is_hush_filter(f) for f in warnings.filters)
+
+
+def unhush_compile_hook_warning() -> None:
+    """Take that filter off again (the pytest plugin, at the end of a test whose watch put it
+    on: the suite's warnings filters as the test found them)."""
+    filters: list[Any] = warnings.filters  # type: ignore[assignment]  # a list at run time
+    for f in filters:
+        if _is_hush_filter(f):
+            filters.remove(f)
+            return
+
+
+def _is_hush_filter(f: Any) -> bool:
+    action, regex, category, module, lineno = f
+    return (
+        action == "ignore"
+        and regex is not None
+        and regex.pattern == _COMPILE_HOOK_WARNING
+        and category is UserWarning
+        and module is None
+        and not lineno
+    )
+
+
 # Global hooks see keyword arguments only in newer torch (not 2.13): use them where they exist.
 _GLOBAL_HOOKS_TAKE_KWARGS = (
     "with_kwargs" in inspect.signature(_module_mod.register_module_forward_pre_hook).parameters
@@ -115,6 +142,13 @@ def _register_pre() -> None:
         _handles[0] = register_pre(_pre_hook_with_kwargs, with_kwargs=True)
     else:
         _handles[0] = register_pre(_pre_hook)
+
+
+def remove_idle_hooks() -> None:
+    """Take the module hooks off now if nothing uses them; otherwise they stay until the
+    next module call (see :func:`release_hooks`). The pytest plugin calls this when a test's
+    watch ends, so torch's global hooks are left as the test found them."""
+    _remove_if_unused()
 
 
 def _remove_if_unused() -> None:
@@ -213,11 +247,32 @@ def watch_modules(
     include_inplace: bool = False,
     scope: Scope = "arguments",
 ) -> Iterator[None]:
-    """Protect, on this thread, the tensor arguments of every module call that ``predicate``
-    accepts, for the duration of that call. Modules with ``inplace=True`` are exempt unless
-    ``include_inplace``: writing into their input is what they are built for. ``scope`` as for
-    ``immutable_inputs``: "arguments" intercepts only the ops on the arguments and their views,
-    "all" every op while the watched module runs."""
+    """Protect, on this thread, the tensor arguments of every ``nn.Module`` call that
+    ``predicate`` accepts, for the duration of that call, with no change to the modules.
+
+    This is what the pytest plugin's ``--immutorch-modules`` opens around each test, and what
+    ``python -m immutorch audit`` uses to find writes into data handed from one submodule to
+    the next. ``mode`` is what happens at a write (``"raise"``, ``"warn"``, ``"clone"`` or
+    ``"off"``; ``IMMUTORCH_MODE`` and the plugin's ``--immutorch`` override it, as they do
+    every guard's). Modules with ``inplace=True`` (``nn.ReLU(inplace=True)``) are exempt
+    unless ``include_inplace``: writing into their input is what they are built for.
+    ``scope`` as for :func:`immutable_inputs`: ``"arguments"`` intercepts only the ops on the
+    arguments and their views, ``"all"`` every op while a watched module runs. Only calls
+    through ``Module.__call__`` are seen, not direct ``.forward()`` calls.
+
+    >>> import torch, immutorch
+    >>> class Zeroing(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         x[0] = 0
+    ...         return x
+    >>> x = torch.ones(3)
+    >>> with immutorch.watch_modules(lambda module: isinstance(module, Zeroing)):
+    ...     Zeroing()(x)  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    immutorch.ImmutableTensorError: aten::fill_ would write into ...
+    >>> x
+    tensor([1., 1., 1.])
+    """
     watch = _Watch(predicate, check_mode(mode), include_inplace, check_scope(scope))
     acquire_hooks()
     STATE.watchers.append(watch)

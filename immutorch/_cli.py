@@ -1,4 +1,5 @@
-"""The command line: ``python -m immutorch demo``, ``audit TARGET`` and ``schema-audit``."""
+"""The command line: ``immutorch demo``, ``audit TARGET`` and ``schema-audit`` (also run as
+``python -m immutorch``), and ``--version``."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any, Optional, TextIO
+from typing import Any, Optional, TextIO, cast
 
 AUDIT_EPILOG = """\
 TARGET is package.module:name. A module instance is audited as is; a class is instantiated
@@ -46,10 +48,18 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "immutorch") -> argparse.ArgumentParser:
+    """The parser of the ``immutorch`` command; ``prog`` is how the usage lines name it
+    (``python -m immutorch`` runs the same parser)."""
     parser = argparse.ArgumentParser(
-        prog="python -m immutorch",
+        prog=prog,
         description="immutorch: find and stop PyTorch code that writes into tensors it was handed.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=version_line(),
+        help="print immutorch's version, and torch's and Python's, and exit",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = commands.add_parser(
@@ -193,14 +203,38 @@ def _add_schema_audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action="store_true", help="print each OpInfo as it starts")
 
 
-def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> int:
-    """Run the command line; return the exit status (argparse's own exits included)."""
+def version_line() -> str:
+    """``immutorch 0.2.0 (torch 2.13.0, Python 3.11.7)``: the installed torch's version is read
+    from its metadata, not by importing it, so ``--version`` answers at once."""
+    import platform
+    from importlib import metadata
+
+    from . import __version__
+
+    try:
+        torch_version = f"torch {metadata.version('torch')}"
+    except metadata.PackageNotFoundError:
+        torch_version = "torch not installed"
+    return f"immutorch {__version__} ({torch_version}, Python {platform.python_version()})"
+
+
+def main(
+    argv: Optional[Sequence[str]] = None,
+    out: Optional[TextIO] = None,
+    *,
+    prog: str = "immutorch",
+) -> int:
+    """Run the command line; return the exit status (argparse's own exits included).
+
+    The ``immutorch`` console script calls this with no arguments (``sys.argv``);
+    ``python -m immutorch`` passes its own ``prog``."""
     out = out if out is not None else sys.stdout
-    parser = build_parser()
+    parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else 2
+    _import_torch_without_numpy_notice()
     with _modes_as_written():
         if args.command == "demo":
             if args.repeats < 1:
@@ -213,6 +247,35 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> 
 
             return _schema_audit.run(args, out)
         return _run_audit(args, out)
+
+
+# torch's words where numpy is not installed (torch's wheels do not depend on it).
+_NUMPY_NOTICE = "Failed to initialize NumPy"
+
+
+def _import_torch_without_numpy_notice() -> None:
+    """Import torch with its "Failed to initialize NumPy" UserWarning silenced, and nothing
+    else changed.
+
+    On a fresh machine (``pip install torch immutorch``, no numpy) torch says this at import,
+    and it was the first line the demo printed: a notice about a torch feature no command
+    here uses (an audited target that needs numpy imports it, and fails with its own error).
+    Only this one warning, only during the import: the filter comes off afterwards, and the
+    filters torch installs at import stay, as in any program that imports torch.
+    """
+    if "torch" in sys.modules:
+        return
+    import warnings
+
+    ours = ("ignore", re.compile(_NUMPY_NOTICE, re.IGNORECASE), UserWarning, None, 0)
+    there_before = ours in warnings.filters
+    warnings.filterwarnings("ignore", message=_NUMPY_NOTICE, category=UserWarning)
+    try:
+        import torch  # noqa: F401
+    finally:
+        filters = cast("list[Any]", warnings.filters)  # typeshed says Sequence; it is a list
+        if not there_before and ours in filters:
+            filters.remove(ours)
 
 
 @contextlib.contextmanager
@@ -308,29 +371,17 @@ def _usage_error(parser: argparse.ArgumentParser, message: str) -> int:
     return 2
 
 
-def _short(location: Optional[str]) -> str:
-    if not location:
-        return "?"
-    rel = os.path.relpath(location)
-    return location if rel.startswith("..") else rel
-
-
 def _table(writes: Sequence[object], runs: int = 1) -> str:
-    from ._audit import Write
+    from ._rows import Write, relative_location, table
 
-    rows: list[tuple[str, ...]] = [("module", "op", "argument", "times", "runs", "line", "source")]
+    header: tuple[str, ...] = ("module", "op", "argument", "times", "runs", "line", "source")
+    rows: list[tuple[str, ...]] = []
     for w in writes:
         assert isinstance(w, Write)
         seen_in = f"{w.runs}/{runs}"
-        rows.append(
-            (w.where, w.op, w.argument, str(w.count), seen_in, _short(w.location), w.source)
-        )
+        line = relative_location(w.location) or "?"
+        rows.append((w.where, w.op, w.argument, str(w.count), seen_in, line, w.source))
     if runs == 1:  # the runs column says nothing about a single run
+        header = (*header[:4], *header[5:])
         rows = [(*r[:4], *r[5:]) for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = []
-    for r in rows:
-        cells = [cell.ljust(width) for cell, width in zip(r, widths)]
-        lines.append("  ".join([*cells, r[-1]]).rstrip())
-    lines.insert(1, "  ".join("-" * w for w in widths) + "  ------")
-    return "\n".join(lines)
+    return table(header, rows)

@@ -90,6 +90,14 @@ def disable_dynamo(fn: Any) -> Any:
     return torch._disable_dynamo(fn)  # type: ignore[attr-defined]
 
 
+def load_dynamo() -> None:
+    """Import Dynamo now. A function wrapped by :func:`disable_dynamo` imports it (and sympy,
+    and the warnings filters they install) at its first call, and every dispatch mode's
+    ``__torch_dispatch__`` is such a function: the pytest plugin has this happen while pytest
+    collects, inside its warning capture, not in the middle of the first watched test."""
+    import torch._dynamo  # noqa: F401
+
+
 def disable_torch_dispatch() -> Any:
     """A context manager under which ops skip every Python dispatch mode (C++ guard)."""
     return torch._C._DisableTorchDispatch()

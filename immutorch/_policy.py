@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import wrapt  # noqa: F401  (imported so its frames can be skipped in locations)
 
-from . import _judge, _provenance
+from . import _judge, _provenance, _recorder
 from ._clone import group_of
 from ._errors import ImmutableTensorError, MutationWarning
 from ._naming import current_module_path
@@ -66,6 +66,10 @@ def handle(hit: Hit, op: str, written_arg: str, t: torch.Tensor, *, meta: bool =
     if mode == "clone":
         group = group_of(t)
         if group is not None and not group.copied:
+            if _recorder.listening():
+                frame = user_frame()
+                location = f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame else None
+                _record("cloned", hit, op, {"where": _where(hit), "location": location})
             if not meta:
                 group.materialize()
             return
@@ -123,11 +127,28 @@ def _context(
     return head + place, attrs, frame
 
 
+def _record(action: _recorder.Action, hit: Hit, op: str, attrs: dict[str, object]) -> None:
+    """Tell the recorder's listeners (a findings report, the audit) of this write, in the
+    words of the error or warning (``attrs`` from :func:`_context`)."""
+    location = attrs["location"]
+    _recorder.record(
+        _recorder.WriteEvent(
+            action,
+            str(attrs["where"]),
+            op,
+            hit.label,
+            location if isinstance(location, str) else None,
+        )
+    )
+
+
 def _fail(
     hit: Hit, op: str, written_arg: str, t: torch.Tensor, *, cannot_isolate: bool = False
 ) -> None:
     __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
     text, attrs, _ = _context(hit, op, written_arg, t)
+    if _recorder.listening():
+        _record("refused", hit, op, attrs)
     if cannot_isolate:
         text += (
             "\nClone mode cannot isolate this write: it reaches the caller's own tensor, not a "
@@ -194,6 +215,8 @@ def raise_original(exc: BaseException) -> None:
 def _warn(hit: Hit, op: str, written_arg: str, t: torch.Tensor) -> None:
     __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
     text, attrs, frame = _context(hit, op, written_arg, t)
+    if _recorder.listening():
+        _record("warned", hit, op, attrs)
     warning = MutationWarning(
         "immutorch: " + text + '\nThe write went ahead (mode="warn").',
         **attrs,  # type: ignore[arg-type]

@@ -9,6 +9,11 @@ class lives in those packages, in every test. The same settings come from the in
 ``@pytest.mark.immutorch(mode=..., scope=..., modules=...)``. Precedence, weakest first (the
 pytest-timeout convention): code < ini < environment < command line < marker.
 
+Whenever the plugin is on (any of these settings, or a marker on the test), the end of the run
+lists every place that wrote into protected memory, refused or warned of, one row per place
+(``immutorch._findings``); ``--immutorch-report=PATH`` (ini ``immutorch_report``) writes the
+same as JSON. Under pytest-xdist the workers' findings merge into the controller's report.
+
 Strict mode (a mode from any source but the code) forces the scope too: the one configured,
 else ``all``. A test suite wants every write caught: there precision beats speed.
 
@@ -34,6 +39,7 @@ if TYPE_CHECKING:
     import torch
 
     from ._config import Mode, Scope
+    from ._findings import Findings
 
 # Copies of immutorch._config.MODES, ENV_VAR, SCOPES and SCOPE_ENV_VAR: importing _config here
 # would import the immutorch package. tests/test_plugin.py checks that they agree.
@@ -107,6 +113,8 @@ _SESSION = pytest.StashKey[_Settings]()
 _TEST = pytest.StashKey[_Settings]()
 _PREVIOUS_OVERRIDE: pytest.StashKey[Optional[Mode]] = pytest.StashKey()
 _PREVIOUS_SCOPE_OVERRIDE: pytest.StashKey[Optional[Scope]] = pytest.StashKey()
+_FINDINGS = pytest.StashKey["Findings"]()
+_POSITIONS = pytest.StashKey[dict[str, int]]()
 
 
 # -- parsing ----------------------------------------------------------------------------------
@@ -313,6 +321,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Comma-separated packages whose nn.Modules' inputs are protected in every test; "
         "--immutorch-modules overrides it.",
     )
+    _add_report_options(group, parser)
+
+
+def _add_report_options(group: pytest.OptionGroup, parser: pytest.Parser) -> None:
+    group.addoption(
+        "--immutorch-report",
+        dest="immutorch_report",
+        metavar="PATH",
+        default=None,
+        help=(
+            "Write every place that wrote into protected memory during the run (the rows of "
+            "the terminal summary's immutorch section) to PATH as JSON, the rows in the "
+            "schema of `immutorch audit --json`. Turns the plugin on for every test."
+        ),
+    )
+    parser.addini(
+        "immutorch_report",
+        type="string",
+        default="",
+        help="Path of the JSON findings report (relative to the ini file); "
+        "--immutorch-report overrides it.",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -326,6 +356,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     settings = _session_settings(config)
     config.stash[_SESSION] = settings
+    _configure_findings(config, settings)
     if settings.mode is not None or settings.modules or settings.forced_scope is not None:
         _check_core_imports(settings)
     if settings.forced:
@@ -345,29 +376,54 @@ _DEPENDENCIES = ("torch", "wrapt", "typing_extensions")
 
 def _check_core_imports(settings: _Settings) -> None:
     """Stop the run at start-up, once, when immutorch's dependencies are missing, instead of
-    failing every test that reaches a guard. With a module watch the core is imported now
-    (the watch needs it for every test anyway)."""
+    failing every test that reaches a guard. Looked up, not imported: importing torch here
+    would change the suite (see :func:`pytest_collection`)."""
     import importlib.util
 
     missing = [name for name in _DEPENDENCIES if _find_spec(importlib.util, name) is None]
-    problem: Optional[BaseException] = None
-    if not missing and settings.watches:
-        try:
-            from . import _boundaries  # noqa: F401
-        except ImportError as exc:
-            problem = exc
-            missing = [getattr(exc, "name", None) or str(exc)]
     if missing:
-        on = (
-            f"mode={settings.mode} from {settings.mode_source}"
-            if settings.mode is not None
-            else f"scope={settings.scope} from {settings.scope_source}"
-        )
-        raise pytest.UsageError(
-            f"immutorch: the plugin is on ({on}) but immutorch cannot be imported: "
-            f"{', '.join(missing)} is missing. Install it (`pip install {' '.join(missing)}`, "
-            "or reinstall immutorch), or turn the plugin off with -p no:immutorch."
-        ) from problem
+        _cannot_import(settings, missing)
+
+
+def _cannot_import(
+    settings: _Settings, missing: list[str], problem: Optional[BaseException] = None
+) -> None:
+    on = (
+        f"mode={settings.mode} from {settings.mode_source}"
+        if settings.mode is not None
+        else f"scope={settings.scope} from {settings.scope_source}"
+    )
+    raise pytest.UsageError(
+        f"immutorch: the plugin is on ({on}) but immutorch cannot be imported: "
+        f"{', '.join(missing)} is missing. Install it (`pip install {' '.join(missing)}`, "
+        "or reinstall immutorch), or turn the plugin off with -p no:immutorch."
+    ) from problem
+
+
+def pytest_collection(session: pytest.Session) -> None:
+    """With a module watch, import the core (and so torch) once, before the first test, and
+    fail the run here if it cannot be imported.
+
+    Not at configure time: pytest's warning capture wraps collection but not configure, and
+    torch installs warnings filters at import (``TracerWarning.ignore_lib_warnings`` ignores
+    every TracerWarning from modules named ``torch*`` but ``torch.jit``). Imported outside
+    the capture, those filters stayed for the whole session, and the suite's TracerWarnings
+    from torch's own code vanished from its warnings summary. Imported here, they last for
+    collection only, as when the suite's test modules import torch themselves. So does what
+    the first watched call would import (Dynamo, sympy): not in the middle of a test.
+    """
+    config = session.config
+    settings = config.stash.get(_SESSION, _Settings())
+    if not settings.watches or config.pluginmanager.hasplugin("dsession"):
+        return  # nothing to watch, or an xdist controller, which runs no test
+    try:
+        from . import _boundaries  # noqa: F401
+    except ImportError as exc:
+        _cannot_import(settings, [getattr(exc, "name", None) or str(exc)], exc)
+    from . import _compat
+
+    # The first watched module call would import Dynamo (and sympy) inside a test.
+    _compat.load_dynamo()
 
 
 def _find_spec(util: Any, name: str) -> Any:
@@ -524,15 +580,24 @@ def _watch(settings: _Settings, include_inplace: bool = False) -> Iterator[None]
         return
     from . import _boundaries
 
+    hooked_before = _boundaries.hooks_installed()
+    hushed_before = _boundaries.compile_hook_warning_hushed()
     # The watch is the plugin's own: complete ("all") unless a scope was configured, as in
     # strict mode; an override, if any, still wins inside watch_modules.
-    with _boundaries.watch_modules(
-        _class_in(settings.modules),
-        settings.mode,
-        include_inplace=include_inplace,
-        scope=settings.scope or "all",
-    ):
-        yield
+    try:
+        with _boundaries.watch_modules(
+            _class_in(settings.modules),
+            settings.mode,
+            include_inplace=include_inplace,
+            scope=settings.scope or "all",
+        ):
+            yield
+    finally:
+        # torch's global module hooks and the warnings filters as the test found them.
+        if not hooked_before:
+            _boundaries.remove_idle_hooks()
+            if not hushed_before:
+                _boundaries.unhush_compile_hook_warning()
 
 
 def _class_in(packages: tuple[str, ...]) -> Callable[[torch.nn.Module], bool]:
@@ -568,3 +633,120 @@ def _scripted_source_module(module: torch.nn.Module) -> Optional[str]:
         return ""
     parts = [p for p in qualified.split(".")[1:-1] if not p.startswith("___torch_mangle")]
     return ".".join(parts)
+
+
+# -- the findings report ----------------------------------------------------------------------
+_REPORT = pytest.StashKey[Optional[str]]()
+_ON = pytest.StashKey[bool]()
+_SECTION = "immutorch: writes into protected memory"
+
+
+def _configure_findings(config: pytest.Config, settings: _Settings) -> None:
+    """Where the JSON report goes (None: nowhere), and whether every test is watched for
+    findings: with any setting on, or a report asked for; else only the marked tests."""
+    path: Optional[str] = None
+    from_cmd: Optional[str] = config.getoption("immutorch_report")
+    from_ini = str(config.getini("immutorch_report") or "").strip()
+    if from_cmd:
+        path = os.path.join(str(config.invocation_params.dir), from_cmd)
+    elif from_ini:
+        base = config.inipath.parent if config.inipath else config.rootpath
+        path = os.path.join(str(base), from_ini)
+    config.stash[_REPORT] = os.path.normpath(path) if path else None
+    config.stash[_ON] = (
+        settings.mode is not None
+        or bool(settings.modules)
+        or settings.scope is not None
+        or path is not None
+    )
+
+
+def _findings_of(config: pytest.Config) -> Findings:
+    found = config.stash.get(_FINDINGS, None)
+    if found is None:
+        from ._findings import Findings
+
+        found = config.stash[_FINDINGS] = Findings()
+    return found
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # Each test's place in the run: the same in every xdist worker, so merged rows name the
+    # same first test as a run without xdist.
+    session.config.stash[_POSITIONS] = {item.nodeid: i for i, item in enumerate(session.items)}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
+    """Hear every write into protected memory from the test's setup to its teardown."""
+    config = item.config
+    if not config.stash.get(_ON, False) and item.get_closest_marker("immutorch") is None:
+        yield
+        return
+    from . import _recorder
+
+    findings = _findings_of(config)
+    positions = config.stash.get(_POSITIONS, {})
+    findings.start_test(item.nodeid, positions.get(item.nodeid, len(positions) + findings.tests))
+    _recorder.add_listener(findings.hear)
+    try:
+        yield
+    finally:
+        _recorder.remove_listener(findings.hear)
+        findings.end_test()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist, in the controller: a worker is done; merge the findings it sent."""
+    from ._findings import WIRE_KEY
+
+    data = getattr(node, "workeroutput", {}).get(WIRE_KEY)
+    if data:
+        _findings_of(node.config).merge_wire(data)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    findings = config.stash.get(_FINDINGS, None)
+    workeroutput = getattr(config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller reports
+        if findings is not None:
+            from ._findings import WIRE_KEY
+
+            workeroutput[WIRE_KEY] = findings.to_wire()
+        return
+    path = config.stash.get(_REPORT, None)
+    if path is None:
+        return
+    import json
+
+    from ._findings import Findings, report
+
+    settings = config.stash.get(_SESSION, _Settings())
+    asked = {
+        "mode": settings.mode,
+        "mode_source": settings.mode_source,
+        "scope": settings.forced_scope,
+        "modules": list(settings.modules),
+    }
+    document = report(findings if findings is not None else Findings(), str(config.rootpath), asked)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(document, file, indent=2)
+        file.write("\n")
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if hasattr(config, "workeroutput"):
+        return
+    findings = config.stash.get(_FINDINGS, None)
+    if findings:
+        from ._findings import summary_lines
+
+        terminalreporter.write_sep("=", _SECTION, yellow=True)
+        for line in summary_lines(findings, str(config.rootpath)):
+            terminalreporter.write_line(line)
+    path = config.stash.get(_REPORT, None)
+    if path is not None:
+        terminalreporter.write_line(f"immutorch: findings report written to {path}")

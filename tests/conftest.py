@@ -6,6 +6,14 @@ import os
 
 import pytest
 
+# Subprocesses (pytester's runpytest_subprocess, the CLI's) import the immutorch of this tree,
+# not whichever one is installed: a worktree's tests test the worktree.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != _ROOT:
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (_ROOT, os.environ.get("PYTHONPATH", "")) if p
+    )
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

@@ -348,3 +348,154 @@ def test_audit_and_demo_ignore_a_forced_mode(monkeypatch: pytest.MonkeyPatch) ->
     assert code == 1
     assert json.loads(text)["writes"][0]["count"] == 4
     assert _run("demo", "--repeats", "0")[0] == 2
+
+
+# -- the console script and --version ---------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _console_script_target() -> str:
+    """pyproject.toml's ``[project.scripts]`` entry for ``immutorch``."""
+    section = (ROOT / "pyproject.toml").read_text().split("[project.scripts]", 1)[1]
+    found = re.search(r'^immutorch\s*=\s*"([^"]+)"', section.split("\n[", 1)[0], flags=re.M)
+    assert found, "pyproject.toml declares no `immutorch` console script"
+    return found.group(1)
+
+
+def test_the_console_script_is_the_cli_main(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib
+
+    import immutorch
+
+    module_name, _, attr = _console_script_target().partition(":")
+    entry = getattr(importlib.import_module(module_name), attr)
+    assert entry is main
+    # A console script calls its function with no arguments and exits with what it returns.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["immutorch", "--version"])
+        assert entry() == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"immutorch {immutorch.__version__} (torch {torch.__version__}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["immutorch"])
+        assert entry() == 2
+    assert capsys.readouterr().err.startswith("usage: immutorch ")
+
+
+def test_python_dash_m_has_the_same_commands_and_version() -> None:
+    import immutorch
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "immutorch", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+
+    version = run("--version")
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.strip() == (
+        f"immutorch {immutorch.__version__} (torch {torch.__version__}, "
+        f"Python {'.'.join(map(str, sys.version_info[:3]))})"
+    )
+    usage = run("--help")
+    assert usage.stdout.startswith("usage: python -m immutorch ")
+    from immutorch._cli import build_parser
+
+    script_help = build_parser().format_help()
+    assert script_help.startswith("usage: immutorch ")
+    listed = re.findall(r"^    (\S+)", usage.stdout, flags=re.M)
+    assert listed and listed == re.findall(r"^    (\S+)", script_help, flags=re.M)
+    assert {"demo", "audit", "schema-audit"} <= set(listed)
+
+
+def test_the_installed_immutorch_script_runs_the_cli() -> None:
+    import shutil
+
+    import immutorch
+
+    script = shutil.which("immutorch")
+    if script is None:
+        pytest.skip("no `immutorch` script on PATH (reinstall immutorch to get it)")
+    result = subprocess.run(
+        [script, "--version"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"immutorch {immutorch.__version__} ")
+
+
+# The first README command on a fresh machine: torch installed, numpy not (torch's wheels do
+# not depend on it). The finder hides numpy from the import system, as if it were absent.
+WITHOUT_NUMPY = """
+import importlib.machinery as machinery, runpy, sys
+
+class HideNumpy:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] == "numpy":
+            return None
+        return machinery.PathFinder.find_spec(name, path, target)
+
+    @classmethod
+    def invalidate_caches(cls):
+        machinery.PathFinder.invalidate_caches()
+
+sys.meta_path[:] = [HideNumpy if f is machinery.PathFinder else f for f in sys.meta_path]
+sys.path.insert(0, {root!r})
+sys.argv = ["immutorch", *sys.argv[1:]]
+runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
+"""
+
+
+def _without_numpy(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "without_numpy.py"
+    script.write_text(WITHOUT_NUMPY.format(root=str(ROOT)))
+    return subprocess.run(
+        [sys.executable, str(script), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+
+
+def test_the_demo_prints_no_torch_warning_where_numpy_is_missing(tmp_path: Path) -> None:
+    # The premise: torch itself warns at import when numpy cannot be imported.
+    (tmp_path / "plain.py").write_text("import torch\n")
+    plain = _without_numpy(tmp_path, "plain")
+    assert plain.returncode == 0 and "Failed to initialize NumPy" in plain.stderr
+    demo = _without_numpy(tmp_path, "immutorch", "demo", "--repeats", "1")
+    assert demo.returncode == 0, demo.stderr
+    assert demo.stderr == ""
+    assert 'guard(mode="raise")' in demo.stdout
+
+
+def test_the_quiet_torch_import_leaves_the_filters_torch_installs() -> None:
+    # The CLI's import of torch must leave warnings.filters as a plain `import torch` does.
+    show = (
+        "import warnings; p = lambda r: getattr(r, 'pattern', r); "
+        "print([(a, p(m), c.__name__, p(mod), n) for a, m, c, mod, n in warnings.filters])"
+    )
+    plain = subprocess.run(
+        [sys.executable, "-c", f"import torch; {show}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    quiet = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from immutorch._cli import _import_torch_without_numpy_notice as imp; imp(); " + show,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert plain.returncode == quiet.returncode == 0, plain.stderr + quiet.stderr
+    assert "TracerWarning" in plain.stdout
+    assert quiet.stdout == plain.stdout

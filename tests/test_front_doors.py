@@ -214,6 +214,7 @@ def test_public_surface_is_small_and_typed():
             "immutable_inputs",
             "is_readonly",
             "readonly",
+            "watch_modules",
             "writable",
         ]
     )

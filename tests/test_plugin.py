@@ -18,12 +18,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch._dynamo  # noqa: F401  (see below)
 from corpus import ELEMENT_ASSIGN, any_op
+from project_files import LAYERS, write_files
 
 import immutorch._pytest_plugin as plugin
 from immutorch import _config
 
 pytest_plugins = ["pytester"]
+
+# An in-process run with a module watch imports Dynamo while it collects (the plugin loads it
+# there, not in the first watched test); pytester drops the modules an in-process run imported
+# first, and Dynamo cannot be imported twice in one process: so it is imported here, once.
 
 
 @pytest.fixture(autouse=True)
@@ -44,20 +50,7 @@ def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 # -- a small project: a package whose modules write into their input -------------------------
 PROJECT = {
     "pkg/__init__.py": "",
-    "pkg/layers.py": """
-        import torch
-
-
-        class Zeroing(torch.nn.Module):
-            def forward(self, x):
-                x[0] = 0
-                return x
-
-
-        class Doubling(torch.nn.Module):
-            def forward(self, x):
-                return x * 2
-    """,
+    "pkg/layers.py": LAYERS,
     # Shares a prefix with "pkg" but is another package: not watched by --immutorch-modules=pkg.
     "pkgextra/__init__.py": """
         import torch
@@ -123,10 +116,7 @@ PROJECT = {
 
 @pytest.fixture
 def project(pytester: pytest.Pytester) -> pytest.Pytester:
-    for name, text in PROJECT.items():
-        path = pytester.path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text).lstrip())
+    write_files(pytester.path, PROJECT)
     return pytester
 
 

@@ -28,8 +28,9 @@ README_MAX_LINES = 250
 
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", flags=re.S | re.M)
 INLINE = re.compile(r"`([^`\n]+)`")
-# immutorch.name[.name...][:name]; "immutorch.X" in prose or output (```text) is not a use.
-DOTTED = re.compile(r"(?<![\w./-])immutorch((?:\.[A-Za-z_]\w*)+)(?::([A-Za-z_]\w*))?")
+# immutorch.name[.name...][:name]; "immutorch.X" in prose or output (```text) is not a use, nor a
+# file name given as an option's value (--immutorch-report=immutorch.json).
+DOTTED = re.compile(r"(?<![\w./=-])immutorch((?:\.[A-Za-z_]\w*)+)(?::([A-Za-z_]\w*))?")
 
 
 def _python_blocks(page: Path) -> list[str]:

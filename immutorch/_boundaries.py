@@ -6,7 +6,8 @@ state from block guards, hands protected arguments over as copy-on-write aliases
 mode, and, under :func:`watch_modules` (the pytest plugin's ``--immutorch-modules``), protects
 the arguments of the modules it watches for the duration of their call.
 
-The hooks are installed only while some thread has a guard active or a watch open.
+The hooks are installed only while some thread has a guard active or a watch open, and
+come off as the last of those ends.
 """
 
 from __future__ import annotations
@@ -59,14 +60,19 @@ def acquire_hooks() -> None:
 
 
 def release_hooks() -> None:
-    """Count one user less. The hooks stay until a module is called with no user left (see
-    ``_pre_hook``): a decorated forward called in a loop must not re-register them each call."""
+    """Count one user less; the last one takes the hooks off at once.
+
+    Nothing may outlive the last guard: any global module hook sends ``Module.__call__`` down
+    its slow path for the whole process and makes ``torch.export.export(strict=True)`` fail
+    ("Attempted to inline function marked as skipped", torch 2.13, with any global hook at
+    all). A clone-mode decorated forward called in a loop re-registers the two hooks per call
+    (~8 us, measured: ``tests/test_export_and_leftovers.py`` pins only the behaviour).
+    """
     global _users
     with _lock:
         _users -= 1
-        if _users == 0 and compile_in_use():
-            # torch warns when a compiled module is called while global hooks exist, before
-            # any hook of ours could take them off: once torch.compile is in use, remove now.
+        if _users <= 0:
+            _users = 0
             _remove_locked()
 
 
@@ -113,12 +119,6 @@ def _register_pre() -> None:
         _handles[0] = register_pre(_pre_hook_with_kwargs, with_kwargs=True)
     else:
         _handles[0] = register_pre(_pre_hook)
-
-
-def _remove_if_unused() -> None:
-    with _lock:
-        if _users == 0:
-            _remove_locked()
 
 
 def _remove_locked() -> None:
@@ -322,10 +322,7 @@ def _begin_boundary(
 ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
     state = STATE
     if state.bypass or _users == 0 or not (state.frames or state.watchers):
-        # No user of the hooks left (the frames active now need none: named raise and warn
-        # guards, decorators in scope "arguments"): the first module call takes them off.
-        if _users == 0:
-            _remove_if_unused()
+        # Hooks held for another thread's guard, or immutorch stepping aside (tracing).
         return None
     state.modules.append(module)
     # A ScriptModule calls its submodules inside TorchScript, where no hook sees them; DDP

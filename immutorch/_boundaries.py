@@ -326,9 +326,15 @@ def _begin_boundary(
         return None
     state.modules.append(module)
     # A ScriptModule calls its submodules inside TorchScript, where no hook sees them; DDP
-    # broadcasts the wrapped module's buffers before any submodule is called.
+    # broadcasts the wrapped module's buffers before any submodule is called; a call that
+    # hands its arguments over as scoped aliases does no boundary work for its submodules
+    # (their gradients, accumulated in place by a later backward, are state too).
     framework = is_framework(module)
-    whole = framework or isinstance(module, torch.jit.ScriptModule)
+    whole = (
+        framework
+        or isinstance(module, torch.jit.ScriptModule)
+        or bool(state.scoped_guards and not state.scoped_calls)
+    )
     for block in state.blocks:
         if not block.protect_state:
             block.add_module_state(module, recurse=whole)

@@ -19,12 +19,11 @@ import numpy as np
 import pytest
 import torch
 import torch.utils.dlpack
+from corpus import assert_same
 from torch import Tensor
 
 import immutorch
 from immutorch import _births
-
-from corpus import assert_same
 
 MODES = ["raise", "warn", "clone"]
 SCOPES = ["all", "arguments"]

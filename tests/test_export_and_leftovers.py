@@ -183,5 +183,5 @@ def test_make_fx_traces_the_input_not_a_constant(mode: str, scope: str) -> None:
 @pytest.mark.parametrize("scope", SCOPES)
 def test_clone_mode_refuses_a_write_it_cannot_isolate_in_an_export(scope: str) -> None:
     decorated = immutorch.immutable_inputs(mode="clone", scope=scope)(Writer())
-    with pytest.raises(immutorch.ImmutableTensorError, match="torch.export or make_fx"):
+    with pytest.raises(immutorch.ImmutableTensorError, match=r"torch\.export or make_fx"):
         torch.export.export(decorated, (torch.randn(2, 3),), strict=False)

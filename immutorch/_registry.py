@@ -165,12 +165,20 @@ class Frame:
         if key in self.seen_modules:
             return
         self.seen_modules[key] = module
-        for p in module.parameters(recurse=recurse):
+        try:
+            params, buffers = list(module.parameters(recurse)), list(module.buffers(recurse))
+        except Exception:  # a module whose tree cannot be walked: its own tensors at least
+            params = list(getattr(module, "_parameters", {}).values())
+            buffers = list(getattr(module, "_buffers", {}).values())
+        for p in params:
+            if p is None:
+                continue
             self._add_state(p)
             if p.grad is not None:
                 self._add_state(p.grad)
-        for b in module.buffers(recurse=recurse):
-            self._add_state(b)
+        for b in buffers:
+            if b is not None:
+                self._add_state(b)
 
     def add_framework_state(self, owner: torch.nn.Module, find: Any) -> None:
         """Exempt memory a framework module owns beyond its parameters (DDP's gradient

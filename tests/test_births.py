@@ -306,3 +306,25 @@ def test_dataloader_worker_batches_are_the_blocks_own(mode: str) -> None:
         # Shared memory made in the workers, mapped here inside the block.
         result = [b[0].div_(2) for b in DataLoader(data, batch_size=4, num_workers=2)]
     assert_same(result, expected)
+
+
+def _send_one(queue: Any, done: Any) -> None:
+    queue.put(torch.arange(4.0))
+    done.wait()  # the received tensor's shared memory must stay open until it is mapped
+
+
+def test_a_tensor_received_from_another_process_is_the_blocks_own() -> None:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, done = ctx.Queue(), ctx.Event()
+    child = ctx.Process(target=_send_one, args=(queue, done))
+    child.start()
+    try:
+        with immutorch.guard():
+            received = queue.get(timeout=60)
+            received.add_(1)
+    finally:
+        done.set()
+        child.join(timeout=60)
+    assert_same(received, torch.arange(4.0) + 1)

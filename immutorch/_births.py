@@ -47,6 +47,8 @@ _users = 0
 _saved: list[tuple[Any, str, Any]] = []
 _ABSENT = object()
 _NEW = object()  # an owner whose bytes are no tensor's
+# Sources that are data, never memory: a tensor made from them is always new.
+_PYTHON_DATA = (list, tuple, int, float, complex, bool)
 
 
 def acquire() -> None:
@@ -145,10 +147,13 @@ def _wrap_foreign(original: Callable[..., Any]) -> Callable[..., Any]:
             storage = _result_storage(out)
             if storage is not None and getattr(storage, BORN_ATTR, 0) == 0:
                 source = args[0] if args else next(iter(kwargs.values()), None)
-                if isinstance(source, torch.Tensor) and storage_of(source) is storage:
-                    pass  # the source's own memory, birth and all
-                elif storage.resizable():
-                    _tag_new(storage)  # allocated by this call: a copy
+                if storage.resizable():
+                    # Allocated by this call (a copy) when the source is Python data or bytes
+                    # no tensor owns. Never otherwise: ``torch.asarray(x.untyped_storage())``
+                    # returns x's own storage, undated, and must stay so; a copy of a tensor
+                    # was dated by the op that made it.
+                    if isinstance(source, _PYTHON_DATA) or _owner(source) is _NEW:
+                        _tag_new(storage)
                 else:
                     _inherit(storage, source)
         return out

@@ -63,6 +63,18 @@ def is_functorch_wrapped(t: torch.Tensor) -> bool:
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
+def storage_use_count(storage: Any) -> Optional[int]:
+    """How many references hold the StorageImpl (tensors, Python storage objects), or None
+    where this torch cannot say."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+    try:
+        return int(count(storage._cdata))
+    except Exception:
+        return None
+
+
 def tracing_now() -> bool:
     """Whether a trace records this thread's ops: make_fx's or torch.export's proxy mode, or a
     fake or functional mode, is active (torch's infra modes, kept apart from the user stack)."""

@@ -114,6 +114,10 @@ def frombuffer_of_block_tensor() -> Tensor:
     return x
 
 
+def as_tensor_list() -> Tensor:
+    return torch.as_tensor([[1.0, 2.0], [3.0, 4.0]]).t_().add_(1)
+
+
 BLOCK_MADE: dict[str, Callable[[], Tensor]] = {
     f.__name__: f
     for f in (
@@ -127,6 +131,7 @@ BLOCK_MADE: dict[str, Callable[[], Tensor]] = {
         storage_clone,
         from_numpy_fresh,
         as_tensor_numpy,
+        as_tensor_list,
         numpy_alias_of_block_tensor,
         dlpack_alias_of_block_tensor,
         frombuffer_of_block_tensor,
@@ -187,6 +192,9 @@ REACHED_AGAIN: dict[str, Callable[[Tensor], Any]] = {
     "as_tensor": lambda x: torch.as_tensor(x.numpy()).add_(1),
     "asarray": lambda x: torch.asarray(x.numpy()).add_(1),
     "set_storage": lambda x: torch.empty(0).set_(x.untyped_storage()).add_(1),
+    "asarray_storage": lambda x: torch.asarray(x.untyped_storage()).add_(1),
+    "as_tensor_storage": lambda x: torch.as_tensor(x.untyped_storage()).add_(1),
+    "as_tensor_tensor": lambda x: torch.as_tensor(x).add_(1),
     "storage_slice": lambda x: torch.empty(0).set_(x.untyped_storage()[4:12]).add_(1),
 }
 

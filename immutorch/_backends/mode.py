@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .. import _births, _registry, _tracing
 from .._clone import GROUP_ATTR
 from .._compat import current_dispatch_mode
-from .._judge import check_writes, join, owns_memory, remember_error, tag_births
+from .._judge import check_writes, join, lifted_fresh, remember_error, tag_births
 from .._registry import STATE, ThreadState
 from .._schema import op_facts
 
@@ -52,13 +52,12 @@ class ImmutorchMode(TorchDispatchMode):
             if explained is not None:
                 raise explained from exc
             raise
-        # lift_fresh also wraps torch.from_numpy(a): a new StorageImpl over bytes numpy owns,
-        # maybe those of a tensor from before the block (x.numpy()). Such external memory is
-        # not resizable; it must not count as the block's own.
+        # lift_fresh also wraps memory that exists (torch.from_numpy(x.numpy()),
+        # torch.asarray(x.untyped_storage())): that must not count as the block's own.
         if (
             state.blocks
             and facts.fresh_outputs
-            and (facts.name != "aten::lift_fresh" or owns_memory(out))
+            and (facts.name != "aten::lift_fresh" or lifted_fresh(out))
         ):
             tag_births(out)
         if state.clone_frames and facts.view_of is not None:

@@ -6,7 +6,8 @@ state from block guards, hands protected arguments over as copy-on-write aliases
 mode, and, under :func:`watch_modules` (the pytest plugin's ``--immutorch-modules``), protects
 the arguments of the modules it watches for the duration of their call.
 
-The hooks are installed only while some thread has a guard active or a watch open.
+The hooks are installed only while some thread has a guard active or a watch open, and
+come off as the last of those ends.
 """
 
 from __future__ import annotations
@@ -61,14 +62,19 @@ def acquire_hooks() -> None:
 
 
 def release_hooks() -> None:
-    """Count one user less. The hooks stay until a module is called with no user left (see
-    ``_pre_hook``): a decorated forward called in a loop must not re-register them each call."""
+    """Count one user less; the last one takes the hooks off at once.
+
+    Nothing may outlive the last guard: any global module hook sends ``Module.__call__`` down
+    its slow path for the whole process and makes ``torch.export.export(strict=True)`` fail
+    ("Attempted to inline function marked as skipped", torch 2.13, with any global hook at
+    all). A clone-mode decorated forward called in a loop re-registers the two hooks per call
+    (~8 us, measured: ``tests/test_export_and_leftovers.py`` pins only the behaviour).
+    """
     global _users
     with _lock:
         _users -= 1
-        if _users == 0 and compile_in_use():
-            # torch warns when a compiled module is called while global hooks exist, before
-            # any hook of ours could take them off: once torch.compile is in use, remove now.
+        if _users <= 0:
+            _users = 0
             _remove_locked()
 
 
@@ -398,16 +404,19 @@ def _begin_boundary(
 ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
     state = STATE
     if state.bypass or _users == 0 or not (state.frames or state.watchers):
-        # No user of the hooks left (the frames active now need none: named raise and warn
-        # guards, decorators in scope "arguments"): the first module call takes them off.
-        if _users == 0:
-            _remove_if_unused()
+        # Hooks held for another thread's guard, or immutorch stepping aside (tracing).
         return None
     state.modules.append(module)
     # A ScriptModule calls its submodules inside TorchScript, where no hook sees them; DDP
-    # broadcasts the wrapped module's buffers before any submodule is called.
+    # broadcasts the wrapped module's buffers before any submodule is called; a call that
+    # hands its arguments over as scoped aliases does no boundary work for its submodules
+    # (their gradients, accumulated in place by a later backward, are state too).
     framework = is_framework(module)
-    whole = framework or isinstance(module, torch.jit.ScriptModule)
+    whole = (
+        framework
+        or isinstance(module, torch.jit.ScriptModule)
+        or bool(state.scoped_guards and not state.scoped_calls)
+    )
     for block in state.blocks:
         if not block.protect_state:
             block.add_module_state(module, recurse=whole)

@@ -10,6 +10,7 @@ write then lands in the copy. A callee that only reads costs no copy.
 
 from __future__ import annotations
 
+import copy
 import threading
 import weakref
 from typing import Any, Optional
@@ -17,7 +18,13 @@ from typing import Any, Optional
 import torch
 
 from ._arguments import replace
-from ._compat import disable_torch_dispatch, is_functional, set_version_counter
+from ._compat import (
+    disable_torch_dispatch,
+    is_functional,
+    is_traced,
+    set_version_counter,
+    tracing_now,
+)
 from ._registry import STATE, TOTAL_STATS, CloneStats
 from ._storage import BORN_ATTR, PLAIN, PRIVATE_BORN, storage_of, tensor_leaves
 
@@ -53,7 +60,10 @@ class CowGroup:
 
     def add(self, t: torch.Tensor) -> None:
         t.__dict__[GROUP_ATTR] = self
-        self.members.append(weakref.ref(t))
+        ref = weakref.ref(t)
+        self.members.append(ref)
+        if type(t) is torch.Tensor:
+            _serialize_as_plain(t, ref)
         if len(self.members) % 1024 == 0:
             self.members = [r for r in self.members if r() is not None]
 
@@ -89,7 +99,8 @@ class CowGroup:
                         set_version_counter(t, version)
                     raise
             for t in live:
-                t.__dict__.pop(GROUP_ATTR, None)
+                for name in _OWN_KEYS:
+                    t.__dict__.pop(name, None)
         finally:
             STATE.bypass -= 1
         nbytes = copy.nbytes()
@@ -101,6 +112,76 @@ class CowGroup:
         if groups.get(key) is self:
             del groups[key]
         self.storage = copy
+
+
+# -- serialization ------------------------------------------------------------------------------
+# A plain alias pickles, torch.saves and deep-copies as the plain tensor it stands for. Tensor's
+# own __reduce_ex__ and __deepcopy__ would carry the group along (its weak references cannot be
+# pickled, and a deep copy would believe itself a member of the group). Python finds both
+# methods on the instance before the class (they are not data descriptors), so each member
+# carries a small stand-in under both names, holding the member only weakly.
+_REDUCE, _DEEPCOPY = "__reduce_ex__", "__deepcopy__"
+_OWN_KEYS = (GROUP_ATTR, _REDUCE, _DEEPCOPY)
+
+
+class _AsPlain:
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: weakref.ref[torch.Tensor]) -> None:
+        self.ref = ref
+
+    def __call__(self, arg: Any) -> Any:
+        t = self.ref()
+        if t is None:  # pragma: no cover - called through the member, which is alive
+            raise RuntimeError("immutorch: internal error: a copy-on-write alias is gone")
+        if isinstance(arg, dict):
+            return _deepcopy_plain(t, arg)
+        return _reduce_plain(t, arg)
+
+
+def _serialize_as_plain(t: torch.Tensor, ref: weakref.ref[torch.Tensor]) -> None:
+    stand_in = _AsPlain(ref)
+    t.__dict__[_REDUCE] = stand_in
+    t.__dict__[_DEEPCOPY] = stand_in
+
+
+def _user_state(t: torch.Tensor) -> dict[str, Any]:
+    return {k: v for k, v in t.__dict__.items() if k not in _OWN_KEYS}
+
+
+def _reduce_plain(t: torch.Tensor, protocol: Any) -> Any:
+    func, args = torch.Tensor._reduce_ex_internal(t, protocol)
+    state = _user_state(t)
+    if not state:
+        return func, args
+    return torch._tensor._rebuild_from_type_v2, (func, torch.Tensor, args, state)
+
+
+def _deepcopy_plain(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
+    if not t.is_leaf and not _alias_of_leaf(t):
+        # The caller's tensor had autograd history: deepcopy refuses it unguarded, and so here.
+        return torch.Tensor.__deepcopy__(t, memo)  # type: ignore[no-any-return]
+    STATE.bypass += 1
+    try:
+        with disable_torch_dispatch():
+            plain = torch.Tensor._make_subclass(torch.Tensor, t.detach(), t.requires_grad)
+    finally:
+        STATE.bypass -= 1
+    new: torch.Tensor = torch.Tensor.__deepcopy__(plain, memo)
+    state = _user_state(t)
+    if state:
+        new.__dict__.update(copy.deepcopy(state, memo))
+    return new
+
+
+def _alias_of_leaf(t: torch.Tensor) -> bool:
+    """Whether ``t`` is an alias (``_Alias``) of a leaf that requires grad."""
+    node = t.grad_fn
+    if node is None or type(node).__name__ != "_AliasBackward":
+        return False
+    nexts = node.next_functions
+    source = nexts[0][0] if nexts else None
+    return source is not None and type(source).__name__ == "AccumulateGrad"
 
 
 def group_of(t: torch.Tensor) -> CowGroup | None:
@@ -166,6 +247,13 @@ def _copy(x: torch.Tensor, stats: CloneStats) -> torch.Tensor:
 def alias(x: torch.Tensor, stats: CloneStats, cls: Optional[type] = None) -> torch.Tensor:
     """Hand ``x`` across a boundary: a copy-on-write alias (of type ``cls``, the scoped
     backend's subclass, if given), or a copy where none can be made."""
+    if tracing_now() or (type(x) not in PLAIN and is_traced(x)):
+        # torch.export (strict=False) and make_fx record the ops the callee runs: an alias
+        # made past the dispatcher would enter the program as a constant (the trace-time
+        # input, baked in), and a copy up front as an aten.clone of the input where nothing
+        # writes. The tensor crosses as it is; a write into it is refused (see _policy:
+        # clone mode cannot isolate it).
+        return x
     if not can_alias(x):
         return _copy(x, stats)
     STATE.bypass += 1

@@ -85,6 +85,42 @@ def functorch_unwrapped(t: torch.Tensor) -> torch.Tensor:
     return torch._C._functorch.get_unwrapped(t)
 
 
+def storage_use_count(storage: Any) -> Optional[int]:
+    """How many references hold the StorageImpl (tensors, Python storage objects), or None
+    where this torch cannot say."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+    try:
+        return int(count(storage._cdata))
+    except Exception:
+        return None
+
+
+def tracing_now() -> bool:
+    """Whether a trace records this thread's ops: make_fx's or torch.export's proxy mode, or a
+    fake or functional mode, is active (torch's infra modes, kept apart from the user stack)."""
+    get = torch._C._get_dispatch_mode
+    keys = torch._C._TorchDispatchModeKey
+    return any(get(key) is not None for key in (keys.PROXY, keys.FAKE, keys.FUNCTIONAL))
+
+
+def exporting_under_dynamo() -> bool:
+    """Whether Dynamo is tracing for torch.export(strict=True) right now."""
+    # is_compiling() is true under non-strict export and make_fx too; is_dynamo_compiling()
+    # (torch >= 2.5) only while Dynamo itself traces.
+    dynamo = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+    return bool(torch.compiler.is_exporting() and dynamo())
+
+
+def is_traced(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a tensor of a trace (export's and make_fx's fake and functional
+    tensors), which holds no data of its own."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return bool(is_fake(t))
+
+
 def disable_dynamo(fn: Any) -> Any:
     """``fn`` wrapped so that Dynamo never traces into it (it runs as a graph break)."""
     return torch._disable_dynamo(fn)  # type: ignore[attr-defined]

@@ -15,6 +15,7 @@ from ._backends.scoped import hand_over as hand_over_scoped
 from ._backends.scoped import unwrap
 from ._boundaries import enter, finish, leave
 from ._clone import alias, back_to_caller
+from ._compat import exporting_under_dynamo
 from ._compiled import CompiledBoundary
 from ._config import Mode, Scope, check_mode, check_scope, resolve, resolve_scope
 from ._naming import is_compiled
@@ -118,6 +119,11 @@ def _wrap(fn: Any, mode: Mode, only: Optional[frozenset[str]], scope: Scope) -> 
         __tracebackhide__ = True
         effective = resolve(mode)
         if effective == "off" or STATE.bypass:  # bypass: immutorch stepped aside (tracing)
+            return fn(*args, **kwargs)
+        if exporting_under_dynamo():
+            # torch.export(strict=True): Dynamo traces the callee into a program that runs
+            # without this wrapper; it cannot trace immutorch's bookkeeping (storage
+            # pointers), so the program is the undecorated callee's (see docs/pytorch-features).
             return fn(*args, **kwargs)
         root = bound_to if bound_to is not None else (args[0] if args else None)
         frame = Frame(

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from . import _registry
+from ._compat import storage_use_count
 from ._registry import ThreadState, strictest
 from ._schema import META, OpFacts, written_values
 from ._storage import BORN_ATTR, PLAIN, memory_leaves, storage_of
@@ -81,9 +82,19 @@ def check_writes(state: ThreadState, facts: OpFacts, args: Any, kwargs: Any) -> 
                     check(state, facts.name, written.name, written.kind == META, item)
 
 
-def owns_memory(out: Any) -> bool:
+def lifted_fresh(out: Any) -> bool:
+    """Whether ``aten::lift_fresh`` wrapped new memory (``torch.tensor(data)``), not memory that
+    exists already: ``torch.from_numpy`` wraps bytes numpy owns (not resizable), and
+    ``torch.asarray(x.untyped_storage())`` wraps x's own storage. A storage made for the new
+    tensor is held by it and by the Python storage object just looked up, nothing else; more
+    holders mean it was there before. (Two holders is also a storage held only by a Python
+    storage object from before: the one case this cannot tell, see docs/pytorch-features.md.)
+    """
     storage = storage_of(out) if isinstance(out, torch.Tensor) else None
-    return storage is not None and bool(storage.resizable())
+    if storage is None or not storage.resizable():
+        return False
+    holders = storage_use_count(storage)
+    return holders is None or holders <= 2
 
 
 @never_type_error

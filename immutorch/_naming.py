@@ -46,7 +46,10 @@ def display_path(module: torch.nn.Module, outermost: Optional[torch.nn.Module] =
     for root in _roots(outermost):
         if root is module:
             return cls
-        path = _path_in(root, module)
+        try:
+            path = _path_in(root, module)
+        except Exception:  # a module tree half built (copy.deepcopy) or broken: no path
+            path = None
         if path:
             return f"{path} ({cls})"
     return cls

@@ -11,17 +11,20 @@ import os
 import sys
 import warnings
 from types import FrameType
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 import wrapt  # noqa: F401  (imported so its frames can be skipped in locations)
 
 from . import _judge, _provenance, _recorder
 from ._clone import group_of
+from ._compat import tracing_now
 from ._errors import ImmutableTensorError, MutationWarning
 from ._naming import current_module_path
 from ._registry import BLOCK, OUTSIDE, STATE, Hit
 from ._storage import describe, shape_of
+
+T = TypeVar("T")
 
 
 def _package_dir(module_name: str) -> Optional[str]:
@@ -59,6 +62,17 @@ def _where(hit: Hit) -> str:
     return current_module_path() or hit.frame.where
 
 
+def _described(describe_it: Callable[[], T], fallback: T) -> T:
+    """A piece of a refusal's message. Describing walks user objects (modules half built by
+    ``copy.deepcopy``, frames' locals, tensors of odd types) that can fail in any way: a
+    failure degrades the description to ``fallback``, never the refusal (and never turns a
+    warning into an exception)."""
+    try:
+        return describe_it()
+    except Exception:
+        return fallback
+
+
 def handle(hit: Hit, op: str, written_arg: str, t: torch.Tensor, *, meta: bool = False) -> None:
     __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
     """Act on a write into protected memory according to the strictest hit's mode."""
@@ -83,22 +97,23 @@ def handle(hit: Hit, op: str, written_arg: str, t: torch.Tensor, *, meta: bool =
 def _context(
     hit: Hit, op: str, written_arg: str, t: torch.Tensor
 ) -> tuple[str, dict[str, object], Optional[FrameType]]:
-    frame = user_frame()
+    frame = _described(user_frame, None)
     location = f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else None
-    where = _where(hit)
+    where = _described(lambda: _where(hit), hit.frame.where)
     what = "change the size or strides of" if written_arg.startswith("*") else "write into"
-    shape = hit.shape if hit.dtype is not None else shape_of(t)
-    dtype = hit.dtype if hit.dtype is not None else t.dtype
-    tensor_desc = (
-        describe(t)
-        if hit.dtype is None
-        else (f"a {str(dtype).replace('torch.', '')} tensor of shape {list(shape)}")
-    )
+    dtype: Optional[torch.dtype]
+    if hit.dtype is not None:
+        shape, dtype = hit.shape, hit.dtype
+        tensor_desc = f"a {str(dtype).replace('torch.', '')} tensor of shape {list(shape)}"
+    else:
+        shape = _described(lambda: shape_of(t), ())
+        dtype = _described(lambda: t.dtype, None)
+        tensor_desc = _described(lambda: describe(t), "a tensor")
     arg = written_arg.lstrip("*")
     label = f"`{hit.label}`"
     allow_hint: Optional[str] = None
     if hit.frame.kind == BLOCK and hit.label == OUTSIDE:
-        found = _provenance.find(t, frame)
+        found = _described(lambda: _provenance.find(t, frame), None)
         if found is not None:
             label = f"{found.label}, {OUTSIDE}"
             allow_hint = found.allow
@@ -149,7 +164,14 @@ def _fail(
     text, attrs, _ = _context(hit, op, written_arg, t)
     if _recorder.listening():
         _record("refused", hit, op, attrs)
-    if cannot_isolate:
+    if cannot_isolate and tracing_now():
+        text += (
+            "\nClone mode cannot isolate a write while torch.export or make_fx records the "
+            "program: a copy-on-write alias cannot be traced, and a copy made up front would "
+            "stay in the program for every call. Export the code without the write (write into "
+            "a new tensor), or export it undecorated and guard the exported module's calls."
+        )
+    elif cannot_isolate:
         text += (
             "\nClone mode cannot isolate this write: it reaches the caller's own tensor, not a "
             "copy-on-write alias handed across a boundary (a decorated call, or an nn.Module "

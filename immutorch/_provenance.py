@@ -34,7 +34,10 @@ def find(t: torch.Tensor, user: Optional[FrameType]) -> Optional[Provenance]:
         return None
     target = storage._cdata
     for name, obj in _candidates(user):
-        found = _search(name, obj, target)
+        try:
+            found = _search(name, obj, target)
+        except Exception:  # a module half built (copy.deepcopy) or otherwise broken: skip it
+            continue
         if found is not None:
             return found
     return None
@@ -54,7 +57,11 @@ def _candidates(user: Optional[FrameType]) -> list[tuple[Optional[str], Any]]:
     depth = 0
     while frame is not None and depth < _MAX_FRAMES:
         for name, value in list(frame.f_locals.items()):
-            if isinstance(value, (torch.nn.Module, torch.optim.Optimizer)):
+            try:
+                wanted = isinstance(value, (torch.nn.Module, torch.optim.Optimizer))
+            except Exception:  # an object whose __class__ raises
+                continue
+            if wanted:
                 add(name, value)
         frame = frame.f_back
         depth += 1

@@ -188,12 +188,20 @@ class Frame:
         if key in self.seen_modules:
             return
         self.seen_modules[key] = module
-        for p in module.parameters(recurse=recurse):
+        try:
+            params, buffers = list(module.parameters(recurse)), list(module.buffers(recurse))
+        except Exception:  # a module whose tree cannot be walked: its own tensors at least
+            params = list(getattr(module, "_parameters", {}).values())
+            buffers = list(getattr(module, "_buffers", {}).values())
+        for p in params:
+            if p is None:
+                continue
             self._add_state(p)
             if p.grad is not None:
                 self._add_state(p.grad)
-        for b in module.buffers(recurse=recurse):
-            self._add_state(b)
+        for b in buffers:
+            if b is not None:
+                self._add_state(b)
 
     def add_framework_state(self, owner: torch.nn.Module, find: Any) -> None:
         """Exempt memory a framework module owns beyond its parameters (DDP's gradient
@@ -250,6 +258,9 @@ class ThreadState(threading.local):
         self.body_users = 0
         self.scoped_guards = 0
         self.scoped_calls = 0
+        # Scoped calls that took the every-op mode off the stack (_mode.suspend): births in
+        # them go unrecorded, so block frames judge undated memory there by what crossed.
+        self.suspended_calls = 0
         # The last exception raised inside the dispatch mode on this thread (a refusal, or an
         # op's own error): TorchScript's interpreter turns an exception raised inside it into
         # a RuntimeError with an empty message, and the front doors put this one back (see
@@ -319,16 +330,40 @@ class ThreadState(threading.local):
                         hits.append(p.hit())
         if self.blocks:
             born = getattr(storage, BORN_ATTR, 0)
-            for f in self.blocks:
-                if born < f.start and not f.exempt(cdata):
-                    if not f.protect_state and isinstance(t, torch.nn.Parameter):
-                        continue
-                    hits.append(Hit(f, self.outside_label(cdata), f.mode, (), None))
+            if born or self.older_than_blocks(cdata):
+                for f in self.blocks:
+                    if born < f.start and not f.exempt(cdata):
+                        if not f.protect_state and isinstance(t, torch.nn.Parameter):
+                            continue
+                        hits.append(Hit(f, self.outside_label(cdata), f.mode, (), None))
         mark = getattr(storage, READONLY_ATTR, None)
         if mark is not None and self.frames:
             inner = self.frames[-1]
             hits.append(Hit(inner, f"{mark} (marked read-only)", inner.mode, (), None))
         return hits
+
+    def older_than_blocks(self, cdata: int) -> bool:
+        """Whether undated memory counts as older than the active block frames.
+
+        Everywhere but one place, yes: a storage nothing dated is outside memory (see
+        ``_births``). Inside a scoped call that took the every-op mode off the stack, the
+        block's own new memory goes undated too (ops that take no handed-over argument run
+        unseen there), and what the scoped backend promises inside a module call covers only
+        the arguments handed over: there, undated memory counts as outside only if it crossed
+        as one of them, or (for a block that protects module state) is state of a module in
+        call. Rare: only writes by ops that take a handed-over argument get here.
+        """
+        if not self.suspended_calls:
+            return True
+        for boundary in self.boundaries:
+            if cdata in getattr(boundary, "storages", ()):
+                return True
+        if any(f.protect_state for f in self.blocks):
+            for boundary in self.boundaries:
+                module = getattr(boundary, "module", None)
+                if isinstance(module, torch.nn.Module) and _holds(module, cdata):
+                    return True
+        return False
 
     def outside_label(self, cdata: int) -> str:
         """Name memory from outside a block by the module parameter it came in as."""
@@ -349,14 +384,27 @@ class ThreadState(threading.local):
         ]
         if self.blocks:
             storage = storage_of(t)
-            if storage is not None:
-                born = getattr(storage, BORN_ATTR, 0)
+            born = getattr(storage, BORN_ATTR, 0) if storage is not None else 0
+            if storage is not None and (born or self.older_than_blocks(storage._cdata)):
                 for f in self.blocks:
                     if born < f.start and not f.exempt(storage._cdata):
                         if not f.protect_state and isinstance(t, torch.nn.Parameter):
                             continue
                         hits.append(Hit(f, OUTSIDE, f.mode, (), None))
         return hits
+
+
+def _holds(module: torch.nn.Module, cdata: int) -> bool:
+    """Whether ``cdata`` is the storage of a parameter, gradient or buffer of ``module``."""
+    tensors: list[Optional[torch.Tensor]] = []
+    for p in module.parameters():
+        tensors += (p, p.grad)
+    tensors += module.buffers()
+    for t in tensors:
+        storage = storage_of(t) if t is not None else None
+        if storage is not None and storage._cdata == cdata:
+            return True
+    return False
 
 
 def protection_of(t: torch.Tensor) -> Optional[Hit]:

@@ -13,10 +13,10 @@ from typing import Any, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .. import _registry, _tracing
+from .. import _births, _registry, _tracing
 from .._clone import GROUP_ATTR
 from .._compat import current_dispatch_mode
-from .._judge import check_writes, join, owns_memory, remember_error, tag_births
+from .._judge import check_writes, join, lifted_fresh, remember_error, tag_births
 from .._registry import STATE, ThreadState
 from .._schema import op_facts
 
@@ -52,13 +52,12 @@ class ImmutorchMode(TorchDispatchMode):
             if explained is not None:
                 raise explained from exc
             raise
-        # lift_fresh also wraps torch.from_numpy(a): a new StorageImpl over bytes numpy owns,
-        # maybe those of a tensor from before the block (x.numpy()). Such external memory is
-        # not resizable; it must not count as the block's own.
+        # lift_fresh also wraps memory that exists (torch.from_numpy(x.numpy()),
+        # torch.asarray(x.untyped_storage())): that must not count as the block's own.
         if (
             state.blocks
             and facts.fresh_outputs
-            and (facts.name != "aten::lift_fresh" or owns_memory(out))
+            and (facts.name != "aten::lift_fresh" or lifted_fresh(out))
         ):
             tag_births(out)
         if state.clone_frames and facts.view_of is not None:
@@ -109,7 +108,14 @@ def enter(frame: _registry.Frame) -> None:
     if frame.needs_mode:
         require(body=frame.body_only)
     try:
-        state.push(frame)
+        if frame.kind == _registry.BLOCK:
+            _births.acquire()  # memory made outside the dispatcher is dated too
+        try:
+            state.push(frame)
+        except BaseException:
+            if frame.kind == _registry.BLOCK:
+                _births.release()
+            raise
     except BaseException:
         try:
             if frame in state.frames:
@@ -126,9 +132,13 @@ def leave(frame: _registry.Frame) -> None:
     try:
         state.pop(frame)
     finally:
-        # A failure above must not strand the mode on the thread.
-        if frame.needs_mode:
-            release(body=frame.body_only)
+        # A failure above must not strand the mode (or the birth wrappers) behind.
+        try:
+            if frame.kind == _registry.BLOCK:
+                _births.release()
+        finally:
+            if frame.needs_mode:
+                release(body=frame.body_only)
 
 
 def require(*, body: bool = False) -> None:
@@ -179,12 +189,16 @@ def suspend() -> Optional[tuple[int, int]]:
     state.mode_handle = None
     state.mode_users = state.body_users = 0
     handle_.__exit__(None, None, None)
+    # Ops in the call that touch no handed-over argument now run unseen, their results
+    # undated: the registry judges undated memory there by what was handed over.
+    state.suspended_calls += 1
     return users
 
 
 def resume(users: tuple[int, int]) -> None:
     """Put back what :func:`suspend` took off."""
     state = STATE
+    state.suspended_calls -= 1
     _push_if_absent(state)
     state.mode_users += users[0]
     state.body_users += users[1]

@@ -34,6 +34,7 @@ from .._compat import (
     disable_dynamo,
     disable_torch_dispatch,
     is_functorch_wrapped,
+    tracing_now,
 )
 from .._compiled import compile_in_use
 from .._registry import STATE, CloneStats, protection_of
@@ -270,6 +271,9 @@ def can_scope(t: torch.Tensor) -> bool:
         and storage_of(t) is not None
         and not is_functorch_wrapped(t)
         and not ((t.is_conj() or t.is_neg()) and bit_views_broken())
+        # Under make_fx or torch.export the alias's ops would run past the proxy mode, out of
+        # the recorded program: the every-op mode judges the call instead.
+        and not tracing_now()
     )
 
 

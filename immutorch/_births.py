@@ -1,0 +1,294 @@
+"""When memory was born, for block guards: the storages made outside the dispatcher.
+
+A block guard (``guard()`` with no tensors) refuses writes into memory that existed before it
+and allows writes into memory the block made. A StorageImpl carries no creation stamp and torch
+tells Python nothing when one is made, so birth is *evidence* collected where memory comes
+into being, and a storage without evidence counts as older than the block:
+
+- dispatched ops that return new memory (the every-op mode tags their outputs, ``_judge``);
+- the ways Python code makes storages without such an op, wrapped here while any block guard
+  is active in the process (and only acting on a thread that has one): storage constructors
+  (``copy.deepcopy`` and ``storage.clone()`` reach them), ``torch.load`` / ``pickle.loads``
+  (the archive reader), shared memory received from other processes (DataLoader workers,
+  ``torch.multiprocessing``), memory-mapped files, and the wrappers of foreign memory
+  (``from_numpy``, ``frombuffer``, ``from_dlpack``, ``as_tensor``, ``asarray``).
+
+A wrapper of foreign memory makes a *new* StorageImpl over bytes that may already belong to a
+tensor (``torch.from_numpy(x.numpy())``, ``from_dlpack(x)``). Such a storage inherits the birth
+of the tensor whose bytes it shows: the source object is followed (an ndarray's ``.base`` chain,
+a memoryview's ``.obj``) to the torch tensor at its end. Bytes no tensor owns (an ndarray that
+owns its data, ``bytes``, ``bytearray``, ``array.array``) are not tensor memory, and a block's
+wrap of them is the block's own. Any other owner (a DLPack capsule, another framework's array,
+a ``mmap``, a file mapped shared) may show a tensor's bytes from before the block: no evidence,
+so it stays outside memory.
+
+Soundness rests on one rule: evidence only ever makes memory *younger* when the bytes are
+provably new or provably a block tensor's. A path not wrapped here (a name imported before the
+wrap, a C extension making its own storages) leaves its storages untagged, which refuses a
+write into fresh memory; it never lets a write into older memory through.
+"""
+
+from __future__ import annotations
+
+import array
+import functools
+import sys
+import threading
+from typing import Any, Callable
+
+import torch
+
+from . import _registry
+from ._storage import BORN_ATTR, storage_of
+
+_lock = threading.Lock()
+_users = 0
+# (owner, attribute name, original value or _ABSENT) for each wrap in place.
+_saved: list[tuple[Any, str, Any]] = []
+_ABSENT = object()
+_NEW = object()  # an owner whose bytes are no tensor's
+# Sources that are data, never memory: a tensor made from them is always new.
+_PYTHON_DATA = (list, tuple, int, float, complex, bool)
+
+
+def acquire() -> None:
+    """One more block guard in the process: wrap the entry points if it is the first."""
+    global _users
+    with _lock:
+        _users += 1
+        if _users == 1:
+            _install()
+
+
+def release() -> None:
+    """One block guard less: put every entry point back when none is left."""
+    global _users
+    with _lock:
+        _users -= 1
+        if _users <= 0:
+            _users = 0
+            _uninstall()
+
+
+def installed() -> bool:
+    return bool(_saved)
+
+
+def _blocks_here() -> bool:
+    return bool(_registry.STATE.blocks)
+
+
+def _tag_new(storage: Any) -> None:
+    if storage is not None and getattr(storage, BORN_ATTR, 0) == 0:
+        setattr(storage, BORN_ATTR, _registry.current_epoch)
+
+
+def _inherit(storage: Any, source: Any) -> None:
+    """``storage`` shows bytes owned by ``source``'s owner: give it that owner's birth."""
+    if storage is None or getattr(storage, BORN_ATTR, 0) != 0:
+        return
+    owner = _owner(source)
+    if owner is _NEW:
+        setattr(storage, BORN_ATTR, _registry.current_epoch)
+    elif isinstance(owner, torch.Tensor):
+        mine = storage_of(owner)
+        born = getattr(mine, BORN_ATTR, 0) if mine is not None else 0
+        if born:
+            setattr(storage, BORN_ATTR, born)
+
+
+def _owner(obj: Any) -> Any:
+    """The torch tensor whose bytes ``obj`` shows, _NEW for bytes no tensor owns, or None
+    where the owner cannot be known."""
+    np = sys.modules.get("numpy")
+    for _ in range(64):
+        if isinstance(obj, torch.Tensor):
+            return obj
+        if isinstance(obj, (bytes, bytearray, array.array)):
+            return _NEW
+        if isinstance(obj, memoryview):
+            obj = obj.obj
+            continue
+        if np is not None and isinstance(obj, np.ndarray):
+            if obj.base is None:
+                return _NEW if obj.flags.owndata else None
+            obj = obj.base
+            continue
+        # numpy's stride tricks wrap their source in a small object with ``base`` and
+        # ``__array_interface__``; follow that, nothing else.
+        if hasattr(type(obj), "__array_interface__") or "__array_interface__" in getattr(
+            obj, "__dict__", {}
+        ):
+            base = getattr(obj, "base", None)
+            if base is not None:
+                obj = base
+                continue
+        return None
+    return None
+
+
+def _result_storage(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return storage_of(out)
+    if isinstance(out, torch.UntypedStorage):
+        return out
+    inner = getattr(out, "_untyped_storage", None)  # a TypedStorage
+    return inner if isinstance(inner, torch.UntypedStorage) else None
+
+
+# -- the wrappers ------------------------------------------------------------------------------
+def _wrap_foreign(original: Callable[..., Any]) -> Callable[..., Any]:
+    """A function that makes a tensor from an object (argument 0) whose bytes it may show."""
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        if _blocks_here():
+            storage = _result_storage(out)
+            if storage is not None and getattr(storage, BORN_ATTR, 0) == 0:
+                source = args[0] if args else next(iter(kwargs.values()), None)
+                if storage.resizable():
+                    # Allocated by this call (a copy) when the source is Python data or bytes
+                    # no tensor owns. Never otherwise: ``torch.asarray(x.untyped_storage())``
+                    # returns x's own storage, undated, and must stay so; a copy of a tensor
+                    # was dated by the op that made it.
+                    if isinstance(source, _PYTHON_DATA) or _owner(source) is _NEW:
+                        _tag_new(storage)
+                else:
+                    _inherit(storage, source)
+        return out
+
+    return wrapper
+
+
+def _wrap_new(original: Callable[..., Any]) -> Any:
+    """A class method of the storage type whose result is new memory (``original`` is bound
+    to the class already)."""
+
+    def wrapper(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        if _blocks_here():
+            _tag_new(_result_storage(out))
+        return out
+
+    functools.update_wrapper(wrapper, original, assigned=("__name__", "__qualname__", "__doc__"))
+    return classmethod(wrapper)
+
+
+def _storage_new(cls: Any, *args: Any, **kwargs: Any) -> Any:
+    out = torch._C.StorageBase.__new__(cls, *args, **kwargs)
+    # ``cdata=`` wraps a StorageImpl that already exists; every other form allocates.
+    if "cdata" not in kwargs and _blocks_here():
+        _tag_new(out)
+    return out
+
+
+def _from_file(original: Callable[..., Any]) -> Any:
+    def from_file(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        shared = args[1] if len(args) > 1 else kwargs.get("shared", False)
+        # A private mapping is this storage's own; a shared one shows the same pages as every
+        # other shared mapping of the file, maybe a tensor's from before the block.
+        if not shared and _blocks_here():
+            _tag_new(out)
+        return out
+
+    return classmethod(from_file)
+
+
+def _storage_getitem(original: Callable[..., Any]) -> Callable[..., Any]:
+    def __getitem__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        if isinstance(out, torch.UntypedStorage) and _blocks_here():
+            born = getattr(self, BORN_ATTR, 0)  # a slice shows its storage's bytes
+            if born and getattr(out, BORN_ATTR, 0) == 0:
+                setattr(out, BORN_ATTR, born)
+        return out
+
+    return __getitem__
+
+
+def _record_reader(original: Callable[..., Any]) -> Callable[..., Any]:
+    def get_storage_from_record(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)  # bytes read from the archive: new memory
+        if _blocks_here():
+            _tag_new(_result_storage(out))
+        return out
+
+    return get_storage_from_record
+
+
+_planned: list[tuple[Any, str, Callable[[Any], Any]]] = []
+
+
+def _plan() -> list[tuple[Any, str, Callable[[Any], Any]]]:
+    """(owner, attribute, make the wrapper from the current value), worked out once."""
+    if not _planned:
+        _planned.extend(_make_plan())
+    return _planned
+
+
+def _make_plan() -> list[tuple[Any, str, Callable[[Any], Any]]]:
+    untyped = torch.UntypedStorage
+    plan: list[tuple[Any, str, Callable[[Any], Any]]] = [
+        (untyped, "__new__", lambda _original: staticmethod(_storage_new)),
+        (untyped, "__getitem__", _storage_getitem),
+        (untyped, "from_file", _from_file),
+    ]
+    for name in ("_new_shared", "_new_shared_fd_cpu", "_new_shared_filename_cpu"):
+        if hasattr(untyped, name):
+            plan.append((untyped, name, _wrap_new))
+    reader = getattr(torch._C, "PyTorchFileReader", None)
+    if reader is not None and hasattr(reader, "get_storage_from_record"):
+        plan.append((reader, "get_storage_from_record", _record_reader))
+    import torch.utils.dlpack as dlpack
+
+    for owner, name in (
+        (torch, "from_numpy"),
+        (torch, "frombuffer"),
+        (torch, "from_dlpack"),
+        (dlpack, "from_dlpack"),
+        (torch, "as_tensor"),
+        (torch, "asarray"),
+    ):
+        if hasattr(owner, name):
+            plan.append((owner, name, _wrap_foreign))
+    return plan
+
+
+# (owner, name, the value wrapped, its wrapper), built once: a guard entered in a loop pays
+# only the attribute swaps (~3 us for all of them), not the wrappers' making (~90 us).
+_made: dict[tuple[int, str], tuple[Any, Any]] = {}
+
+
+def _install() -> None:
+    for owner, name, make in _plan():
+        # What to put back: the owner's own attribute, or nothing where it was inherited.
+        own = owner.__dict__.get(name, _ABSENT) if isinstance(owner, type) else getattr(owner, name)
+        raw = _raw(owner, name)
+        made = _made.get((id(owner), name))
+        if made is None or made[0] is not raw:  # first time, or rebound since by others
+            made = _made[(id(owner), name)] = (raw, make(getattr(owner, name)))
+        try:
+            setattr(owner, name, made[1])
+        except (AttributeError, TypeError):  # an owner that refuses attributes: not wrapped
+            continue
+        _saved.append((owner, name, own))
+
+
+def _raw(owner: Any, name: str) -> Any:
+    """The attribute as stored (a class's own or inherited entry), not a fresh bound method."""
+    if isinstance(owner, type):
+        for klass in owner.__mro__:
+            if name in klass.__dict__:
+                return klass.__dict__[name]
+    return getattr(owner, name)
+
+
+def _uninstall() -> None:
+    while _saved:
+        owner, name, own = _saved.pop()
+        if own is _ABSENT:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, own)

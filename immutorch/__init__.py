@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from ._errors import MutationWarning as MutationWarning
     from ._guard import Guard as Guard
     from ._guard import guard as guard
+    from ._saved import GuardSaved as GuardSaved
+    from ._saved import guard_saved as guard_saved
     from ._readonly import is_readonly as is_readonly
     from ._readonly import readonly as readonly
     from ._readonly import writable as writable
@@ -32,12 +34,14 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "CloneStats": "._registry",
     "Guard": "._guard",
+    "GuardSaved": "._saved",
     "ImmutableTensorError": "._errors",
     "Mode": "._config",
     "Scope": "._config",
     "MutationWarning": "._errors",
     "clone_stats": "._stats",
     "guard": "._guard",
+    "guard_saved": "._saved",
     "immutable_inputs": "._decorator",
     "is_readonly": "._readonly",
     "readonly": "._readonly",

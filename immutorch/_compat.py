@@ -183,3 +183,32 @@ def dynamo_backends() -> Optional[dict[Any, Any]]:
         return {}
     backends = getattr(eval_frame, "cached_backends", None)
     return backends if isinstance(backends, dict) else None
+
+
+# -- autograd's saved-tensor hooks and engine ---------------------------------------------------
+def push_saved_tensors_hooks(pack: Callable[[Any], Any], unpack: Callable[[Any], Any]) -> None:
+    """Make ``pack``/``unpack`` this thread's innermost saved-tensor hooks (what
+    ``torch.autograd.graph.saved_tensors_hooks.__enter__`` does, without the object)."""
+    torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+def pop_saved_tensors_hooks() -> None:
+    """Take the innermost saved-tensor hooks off this thread's stack."""
+    torch._C._autograd._pop_saved_tensors_default_hooks()
+
+
+def top_saved_tensors_hooks() -> Optional[tuple[Callable[[Any], Any], Callable[[Any], Any]]]:
+    """This thread's innermost (pack, unpack) pair, or None where none is pushed."""
+    top_hooks: Any = torch._C._autograd._top_saved_tensors_default_hooks
+    try:
+        top = top_hooks(False)  # (ignore_is_tracing) in recent releases
+    except TypeError:
+        top = top_hooks()
+    return None if top is None else (top[0], top[1])
+
+
+def in_backward() -> bool:
+    """Whether this thread is running a node of a backward pass. The engine runs each node
+    under the thread-local state it captured when backward started, and puts the thread's own
+    back afterwards: a dispatch mode popped there comes back."""
+    return bool(torch._C._current_graph_task_id() != -1)

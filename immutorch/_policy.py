@@ -21,7 +21,7 @@ from ._clone import group_of
 from ._errors import ImmutableTensorError, MutationWarning
 from ._naming import current_module_path
 from ._registry import BLOCK, OUTSIDE, STATE, Hit
-from ._storage import describe, shape_of
+from ._storage import describe, shape_of, storage_of
 
 
 def _package_dir(module_name: str) -> Optional[str]:
@@ -69,9 +69,13 @@ def handle(hit: Hit, op: str, written_arg: str, t: torch.Tensor, *, meta: bool =
             if not meta:
                 group.materialize()
             return
+        if not meta and hit.frame.isolate(t):
+            return
         _fail(hit, op, written_arg, t, cannot_isolate=True)
     elif mode == "warn":
-        _warn(hit, op, written_arg, t)
+        location = _warn(hit, op, written_arg, t)
+        if not meta:
+            _note_write(t, op, location)
     elif mode == "raise":
         _fail(hit, op, written_arg, t)
 
@@ -91,7 +95,7 @@ def _context(
         else (f"a {str(dtype).replace('torch.', '')} tensor of shape {list(shape)}")
     )
     arg = written_arg.lstrip("*")
-    label = f"`{hit.label}`"
+    label = f"`{hit.label}`" if hit.frame.quotes_labels else hit.label
     allow_hint: Optional[str] = None
     if hit.frame.kind == BLOCK and hit.label == OUTSIDE:
         found = _provenance.find(t, frame)
@@ -128,7 +132,10 @@ def _fail(
 ) -> None:
     __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
     text, attrs, _ = _context(hit, op, written_arg, t)
-    if cannot_isolate:
+    advice = hit.frame.advice(cannot_isolate)
+    if advice is not None:
+        text += "\n" + advice
+    elif cannot_isolate:
         text += (
             "\nClone mode cannot isolate this write: it reaches the caller's own tensor, not a "
             "copy-on-write alias handed across a boundary (a decorated call, or an nn.Module "
@@ -191,16 +198,27 @@ def raise_original(exc: BaseException) -> None:
         raise original from exc
 
 
-def _warn(hit: Hit, op: str, written_arg: str, t: torch.Tensor) -> None:
+def _note_write(t: torch.Tensor, op: str, location: Optional[str]) -> None:
+    """Tell every protection of the written storage that the write went ahead: those that
+    keep a record (tensors saved for backward) make backward fail instead of using it."""
+    storage = storage_of(t)
+    if storage is not None:
+        for p in STATE.by_storage.get(storage._cdata, ()):
+            p.note_write(op, location)
+
+
+def _warn(hit: Hit, op: str, written_arg: str, t: torch.Tensor) -> Optional[str]:
+    """Issue the warning; return the user's line it names."""
     __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
     text, attrs, frame = _context(hit, op, written_arg, t)
     warning = MutationWarning(
         "immutorch: " + text + '\nThe write went ahead (mode="warn").',
         **attrs,  # type: ignore[arg-type]
     )
+    location: Optional[str] = attrs["location"]  # type: ignore[assignment]
     if frame is None:
         warnings.warn(warning, stacklevel=2)
-        return
+        return location
     # One warning per call site, deduplicated the way warnings.warn does for that line.
     module_globals = frame.f_globals
     registry = module_globals.setdefault("__warningregistry__", {})
@@ -212,6 +230,7 @@ def _warn(hit: Hit, op: str, written_arg: str, t: torch.Tensor) -> None:
         module=module_globals.get("__name__", "<unknown>"),
         registry=registry,
     )
+    return location
 
 
 _judge.set_write_handler(handle, remember_dispatch_error)

@@ -52,6 +52,9 @@ class ImmutorchMode(TorchDispatchMode):
             if explained is not None:
                 raise explained from exc
             raise
+        after = state.after_op
+        if after is not None:
+            after(out)
         # lift_fresh also wraps torch.from_numpy(a): a new StorageImpl over bytes numpy owns,
         # maybe those of a tensor from before the block (x.numpy()). Such external memory is
         # not resizable; it must not count as the block's own.

@@ -20,12 +20,12 @@ if TYPE_CHECKING:
     from ._errors import MutationWarning as MutationWarning
     from ._guard import Guard as Guard
     from ._guard import guard as guard
-    from ._saved import GuardSaved as GuardSaved
-    from ._saved import guard_saved as guard_saved
     from ._readonly import is_readonly as is_readonly
     from ._readonly import readonly as readonly
     from ._readonly import writable as writable
     from ._registry import CloneStats as CloneStats
+    from ._saved import GuardSaved as GuardSaved
+    from ._saved import guard_saved as guard_saved
     from ._stats import clone_stats as clone_stats
 
 # Public name -> the private module that defines it, imported on first use (PEP 562): the

@@ -16,6 +16,7 @@ and unpack hands backward the copy.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -126,6 +127,7 @@ class SavedRecord(Protection):
         "line",
         "node",
         "out_ref",
+        "owner",
         "storage_ref",
         "tensor_ref",
         "version",
@@ -135,6 +137,7 @@ class SavedRecord(Protection):
     def __init__(self, frame: SavedFrame, t: torch.Tensor, storage: Any) -> None:
         # Not Protection.__init__: that pins the storage and the tensor object.
         self.frame = frame
+        self.owner = frame.owner
         self.label = ""
         self.cdata = storage._cdata
         self.start = self.end = 0
@@ -155,7 +158,7 @@ class SavedRecord(Protection):
         self.copy: Optional[torch.UntypedStorage] = None
         self.copy_like: Optional[torch.Tensor] = None  # dtype and device of the saved tensor
         self.geometry: Optional[Geometry] = None
-        self.indexed = False
+        self.indexed: bool = False
 
     def hit(self) -> Hit:
         return Hit(self.frame, self.describe(), self.frame.mode, (), None)
@@ -177,7 +180,9 @@ class SavedRecord(Protection):
         return f"a tensor saved for backward by {self.node_name()} ({role}, saved at {self.site()})"
 
     def current_version(self) -> Optional[int]:
-        t = self.held if self.held is not None else (self.tensor_ref and self.tensor_ref())
+        t = self.held
+        if t is None and self.tensor_ref is not None:
+            t = self.tensor_ref()
         return None if t is None else t._version
 
 
@@ -196,10 +201,9 @@ class _Packed:
         self.unpack = unpack
 
     def __del__(self) -> None:
-        try:
+        # An exception cannot leave __del__; at interpreter shutdown there is nothing to guard.
+        with contextlib.suppress(Exception):
             _release(self.record)
-        except Exception:  # pragma: no cover - interpreter shutdown: nothing left to guard
-            pass
 
 
 class _Owner:
@@ -335,7 +339,7 @@ def _is_output_save(owner: _Owner, t: torch.Tensor) -> bool:
     saves = _result_fields.get(cls)
     if saves is None:
         saves = _result_fields[cls] = any(n.startswith("_raw_saved_result") for n in dir(cls))
-    return saves
+    return bool(saves)
 
 
 # -- the forward's line, cheaply ----------------------------------------------------------------
@@ -429,7 +433,14 @@ def _make_pack(frame: SavedFrame, below: Optional[Pack], below_unpack: Optional[
 def _unpack(packed: _Packed) -> torch.Tensor:
     record = packed.record
     if record is not _UNGUARDED:
-        _check_unchanged(record)
+        try:
+            _check_unchanged(record)
+        except ImmutableTensorError:
+            # This saved value is refused for good; let go of the user's packed value now (an
+            # output that save_on_cpu keeps on CPU holds its own node: a cycle that only a
+            # completed backward would break).
+            packed.inner = None
+            raise
     if packed.unpack is not None:
         value = packed.unpack(packed.inner)
         if record.copy is not None and isinstance(value, torch.Tensor):
@@ -494,7 +505,7 @@ def _what_inner_holds(inner: Any, t: torch.Tensor, cdata: int) -> tuple[bool, bo
 
 # -- the registry -----------------------------------------------------------------------------
 def _index(record: SavedRecord) -> None:
-    owner = record.frame.owner
+    owner = record.owner
     add_protection(owner.by_storage, record)
     record.indexed = True
     with owner.lock:
@@ -505,7 +516,7 @@ def _unindex(record: SavedRecord) -> bool:
     """Drop the record's protection; True when it was the owner's last."""
     if not record.indexed:
         return False
-    owner = record.frame.owner
+    owner = record.owner
     record.indexed = False
     remove_protection(owner.by_storage, record)
     with owner.lock:
@@ -520,13 +531,13 @@ def _release(record: SavedRecord) -> None:
     record.obj = _NOTHING
     record.copy = None
     if _unindex(record):
-        _settle(record.frame.owner)
+        _settle(record.owner)
 
 
 def _storage_died(record: SavedRecord) -> Callable[[Any], None]:
     def died(_: Any) -> None:
         if _unindex(record):
-            _settle(record.frame.owner)
+            _settle(record.owner)
 
     return died
 
@@ -555,7 +566,7 @@ def _settle(owner: _Owner) -> None:
 
 
 # A record for tensors immutorch does not guard (no storage of their own); never indexed.
-_UNGUARDED = SavedRecord.__new__(SavedRecord)
+_UNGUARDED: SavedRecord = SavedRecord.__new__(SavedRecord)
 _UNGUARDED.copy = None
 _UNGUARDED.indexed = False
 
@@ -567,7 +578,8 @@ def _isolate(frame: SavedFrame, t: torch.Tensor) -> bool:
     storage = storage_of(t)
     if storage is None:
         return False
-    records = [p for p in frame.owner.by_storage.get(storage._cdata, ()) if isinstance(p, SavedRecord)]
+    index = frame.owner.by_storage
+    records = [p for p in index.get(storage._cdata, ()) if isinstance(p, SavedRecord)]
     if any(not r.keeps and not r.inner_copy for r in records):
         return False
     copy: Optional[torch.UntypedStorage] = None
@@ -601,7 +613,7 @@ Geometry = tuple[int, tuple[int, ...], tuple[int, ...]]
 
 
 def _geometry(t: torch.Tensor) -> Geometry:
-    return t.storage_offset(), tuple(t.size()), tuple(t.stride())
+    return int(t.storage_offset()), tuple(t.size()), tuple(t.stride())
 
 
 def _rebuild(copy: torch.UntypedStorage, like: torch.Tensor, geometry: Geometry) -> torch.Tensor:

@@ -672,15 +672,16 @@ def _settling(original: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _open(mode: Mode, stats: CloneStats) -> Optional[_Block]:
+def _open(mode: Mode, stats: CloneStats, where: Optional[str]) -> Optional[_Block]:
     mode = resolve(mode)
     if mode == "off" or STATE.bypass:
         return None
     _install()
-    user = user_frame()
-    where = "guard_saved()"
-    if user is not None:
-        where = f"guard_saved() at {user.f_code.co_filename}:{user.f_lineno}"
+    if where is None:
+        user = user_frame()
+        where = "guard_saved()"
+        if user is not None:
+            where = f"guard_saved() at {user.f_code.co_filename}:{user.f_lineno}"
     owner = _owner()
     frame = SavedFrame(mode, where, stats, owner)
     below: tuple[Optional[Pack], Optional[Unpack]] = (None, None)
@@ -722,13 +723,16 @@ class GuardSaved:
     ``stats`` counts the copies clone mode made for it, over all its uses.
     """
 
-    def __init__(self, mode: Mode) -> None:
+    def __init__(self, mode: Mode, *, where: Optional[str] = None) -> None:
         self.mode: Mode = check_mode(mode)
+        # How messages name the block: its line in the code, else what opened it (the pytest
+        # plugin, ``python -m immutorch run``).
+        self.where = where
         self.stats = CloneStats()
         self._active: list[Optional[_Block]] = []
 
     def __enter__(self) -> GuardSaved:
-        self._active.append(_open(self.mode, self.stats))
+        self._active.append(_open(self.mode, self.stats, self.where))
         return self
 
     def __exit__(
@@ -747,7 +751,7 @@ class GuardSaved:
         @wrapt.decorator  # type: ignore[misc]
         def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
             __tracebackhide__ = True
-            block = _open(self.mode, self.stats)
+            block = _open(self.mode, self.stats, self.where)
             try:
                 return wrapped(*args, **kwargs)
             except RuntimeError as exc:

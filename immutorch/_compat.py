@@ -212,3 +212,24 @@ def in_backward() -> bool:
     under the thread-local state it captured when backward started, and puts the thread's own
     back afterwards: a dispatch mode popped there comes back."""
     return bool(torch._C._current_graph_task_id() != -1)
+
+
+def recomputing_hook_types() -> tuple[type, ...]:
+    """The saved-tensor hook classes of non-reentrant activation checkpointing: inside them
+    autograd saves nothing checkpoint will read back (it recomputes from the inputs it saved
+    through the hooks outside). Looked up by name; a release without them gives ()."""
+    import torch.utils.checkpoint as checkpoint
+
+    names = ("_checkpoint_hook", "_recomputation_hook")
+    return tuple(t for t in (getattr(checkpoint, n, None) for n in names) if isinstance(t, type))
+
+
+def checkpoint_input_saver_codes() -> tuple[Any, ...]:
+    """Code objects of the functions through which non-reentrant checkpointing saves the
+    inputs it recomputes from (``_CheckpointFrame.save_inputs`` on 2.13), for naming them."""
+    import torch.utils.checkpoint as checkpoint
+
+    frame_cls = getattr(checkpoint, "_CheckpointFrame", None)
+    save_inputs = getattr(frame_cls, "save_inputs", None)
+    code = getattr(save_inputs, "__code__", None)
+    return (code,) if code is not None else ()

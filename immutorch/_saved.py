@@ -343,14 +343,19 @@ def _is_output_save(owner: _Owner, t: torch.Tensor) -> bool:
 
 
 # -- the forward's line, cheaply ----------------------------------------------------------------
-_MACHINERY, _USER, _APPLY = 0, 1, 2
+_MACHINERY, _USER, _APPLY, _CHECKPOINT = 0, 1, 2, 3
 _kinds: dict[CodeType, int] = {}
 _APPLY_CODE = torch.autograd.function.Function.apply.__func__.__code__  # type: ignore[attr-defined]
+_CHECKPOINT_CODES = _compat.checkpoint_input_saver_codes()
+# How messages name what saved the inputs of a non-reentrant checkpoint (no node holds them).
+CHECKPOINT_SAVER = "torch.utils.checkpoint (an input it recomputes from)"
 
 
 def _kind(code: CodeType) -> int:
     if code is _APPLY_CODE:
         return _APPLY
+    if code in _CHECKPOINT_CODES:
+        return _CHECKPOINT
     filename = os.path.abspath(code.co_filename)
     if filename.startswith(_USER_LEVEL) or not (
         filename.startswith(_SKIP_DIRS) or filename.startswith("<frozen")
@@ -376,6 +381,8 @@ def _forward_site(record: SavedRecord) -> Optional[str]:
             cls = frame.f_locals.get("cls")
             if isinstance(cls, type):
                 function_node = cls.__name__ + "Backward"
+        elif kind == _CHECKPOINT and function_node is None:
+            function_node = CHECKPOINT_SAVER
         frame = frame.f_back
     return function_node
 
@@ -643,10 +650,14 @@ def _install() -> None:
         hooks_cls = torch.autograd.graph.saved_tensors_hooks
         original_enter = hooks_cls.__enter__
 
+        recomputing = _compat.recomputing_hook_types()
+
         @functools.wraps(original_enter)
         def __enter__(self: Any) -> None:
             owner: Optional[_Owner] = getattr(_local, "owner", None)
-            if owner is None or not owner.blocks:
+            if owner is None or not owner.blocks or isinstance(self, recomputing):
+                # Inside a non-reentrant checkpoint nothing saved is read back: backward
+                # recomputes from the inputs, which checkpoint saved through our hook.
                 return original_enter(self)
             frame = owner.blocks[-1].frame
             pack = _make_pack(frame, self.pack_hook, self.unpack_hook)

@@ -28,12 +28,6 @@ class Case:
     # What autograd alone does with the bug: "error" (its version check at backward) or
     # "silent" (a wrong gradient, no error).
     autograd: str
-    # Clone mode keeps the saved values (False: the saved values live where immutorch cannot
-    # substitute a copy, and clone mode refuses instead).
-    clone_isolates: bool = True
-    # Where the ``# saves`` line is, when not in ``program`` (the op inside a checkpointed
-    # function, which non-reentrant checkpointing saves through its own hook).
-    saver: Optional[Callable[..., object]] = None
     # torch's own save_on_cpu keeps a CPU output in its packed value, which holds the output's
     # node: a cycle only backward breaks (seen on 2.13 without immutorch). Tests that stop
     # before backward run it on the target afterwards.
@@ -182,7 +176,7 @@ def function_input(inplace: bool, probe: dict) -> list:
 
 
 def _body(x: torch.Tensor) -> torch.Tensor:
-    return x.sin() * 2  # saves
+    return x.sin() * 2
 
 
 def checkpoint_reentrant(inplace: bool, probe: dict) -> list:
@@ -201,7 +195,7 @@ def checkpoint_reentrant(inplace: bool, probe: dict) -> list:
 def checkpoint_non_reentrant(inplace: bool, probe: dict) -> list:
     a = _leaf(4)
     x = a * 1.5
-    y = checkpoint(_body, x, use_reentrant=False)
+    y = checkpoint(_body, x, use_reentrant=False)  # saves
     _mark(probe, x)
     if inplace:
         x.mul_(2)  # writes
@@ -244,11 +238,9 @@ CASES = [
     Case(
         "checkpoint_non_reentrant",
         checkpoint_non_reentrant,
-        "SinBackward0",
+        "torch.utils.checkpoint (an input it recomputes from)",
         r"aten::mul_",
         "error",
-        clone_isolates=False,
-        saver=_body,
     ),
     Case(
         "save_on_cpu",
@@ -276,7 +268,7 @@ def marked_lines(case: Case) -> tuple[int, int]:
                 return start + i
         return None
 
-    saves = find(case.saver or case.program, "# saves")
+    saves = find(case.program, "# saves")
     writes = find(case.program, "# writes")
     assert saves is not None and writes is not None, case.name
     return saves, writes

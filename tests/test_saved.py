@@ -9,6 +9,7 @@ training steps run under every mode with no refusal and bit-identical results.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
@@ -127,14 +128,6 @@ def test_warn_catches_data_writes_autograd_never_sees() -> None:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_clone_gives_the_oracles_gradients(case: Case) -> None:
     probe: dict[str, Any] = {}
-    if not case.clone_isolates:
-        # The saved values live in the user's own hook (checkpointing keeps its inputs and
-        # recomputes): no copy can stand in, so clone mode refuses instead of guessing.
-        with pytest.raises(ImmutableTensorError, match="Clone mode cannot keep the saved"):
-            with immutorch.guard_saved(mode="clone"):
-                case.program(True, probe)
-        assert torch.equal(probe["target"].detach(), probe["before"])
-        return
     with immutorch.guard_saved(mode="clone") as guard:
         got = case.program(True, probe)
     assert not torch.equal(probe["target"].detach(), probe["before"])  # the write landed
@@ -161,6 +154,46 @@ def test_clone_copies_each_saved_storage_once_at_its_first_write() -> None:
         got = _shared_storage_program(True)
     assert guard.stats.copies == 1 and guard.stats.bytes_copied == 6 * 4
     assert torch.equal(got, _shared_storage_program(False))
+
+
+def test_clone_refuses_where_the_users_hook_keeps_the_values_elsewhere() -> None:
+    """A hook whose packed value is a key into its own store (an asynchronous offloader, say)
+    would read the written memory at unpack: no copy of immutorch's can stand in, so clone
+    mode refuses rather than let a wrong gradient through."""
+    store: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> int:
+        store[len(store)] = t
+        return len(store) - 1
+
+    a = torch.randn(4, requires_grad=True)
+    with immutorch.guard_saved(mode="clone"):
+        with torch.autograd.graph.saved_tensors_hooks(pack, store.pop):
+            b = a.sigmoid()
+        before = b.detach().clone()
+        with pytest.raises(ImmutableTensorError, match="Clone mode cannot keep the saved"):
+            b.mul_(2)
+        assert torch.equal(b.detach(), before)
+        b.sum().backward()
+    del b
+
+
+def test_checkpointed_activations_are_recomputed_not_protected() -> None:
+    """Inside a non-reentrant checkpoint nothing saved is read back (backward recomputes from
+    the inputs), so its activations are free; the inputs it recomputes from are protected."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(inplace=True))
+
+    def step(guarded: bool) -> list[torch.Tensor]:
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        with immutorch.guard_saved() if guarded else contextlib.nullcontext():
+            y = torch.utils.checkpoint.checkpoint(block, x * 1, use_reentrant=False)
+            y.pow(2).sum().backward()
+        grads = [x.grad, *(p.grad for p in block.parameters())]
+        block.zero_grad()
+        return grads
+
+    assert _equal(step(True), step(False))
 
 
 def test_clone_no_write_no_copy() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 
 # _errors is left out: its classes report __module__ "immutorch", so doctest skips them there.
-@pytest.mark.parametrize("module", ["_guard", "_decorator", "_readonly", "_stats"])
+@pytest.mark.parametrize("module", ["_guard", "_decorator", "_readonly", "_saved", "_stats"])
 def test_docstring_examples(module):
     mod = importlib.import_module(f"immutorch.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)

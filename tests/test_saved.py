@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 import threading
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -577,3 +579,13 @@ def test_held_graph_refuses_an_optimizer_step_stricter_than_autograd() -> None:
     del kept
     gc.collect()
     opt.step()
+
+
+# -- the docs page's examples -------------------------------------------------------------------
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "saved-tensors.md"
+DOC_BLOCKS = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("code", DOC_BLOCKS, ids=[f"block{i}" for i in range(len(DOC_BLOCKS))])
+def test_docs_example_runs(code: str) -> None:
+    exec(compile(code, str(DOCS), "exec"), {"__name__": "docs"})

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, TypeVar
 import torch
 import wrapt
 
-from . import _compat
+from . import _compat, _provenance
 from ._backends import mode as _mode
 from ._config import Mode, check_mode, resolve
 from ._errors import ImmutableTensorError
@@ -49,6 +49,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 Pack = Callable[[torch.Tensor], Any]
 Unpack = Callable[[Any], torch.Tensor]
+Geometry = tuple[int, tuple[int, ...], tuple[int, ...]]  # storage offset, size, stride
 
 # Batch norm in training mode writes the running statistics its own node saved, without an
 # ``(a!)`` in its schema: autograd bumps no version and its training-mode backward never reads
@@ -161,7 +162,14 @@ class SavedRecord(Protection):
         self.indexed: bool = False
 
     def hit(self) -> Hit:
-        return Hit(self.frame, self.describe(), self.frame.mode, (), None)
+        label = self.describe()
+        if self.held is not None:
+            # A parameter (the GAN order: an optimizer step before the backward that needs
+            # it), a buffer: say which, as guard's messages do. Only when a write is judged.
+            found = _provenance.find(self.held, user_frame())
+            if found is not None:
+                label = f"{found.label}, {label}"
+        return Hit(self.frame, label, self.frame.mode, (), None)
 
     def note_write(self, op: str, location: Optional[str]) -> None:
         if self.written is None:
@@ -482,10 +490,16 @@ def _check_unchanged(record: SavedRecord) -> None:
         if moved
         else "through `.data` or another alias autograd's version counter does not follow"
     )
+    why = (
+        f'{record.frame.where} runs in mode="{record.frame.mode}"'
+        if record.written is not None
+        else "immutorch's dispatch mode did not see it: another thread, a change of size or "
+        "strides (t_(), unsqueeze_()), or memory written outside the dispatcher"
+    )
     raise ImmutableTensorError(
         f"immutorch: backward needs {record.describe()}, and it was modified after it was "
         f"saved{by} ({seen}). Its gradient would be wrong. The write went ahead because "
-        f'{record.frame.where} runs in mode="{record.frame.mode}"; ' + ADVICE,
+        f"{why}. " + ADVICE,
         op=op or "",
         argument=record.describe(),
         where=record.frame.where,
@@ -614,9 +628,6 @@ def _isolate(frame: SavedFrame, t: torch.Tensor) -> bool:
         frame.stats.add(nbytes)
         TOTAL_STATS.add(nbytes)
     return True
-
-
-Geometry = tuple[int, tuple[int, ...], tuple[int, ...]]
 
 
 def _geometry(t: torch.Tensor) -> Geometry:
@@ -762,15 +773,8 @@ class GuardSaved:
         @wrapt.decorator  # type: ignore[misc]
         def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
             __tracebackhide__ = True
-            block = _open(self.mode, self.stats, self.where)
-            try:
+            with self:  # __exit__ puts back what TorchScript rewrapped
                 return wrapped(*args, **kwargs)
-            except RuntimeError as exc:
-                raise_original(exc)
-                raise
-            finally:
-                if block is not None:
-                    _close(block)
 
         return wrapper(fn)  # type: ignore[no-any-return,return-value]
 

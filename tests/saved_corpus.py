@@ -179,30 +179,24 @@ def _body(x: torch.Tensor) -> torch.Tensor:
     return x.sin() * 2
 
 
-def checkpoint_reentrant(inplace: bool, probe: dict) -> list:
-    a = _leaf(4)
-    x = a * 1.5
-    y = checkpoint(_body, x, use_reentrant=True)  # saves
-    _mark(probe, x)
-    if inplace:
-        x.mul_(2)  # writes
-    else:
-        x = x * 2
-    (y.sum() + x.sum()).backward()
-    return [a.grad]
+def _checkpointed(use_reentrant: bool) -> Program:
+    def program(inplace: bool, probe: dict) -> list:
+        a = _leaf(4)
+        x = a * 1.5
+        y = checkpoint(_body, x, use_reentrant=use_reentrant)  # saves
+        _mark(probe, x)
+        if inplace:
+            x.mul_(2)  # writes
+        else:
+            x = x * 2
+        (y.sum() + x.sum()).backward()
+        return [a.grad]
+
+    return program
 
 
-def checkpoint_non_reentrant(inplace: bool, probe: dict) -> list:
-    a = _leaf(4)
-    x = a * 1.5
-    y = checkpoint(_body, x, use_reentrant=False)  # saves
-    _mark(probe, x)
-    if inplace:
-        x.mul_(2)  # writes
-    else:
-        x = x * 2
-    (y.sum() + x.sum()).backward()
-    return [a.grad]
+checkpoint_reentrant = _checkpointed(True)
+checkpoint_non_reentrant = _checkpointed(False)
 
 
 def save_on_cpu(inplace: bool, probe: dict) -> list:

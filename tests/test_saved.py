@@ -115,6 +115,13 @@ def test_warn_lets_the_write_land_then_backward_fails(case: Case) -> None:
     del info, probe, record
 
 
+def test_gan_order_names_the_parameter() -> None:
+    gan = next(c for c in CASES if c.name == "gan_order")
+    with pytest.raises(ImmutableTensorError, match=r"`d_net\.weight` \(a parameter\), a tensor"):
+        with immutorch.guard_saved():
+            gan.program(True, {})
+
+
 def test_warn_catches_data_writes_autograd_never_sees() -> None:
     a = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
     with pytest.warns(MutationWarning):

@@ -163,12 +163,9 @@ class SavedRecord(Protection):
 
     def hit(self) -> Hit:
         label = self.describe()
-        if self.held is not None:
-            # A parameter (the GAN order: an optimizer step before the backward that needs
-            # it), a buffer: say which, as guard's messages do. Only when a write is judged.
-            found = _provenance.find(self.held, user_frame())
-            if found is not None:
-                label = f"{found.label}, {label}"
+        holder = _holder(self.cdata)
+        if holder is not None:
+            label = f"{holder}, {label}"
         return Hit(self.frame, label, self.frame.mode, (), None)
 
     def note_write(self, op: str, location: Optional[str]) -> None:
@@ -192,6 +189,26 @@ class SavedRecord(Protection):
         if t is None and self.tensor_ref is not None:
             t = self.tensor_ref()
         return None if t is None else t._version
+
+
+def _holder(cdata: int) -> Optional[str]:
+    """Name the parameter or buffer a judged write reaches (the GAN order: an optimizer step
+    before the backward that needs it), from the optimizers and modules whose code is running
+    between the write and the user's line (their frames' ``self``). Not from the user's own
+    frames: reading a running frame's ``f_locals`` (Python < 3.13) keeps a snapshot of its
+    locals alive, and with it a graph the user has just let go."""
+    user = user_frame()
+    frame: Any = sys._getframe(1)
+    seen: set[int] = set()
+    while frame is not None and frame is not user:
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, (torch.nn.Module, torch.optim.Optimizer)) and id(obj) not in seen:
+            seen.add(id(obj))
+            found = _provenance.search(obj, cdata)
+            if found is not None:
+                return found.label
+        frame = frame.f_back
+    return None
 
 
 _NOTHING = torch.empty(0)  # what ``Protection.obj`` reads for a record that holds no tensor

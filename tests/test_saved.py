@@ -117,7 +117,7 @@ def test_warn_lets_the_write_land_then_backward_fails(case: Case) -> None:
 
 def test_gan_order_names_the_parameter() -> None:
     gan = next(c for c in CASES if c.name == "gan_order")
-    with pytest.raises(ImmutableTensorError, match=r"`d_net\.weight` \(a parameter\), a tensor"):
+    with pytest.raises(ImmutableTensorError, match=r"parameter 0 of optimizer `SGD`, a tensor"):
         with immutorch.guard_saved():
             gan.program(True, {})
 
@@ -596,3 +596,21 @@ DOC_BLOCKS = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
 @pytest.mark.parametrize("code", DOC_BLOCKS, ids=[f"block{i}" for i in range(len(DOC_BLOCKS))])
 def test_docs_example_runs(code: str) -> None:
     exec(compile(code, str(DOCS), "exec"), {"__name__": "docs"})
+
+
+def test_compiled_function_runs_eagerly_inside_the_block_and_is_protected() -> None:
+    """Documented: under the dispatch mode Dynamo does not run the compiled code, so what the
+    function saves goes through the hooks and is protected."""
+
+    @torch.compile(backend="eager")
+    def g(x: torch.Tensor) -> torch.Tensor:
+        return x.sigmoid()
+
+    a = torch.randn(4, requires_grad=True)
+    g(a).sum().backward()  # compiled outside the block
+    with immutorch.guard_saved():
+        b = g(a)
+        with pytest.raises(ImmutableTensorError, match="SigmoidBackward0"):
+            b.mul_(2)
+        b.sum().backward()
+    del b

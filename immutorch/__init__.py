@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from ._readonly import readonly as readonly
     from ._readonly import writable as writable
     from ._registry import CloneStats as CloneStats
+    from ._saved import GuardSaved as GuardSaved
+    from ._saved import guard_saved as guard_saved
     from ._stats import clone_stats as clone_stats
 
 # Public name -> the private module that defines it, imported on first use (PEP 562): the
@@ -33,12 +35,14 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "CloneStats": "._registry",
     "Guard": "._guard",
+    "GuardSaved": "._saved",
     "ImmutableTensorError": "._errors",
     "Mode": "._config",
     "Scope": "._config",
     "MutationWarning": "._errors",
     "clone_stats": "._stats",
     "guard": "._guard",
+    "guard_saved": "._saved",
     "immutable_inputs": "._decorator",
     "is_readonly": "._readonly",
     "readonly": "._readonly",

@@ -1,5 +1,5 @@
-"""The command line: ``immutorch demo``, ``audit TARGET`` and ``schema-audit`` (also run as
-``python -m immutorch``), and ``--version``."""
+"""The command line: ``immutorch demo``, ``audit TARGET``, ``schema-audit`` and ``run SCRIPT``
+(also run as ``python -m immutorch``), and ``--version``."""
 
 from __future__ import annotations
 
@@ -141,6 +141,7 @@ def build_parser(prog: str = "immutorch") -> argparse.ArgumentParser:
     )
     audit.set_defaults(subparser=audit)
     _add_schema_audit(commands)
+    _add_run(commands)
     return parser
 
 
@@ -234,6 +235,8 @@ def main(
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else 2
+    if args.command == "run":
+        return _run_script(args)
     _import_torch_without_numpy_notice()
     with _modes_as_written():
         if args.command == "demo":
@@ -385,3 +388,84 @@ def _table(writes: Sequence[object], runs: int = 1) -> str:
         header = (*header[:4], *header[5:])
         rows = [(*r[:4], *r[5:]) for r in rows]
     return table(header, rows)
+
+
+# -- run: a script under strict mode's settings ---------------------------------------------------
+RUN_EPILOG = """\
+The script runs in this process as __main__ (sys.argv and sys.path[0] as `python SCRIPT` or
+`python -m MODULE` sets them), with the settings the pytest plugin forces in strict mode:
+every guard and decorator in --mode (default: IMMUTORCH_MODE, else raise) and --scope
+(default: IMMUTORCH_SCOPE, else all); --modules protects the tensor inputs of every call to an
+nn.Module whose class lives in those packages; --saved runs the whole script under
+immutorch.guard_saved(), so a write into a tensor autograd saved for backward is refused.
+
+exit status: the script's own; 1 when it was stopped at a refused write (immutorch's message
+and the script's line that wrote are printed) or ended with an exception.
+
+examples:
+  python -m immutorch run --saved train.py --epochs 1
+  python -m immutorch run --modules mypkg --mode warn -m mypkg.train
+"""
+
+
+def _add_run(commands: Any) -> argparse.ArgumentParser:
+    """Register ``run`` on the CLI's subparsers."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "run",
+        help="run a script with strict checks (like coverage run)",
+        description="Run a Python script or module with immutorch's strict checks on.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--mode", default=None, help="raise|warn|clone|off (default raise)")
+    parser.add_argument("--scope", default=None, help="all|arguments (default all)")
+    parser.add_argument(
+        "--modules", default=None, metavar="PKG[,PKG...]", help="packages whose modules to watch"
+    )
+    parser.add_argument(
+        "--saved", action="store_true", help="protect the tensors autograd saves for backward"
+    )
+    parser.add_argument("-m", dest="module", metavar="MODULE", help="run a module, as python -m")
+    parser.add_argument(
+        "target", nargs=argparse.REMAINDER, metavar="SCRIPT [ARGS...]", help="the script to run"
+    )
+    parser.set_defaults(subparser=parser)
+    return parser
+
+
+def _run_script(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.subparser
+    target: list[str] = list(args.target)
+    if target[:1] == ["--"]:
+        target = target[1:]
+    if args.module is None and not target:
+        return _usage_error(parser, "give a SCRIPT to run, or -m MODULE")
+    if args.module is None and not os.path.isfile(target[0]):
+        return _usage_error(parser, f"no such script: {target[0]}")
+    env_mode = os.environ.get("IMMUTORCH_MODE", "").strip().lower()
+    env_scope = os.environ.get("IMMUTORCH_SCOPE", "").strip().lower()
+    mode = (args.mode or env_mode or "raise").strip().lower()
+    scope = (args.scope or env_scope or "all").strip().lower()
+    modules: tuple[str, ...] = ()
+    if args.modules:
+        modules = tuple(m.strip() for m in args.modules.replace(",", " ").split())
+        bad = [m for m in modules if not all(part.isidentifier() for part in m.split("."))]
+        if bad:
+            return _usage_error(parser, f"--modules takes dotted package names, got {bad[0]!r}")
+    from . import _config, _run
+
+    try:
+        _config.check_mode(mode, source="--mode")
+        _config.check_scope(scope, source="--scope")
+    except ValueError as exc:
+        return _usage_error(parser, str(exc))
+    return _run.run(
+        script=None if args.module is not None else target[0],
+        module=args.module,
+        args=target if args.module is not None else target[1:],
+        mode=mode,
+        scope=scope,
+        modules=modules,
+        saved=args.saved,
+        err=sys.stderr,
+    )

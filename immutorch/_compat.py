@@ -249,3 +249,53 @@ def dynamo_backends() -> Optional[dict[Any, Any]]:
         return {}
     backends = getattr(eval_frame, "cached_backends", None)
     return backends if isinstance(backends, dict) else None
+
+
+# -- autograd's saved-tensor hooks and engine ---------------------------------------------------
+def push_saved_tensors_hooks(pack: Callable[[Any], Any], unpack: Callable[[Any], Any]) -> None:
+    """Make ``pack``/``unpack`` this thread's innermost saved-tensor hooks (what
+    ``torch.autograd.graph.saved_tensors_hooks.__enter__`` does, without the object)."""
+    torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+def pop_saved_tensors_hooks() -> None:
+    """Take the innermost saved-tensor hooks off this thread's stack."""
+    torch._C._autograd._pop_saved_tensors_default_hooks()
+
+
+def top_saved_tensors_hooks() -> Optional[tuple[Callable[[Any], Any], Callable[[Any], Any]]]:
+    """This thread's innermost (pack, unpack) pair, or None where none is pushed."""
+    top_hooks: Any = torch._C._autograd._top_saved_tensors_default_hooks
+    try:
+        top = top_hooks(False)  # (ignore_is_tracing) in recent releases
+    except TypeError:
+        top = top_hooks()
+    return None if top is None else (top[0], top[1])
+
+
+def in_backward() -> bool:
+    """Whether this thread is running a node of a backward pass. The engine runs each node
+    under the thread-local state it captured when backward started, and puts the thread's own
+    back afterwards: a dispatch mode popped there comes back."""
+    return bool(torch._C._current_graph_task_id() != -1)
+
+
+def recomputing_hook_types() -> tuple[type, ...]:
+    """The saved-tensor hook classes of non-reentrant activation checkpointing: inside them
+    autograd saves nothing checkpoint will read back (it recomputes from the inputs it saved
+    through the hooks outside). Looked up by name; a release without them gives ()."""
+    import torch.utils.checkpoint as checkpoint
+
+    names = ("_checkpoint_hook", "_recomputation_hook")
+    return tuple(t for t in (getattr(checkpoint, n, None) for n in names) if isinstance(t, type))
+
+
+def checkpoint_input_saver_codes() -> tuple[Any, ...]:
+    """Code objects of the functions through which non-reentrant checkpointing saves the
+    inputs it recomputes from (``_CheckpointFrame.save_inputs`` on 2.13), for naming them."""
+    import torch.utils.checkpoint as checkpoint
+
+    frame_cls = getattr(checkpoint, "_CheckpointFrame", None)
+    save_inputs = getattr(frame_cls, "save_inputs", None)
+    code = getattr(save_inputs, "__code__", None)
+    return (code,) if code is not None else ()

@@ -50,7 +50,7 @@ def check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) ->
     if t.layout is torch.strided and type(t) in PLAIN:
         storage = storage_of(t)
         if storage is not None:
-            hits = state.storage_hits(t, storage)
+            hits = _effective(state.storage_hits(t, storage), op, arg)
             if hits:
                 _handle_write(strictest(hits), op, arg, t)
         return
@@ -59,11 +59,18 @@ def check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) ->
     def visit(leaf: torch.Tensor) -> None:
         storage = storage_of(leaf)
         if storage is not None:
-            hits = state.storage_hits(leaf, storage)
+            hits = _effective(state.storage_hits(leaf, storage), op, arg)
             if hits:
                 _handle_write(strictest(hits), op, arg, leaf)
 
     memory_leaves(t, visit)
+
+
+def _effective(hits: list[_registry.Hit], op: str, arg: str) -> list[_registry.Hit]:
+    """The hits whose frame does not let this write through (see ``Frame.lets_through``)."""
+    if hits and any(h.frame.lets_through(op, arg) for h in hits):
+        return [h for h in hits if not h.frame.lets_through(op, arg)]
+    return hits
 
 
 # Like tag_births and join: a TypeError from the check must not become NotImplemented.

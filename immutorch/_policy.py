@@ -22,7 +22,7 @@ from ._compat import tracing_now
 from ._errors import ImmutableTensorError, MutationWarning
 from ._naming import current_module_path
 from ._registry import BLOCK, OUTSIDE, STATE, Hit
-from ._storage import describe, shape_of
+from ._storage import describe, shape_of, storage_of
 
 T = TypeVar("T")
 
@@ -87,9 +87,13 @@ def handle(hit: Hit, op: str, written_arg: str, t: torch.Tensor, *, meta: bool =
             if not meta:
                 group.materialize()
             return
+        if not meta and hit.frame.isolate(t):
+            return
         _fail(hit, op, written_arg, t, cannot_isolate=True)
     elif mode == "warn":
-        _warn(hit, op, written_arg, t)
+        location = _warn(hit, op, written_arg, t)
+        if not meta:
+            _note_write(t, op, location)
     elif mode == "raise":
         _fail(hit, op, written_arg, t)
 
@@ -110,7 +114,7 @@ def _context(
         dtype = _described(lambda: t.dtype, None)
         tensor_desc = _described(lambda: describe(t), "a tensor")
     arg = written_arg.lstrip("*")
-    label = f"`{hit.label}`"
+    label = f"`{hit.label}`" if hit.frame.quotes_labels else hit.label
     allow_hint: Optional[str] = None
     if hit.frame.kind == BLOCK and hit.label == OUTSIDE:
         found = _described(lambda: _provenance.find(t, frame), None)
@@ -164,7 +168,10 @@ def _fail(
     text, attrs, _ = _context(hit, op, written_arg, t)
     if _recorder.listening():
         _record("refused", hit, op, attrs)
-    if cannot_isolate and tracing_now():
+    advice = hit.frame.advice(cannot_isolate)
+    if advice is not None:
+        text += "\n" + advice
+    elif cannot_isolate and tracing_now():
         text += (
             "\nClone mode cannot isolate a write while torch.export or make_fx records the "
             "program: a copy-on-write alias cannot be traced, and a copy made up front would "
@@ -234,7 +241,17 @@ def raise_original(exc: BaseException) -> None:
         raise original from exc
 
 
-def _warn(hit: Hit, op: str, written_arg: str, t: torch.Tensor) -> None:
+def _note_write(t: torch.Tensor, op: str, location: Optional[str]) -> None:
+    """Tell every protection of the written storage that the write went ahead: those that
+    keep a record (tensors saved for backward) make backward fail instead of using it."""
+    storage = storage_of(t)
+    if storage is not None:
+        for p in STATE.by_storage.get(storage._cdata, ()):
+            p.note_write(op, location)
+
+
+def _warn(hit: Hit, op: str, written_arg: str, t: torch.Tensor) -> Optional[str]:
+    """Issue the warning; return the user's line it names."""
     __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
     text, attrs, frame = _context(hit, op, written_arg, t)
     if _recorder.listening():
@@ -243,9 +260,10 @@ def _warn(hit: Hit, op: str, written_arg: str, t: torch.Tensor) -> None:
         "immutorch: " + text + '\nThe write went ahead (mode="warn").',
         **attrs,  # type: ignore[arg-type]
     )
+    location: Optional[str] = attrs["location"]  # type: ignore[assignment]
     if frame is None:
         warnings.warn(warning, stacklevel=2)
-        return
+        return location
     # One warning per call site, deduplicated the way warnings.warn does for that line.
     module_globals = frame.f_globals
     registry = module_globals.setdefault("__warningregistry__", {})
@@ -257,6 +275,7 @@ def _warn(hit: Hit, op: str, written_arg: str, t: torch.Tensor) -> None:
         module=module_globals.get("__name__", "<unknown>"),
         registry=registry,
     )
+    return location
 
 
 _judge.set_write_handler(handle, remember_dispatch_error)

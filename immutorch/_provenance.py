@@ -43,6 +43,11 @@ def find(t: torch.Tensor, user: Optional[FrameType]) -> Optional[Provenance]:
     return None
 
 
+def search(obj: Any, target: int) -> Optional[Provenance]:
+    """Name the memory ``target`` (a storage's ``_cdata``) inside one module or optimizer."""
+    return _search(None, obj, target)
+
+
 def _candidates(user: Optional[FrameType]) -> list[tuple[Optional[str], Any]]:
     """(variable name or None, module or optimizer), the user's named ones first."""
     out: list[tuple[Optional[str], Any]] = []

@@ -218,14 +218,15 @@ def _test_settings(item: pytest.Item) -> _Settings:
         return session
     source = f"@pytest.mark.immutorch on {item.nodeid}"
     kwargs = dict(marker.kwargs)
+    kwargs.pop("saved", None)  # read by _saved_in_test
     if (
         set(kwargs) - {"mode", "modules", "scope"}
         or len(marker.args) > 1
         or (marker.args and "mode" in kwargs)
     ):
         raise pytest.UsageError(
-            f"immutorch: {source} takes mode=... (or one positional mode), scope=... and "
-            f"modules=...; got args {marker.args!r} and kwargs {kwargs!r}"
+            f"immutorch: {source} takes mode=... (or one positional mode), scope=..., "
+            f"modules=... and saved=...; got args {marker.args!r} and kwargs {kwargs!r}"
         )
     if marker.args:
         kwargs["mode"] = marker.args[0]
@@ -322,6 +323,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--immutorch-modules overrides it.",
     )
     _add_report_options(group, parser)
+    _add_saved_options(group, parser)
 
 
 def _add_report_options(group: pytest.OptionGroup, parser: pytest.Parser) -> None:
@@ -348,12 +350,15 @@ def _add_report_options(group: pytest.OptionGroup, parser: pytest.Parser) -> Non
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "immutorch(mode=None, modules=None, scope=None): for this test, run immutorch guards "
+        "immutorch(mode=None, modules=None, scope=None, saved=None): for this test, run "
+        "immutorch guards "
         "in MODE (raise, warn, clone, off) and SCOPE (all, arguments; all when a mode is "
         "forced and no scope is set), and protect the inputs of the nn.Modules of the listed "
-        "packages; overrides --immutorch, --immutorch-scope, --immutorch-modules, the ini "
-        f"options, {ENV_VAR} and {SCOPE_ENV_VAR}.",
+        "packages; saved=True (False) turns guard_saved on (off) for the test body; overrides "
+        "--immutorch, --immutorch-scope, --immutorch-modules, --immutorch-saved, the ini "
+        f"options, {ENV_VAR}, {SCOPE_ENV_VAR} and {SAVED_ENV_VAR}.",
     )
+    config.stash[_SAVED] = _saved_setting(config)
     settings = _session_settings(config)
     config.stash[_SESSION] = settings
     _configure_findings(config, settings)
@@ -456,6 +461,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         parts.append(scope)
     if settings.modules:
         parts.append(f"modules={','.join(settings.modules)}")
+    saved = config.stash.get(_SAVED, None)
+    if saved is not None:
+        parts.append(f"saved ({saved})")
     return [f"immutorch: {', '.join(parts)}"] if parts else []
 
 
@@ -478,7 +486,8 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     settings = item.stash.get(_TEST, _Settings())
     with _marker_override(settings), _watch(settings, _include_inplace(item.config)):
-        yield
+        with _saved_in_test(item):
+            yield
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -750,3 +759,76 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     path = config.stash.get(_REPORT, None)
     if path is not None:
         terminalreporter.write_line(f"immutorch: findings report written to {path}")
+
+
+# -- guard_saved for every test (--immutorch-saved) -----------------------------------------------
+SAVED_ENV_VAR = "IMMUTORCH_SAVED"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+# Where the session's "guard_saved in every test" came from, or None where it is off.
+_SAVED = pytest.StashKey[Optional[str]]()
+
+
+def _add_saved_options(group: Any, parser: pytest.Parser) -> None:
+    group.addoption(
+        "--immutorch-saved",
+        dest="immutorch_saved",
+        action="store_true",
+        default=None,
+        help=(
+            "Run every test body under immutorch.guard_saved(): a write into a tensor autograd "
+            "saved for backward is refused (in the mode --immutorch or IMMUTORCH_MODE sets, "
+            f"else raise). Also the ini option immutorch_saved and {SAVED_ENV_VAR}=1."
+        ),
+    )
+    parser.addini(
+        "immutorch_saved",
+        type="bool",
+        default=False,
+        help=f"Run every test body under immutorch.guard_saved(); {SAVED_ENV_VAR} and "
+        "--immutorch-saved set it too.",
+    )
+
+
+def _saved_setting(config: pytest.Config) -> Optional[str]:
+    """ini < environment < command line: the source that turned it on, or None (off)."""
+    source: Optional[str] = _INI if config.getini("immutorch_saved") else None
+    raw = os.environ.get(SAVED_ENV_VAR, "").strip().lower()
+    if raw in _TRUE:
+        source = f"environment {SAVED_ENV_VAR}"
+    elif raw in _FALSE:
+        source = None
+    elif raw:
+        choices = ", ".join(repr(v) for v in _TRUE + _FALSE)
+        raise pytest.UsageError(
+            f"immutorch: the environment variable {SAVED_ENV_VAR} must be one of {choices}, "
+            f"got {raw!r}"
+        )
+    if config.getoption("immutorch_saved"):
+        source = _CMDLINE
+    return source
+
+
+def _saved_for(item: pytest.Item) -> bool:
+    marker = item.get_closest_marker("immutorch")
+    if marker is not None and "saved" in marker.kwargs:
+        value = marker.kwargs["saved"]
+        if not isinstance(value, bool):
+            raise pytest.UsageError(
+                f"immutorch: saved= of @pytest.mark.immutorch on {item.nodeid} must be True or "
+                f"False, got {value!r}"
+            )
+        return value
+    return item.config.stash.get(_SAVED, None) is not None
+
+
+@contextlib.contextmanager
+def _saved_in_test(item: pytest.Item) -> Iterator[None]:
+    """The test body under guard_saved (its mode: the plugin's override, else raise)."""
+    if not _saved_for(item):
+        yield
+        return
+    from ._saved import GuardSaved
+
+    with GuardSaved("raise", where="guard_saved() of pytest --immutorch-saved"):
+        yield

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -90,6 +90,10 @@ class Protection:
     def hit(self) -> Hit:
         return Hit(self.frame, self.label, self.frame.mode, shape_of(self.obj), self.obj.dtype)
 
+    def note_write(self, op: str, location: Optional[str]) -> None:
+        """A write into this protection's storage went ahead (warn mode). Protections that
+        keep a record of it (tensors saved for backward, ``_saved``) override this."""
+
 
 class Frame:
     """One active guard, decorator call or module boundary."""
@@ -157,6 +161,23 @@ class Frame:
 
     def exempt(self, cdata: int) -> bool:
         return cdata in self.allow or cdata in self.state
+
+    # Hooks for frames whose protections come and go with autograd's saved tensors
+    # (``_saved.SavedFrame``); a guard's frame keeps these defaults.
+    quotes_labels = True  # labels are names (`x`, `guard argument 0`), not phrases
+    def lets_through(self, op: str, arg: str) -> bool:
+        """Whether a write by ``op`` into argument ``arg`` is harmless to what this frame
+        protects (judged before the policy acts)."""
+        return False
+
+    def isolate(self, t: torch.Tensor) -> bool:
+        """Clone mode, for a write that reaches this frame's memory without a copy-on-write
+        alias: keep what the frame protects intact and let the write land (True), or not."""
+        return False
+
+    def advice(self, cannot_isolate: bool) -> Optional[str]:
+        """What to do, for the refusal's last lines; None: the policy's own advice."""
+        return None
 
     def protect(self, label: str, t: torch.Tensor) -> None:
         if t.layout is torch.strided and type(t) in PLAIN:
@@ -267,6 +288,9 @@ class ThreadState(threading.local):
         # _policy.recover_dispatch_error).
         self.dispatch_error: Optional[BaseException] = None
         self.mode_handle: Any = None
+        # Called by the every-op mode with each op's output while a guard_saved block is open
+        # on this thread (``_saved`` learns there which autograd node saved an op's inputs).
+        self.after_op: Optional[Callable[[Any], None]] = None
         # (module, display path) for each nn.Module call in progress, outermost first.
         self.modules: list[torch.nn.Module] = []
         # Module-boundary bookkeeping, one entry per module call in progress.
@@ -405,6 +429,25 @@ def _holds(module: torch.nn.Module, cdata: int) -> bool:
         if storage is not None and storage._cdata == cdata:
             return True
     return False
+
+
+def add_protection(index: dict[int, list[Protection]], p: Protection) -> None:
+    """Index one protection in ``index`` (a thread's ``by_storage``) outside any frame push:
+    tensors saved for backward come and go one by one. Lists are replaced, never changed in
+    place, since another thread may remove one while the owner's judge iterates the list."""
+    index[p.cdata] = [*index.get(p.cdata, ()), p]
+
+
+def remove_protection(index: dict[int, list[Protection]], p: Protection) -> None:
+    """Undo :func:`add_protection`; safe from any thread (``index`` is the owner's dict)."""
+    items = index.get(p.cdata)
+    if items is None:
+        return
+    kept = [q for q in items if q is not p]
+    if kept:
+        index[p.cdata] = kept
+    else:
+        index.pop(p.cdata, None)
 
 
 def protection_of(t: torch.Tensor) -> Optional[Hit]:

@@ -9,7 +9,9 @@ import pytest
 
 
 # _errors is left out: its classes report __module__ "immutorch", so doctest skips them there.
-@pytest.mark.parametrize("module", ["_guard", "_decorator", "_readonly", "_stats", "_boundaries"])
+@pytest.mark.parametrize(
+    "module", ["_guard", "_decorator", "_readonly", "_saved", "_stats", "_boundaries"]
+)
 def test_docstring_examples(module):
     mod = importlib.import_module(f"immutorch.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)

@@ -551,7 +551,9 @@ def test_help_lists_the_group_options_and_ini_keys(pytester: pytest.Pytester) ->
 
 def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.immutorch(mode=None, modules=None, scope=None): *"])
+    result.stdout.fnmatch_lines(
+        ["@pytest.mark.immutorch(mode=None, modules=None, scope=None, saved=None): *"]
+    )
 
 
 def test_no_immutorch_turns_the_plugin_off(pytester: pytest.Pytester) -> None:

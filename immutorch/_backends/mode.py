@@ -52,6 +52,9 @@ class ImmutorchMode(TorchDispatchMode):
             if explained is not None:
                 raise explained from exc
             raise
+        after = state.after_op
+        if after is not None:
+            after(out)
         # lift_fresh also wraps memory that exists (torch.from_numpy(x.numpy()),
         # torch.asarray(x.untyped_storage())): that must not count as the block's own.
         if (

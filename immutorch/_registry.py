@@ -17,10 +17,10 @@ import torch
 
 from ._config import STRICTNESS, Mode, Scope
 from ._storage import (
-    BORN_ATTR,
     PLAIN,
     READONLY_ATTR,
     STANDS_FOR_ATTR,
+    born_epoch,
     byte_range,
     shape_of,
     storage_of,
@@ -291,7 +291,7 @@ class ThreadState(threading.local):
                     if p.cdata != cdata and p.start < hi and lo < p.end:
                         hits.append(p.hit())
         if self.blocks:
-            born = getattr(storage, BORN_ATTR, 0)
+            born = born_epoch(storage)
             for f in self.blocks:
                 if born < f.start and not f.exempt(cdata):
                     if not f.protect_state and isinstance(t, torch.nn.Parameter):
@@ -323,7 +323,7 @@ class ThreadState(threading.local):
         if self.blocks:
             storage = storage_of(t)
             if storage is not None:
-                born = getattr(storage, BORN_ATTR, 0)
+                born = born_epoch(storage)
                 for f in self.blocks:
                     if born < f.start and not f.exempt(storage._cdata):
                         if not f.protect_state and isinstance(t, torch.nn.Parameter):

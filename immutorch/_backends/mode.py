@@ -8,7 +8,7 @@ thread's registry and the strictest protection decides, *before* the op runs.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -110,6 +110,7 @@ def enter(frame: _registry.Frame) -> None:
         require(body=frame.body_only)
     try:
         state.push(frame)
+        _frames_changed(state)
     except BaseException:
         try:
             if frame in state.frames:
@@ -125,6 +126,7 @@ def leave(frame: _registry.Frame) -> None:
     state = STATE
     try:
         state.pop(frame)
+        _frames_changed(state)
     finally:
         # A failure above must not strand the mode on the thread.
         if frame.needs_mode:
@@ -144,10 +146,27 @@ def require(*, body: bool = False) -> None:
         state.body_users += 1
 
 
+# What serves the every-op check on a thread: this module's Python mode unless the layer above
+# installs a chooser (``_backends.choice``: the native C++ fallback where it is available).
+_make_handle: Callable[[ThreadState], Any] = ImmutorchMode
+
+
+def set_handle_factory(make: Callable[[ThreadState], Any]) -> None:
+    global _make_handle
+    _make_handle = make
+
+
+def _frames_changed(state: ThreadState) -> None:
+    # The native backend mirrors the thread's protections in C++.
+    changed = getattr(state.mode_handle, "frames_changed", None)
+    if changed is not None:
+        changed()
+
+
 def _push_if_absent(state: ThreadState) -> None:
     if state.mode_handle is None:
         _tracing.install()
-        handle_ = ImmutorchMode(state)
+        handle_ = _make_handle(state)
         handle_.__enter__()
         state.mode_handle = handle_
 
@@ -172,7 +191,7 @@ def suspend() -> Optional[tuple[int, int]]:
     if (
         handle_ is None
         or state.mode_users != state.body_users
-        or current_dispatch_mode() is not handle_
+        or (getattr(handle_, "on_mode_stack", True) and current_dispatch_mode() is not handle_)
     ):
         return None
     users = (state.mode_users, state.body_users)

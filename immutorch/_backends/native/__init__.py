@@ -1,0 +1,169 @@
+"""The native every-op backend (``scope="all"``): a C++ dispatcher fallback (``guard.cpp``)
+that does the fast reject per op and calls Python only at a write that may reach protected
+memory, where it runs the same judgement as the Python mode (``_judge.check_writes``).
+
+This module is the Python side: the handle the every-op layer pushes per thread (it puts the
+fallback's key into the thread's TLS), the callbacks the fallback makes, and the mirror of the
+thread's protections the fallback reads (:func:`sync`, called whenever frames change).
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Any, Optional
+
+import torch
+
+from ... import _registry, _storage
+from ..._clone import GROUP_ATTR
+from ..._judge import check_writes, join
+from ..._registry import ThreadState
+from ..._schema import META, op_facts, written_values
+from ..._storage import BORN_ATTR, storage_of
+from .loader import NativeUnavailable, load
+
+_module: Optional[ModuleType] = None
+_reason: Optional[str] = None  # why the native backend is not available, once tried
+_key: Optional[str] = None
+_ops: dict[tuple[str, str], Any] = {}
+
+
+def _resolve(name: str, overload: str) -> Any:
+    key = (name, overload)
+    func = _ops.get(key, _ops)
+    if func is _ops:
+        func = None
+        namespace, _, op = name.partition("::")
+        try:
+            packet = getattr(getattr(torch.ops, namespace), op)
+            func = getattr(packet, overload or "default")
+        except (AttributeError, RuntimeError):
+            pass
+        _ops[key] = func
+    return func
+
+
+def _facts(name: str, overload: str) -> Optional[tuple[list[tuple[int, int, bool]], bool, int]]:
+    """The fallback's per-schema facts, from ``_schema`` (the one source of them)."""
+    func = _resolve(name, overload)
+    if func is None:
+        return None
+    facts = op_facts(func)
+    writes = [(w.position, -1 if w.when is None else w.when, w.kind == META) for w in facts.writes]
+    return writes, facts.fresh_outputs, -1 if facts.view_of is None else facts.view_of
+
+
+def _write(state: ThreadState, name: str, overload: str, args: tuple[Any, ...]) -> None:
+    """A write that may reach protected memory: judge it as the Python mode does."""
+    __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
+    if state.bypass:
+        return
+    func = _resolve(name, overload)
+    facts = op_facts(func)
+    check_writes(state, facts, args, {})
+    if state.clone_frames:
+        # Clone mode's private copies are born PRIVATE_BORN in Python: tell the fallback, so
+        # later writes into a copy do not come back here.
+        for _, value in written_values(facts, args, {}):
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                storage = storage_of(t) if isinstance(t, torch.Tensor) else None
+                born = getattr(storage, BORN_ATTR, 0) if storage is not None else 0
+                if born and _module is not None:
+                    _module.set_born(storage, born)
+
+
+def _view(state: ThreadState, source: torch.Tensor, out: Any) -> None:
+    """A view of memory a clone group covers: the view joins the group (as in the mode)."""
+    if state.bypass:
+        return
+    group = source.__dict__.get(GROUP_ATTR)
+    if group is not None and not group.copied:
+        join(group, out)
+
+
+def _readonly(storage: Any, marked: bool) -> None:
+    if _module is not None:
+        _module.mark_readonly(storage, marked)
+
+
+def _born(storage: Any) -> int:
+    return int(_module.born(storage)) if _module is not None else 0
+
+
+def available(*, build: bool = True) -> bool:
+    """Whether the native backend can serve; builds it the first time if ``build``."""
+    global _module, _reason, _key
+    if _module is not None:
+        return True
+    if _reason is not None:
+        return False
+    try:
+        module = load(build_if_missing=build)
+        _key = module.install(_facts, _write, _view)
+    except NativeUnavailable as err:
+        _reason = str(err)
+        return False
+    except RuntimeError as err:  # install: the dispatch keys are taken
+        _reason = f"the native backend's dispatch key is taken ({err})"
+        return False
+    _module = module
+    _storage.install_native_hooks(_born, _readonly)
+    return True
+
+
+def unavailable_reason() -> Optional[str]:
+    return _reason
+
+
+def status() -> str:
+    """One line saying which every-op backend serves and why (for logs and pytest headers)."""
+    choice = os.environ.get("IMMUTORCH_BACKEND", "").strip().lower()
+    if choice == "python":
+        return "python (IMMUTORCH_BACKEND=python)"
+    if _module is not None:
+        return f"native (C++ fallback on {_key})"
+    if _reason is not None:
+        return f"python (native unavailable: {_reason})"
+    if choice == "native":
+        return "native (IMMUTORCH_BACKEND=native; built or loaded at the first guard)"
+    return "python (default; IMMUTORCH_BACKEND=native selects the C++ backend)"
+
+
+def sync(state: ThreadState) -> None:
+    """Mirror ``state``'s protections into the fallback (on this thread)."""
+    module = _module
+    if module is None:
+        return
+    storages: dict[int, Any] = {}
+    for protections in state.by_storage.values():
+        for p in protections:
+            storages[p.cdata] = p.storage
+    block_start = max((f.start for f in state.blocks), default=0)
+    module.sync(list(storages.values()), block_start, _registry.current_epoch, state.clone_frames)
+
+
+class NativeHandle:
+    """What ``state.mode_handle`` holds when the native backend serves a thread: entering it
+    puts the fallback's key into this thread's TLS (carried into autograd engine threads and
+    jit._fork tasks by torch's ThreadLocalState), leaving takes it out. Not on the Python mode
+    stack: code that pops immutorch's mode (tracing, compiled calls) leaves it alone and relies
+    on ``state.bypass``, which the fallback's Python side honours."""
+
+    on_mode_stack = False
+
+    def __init__(self, state: ThreadState) -> None:
+        self.state = state
+
+    def __enter__(self) -> NativeHandle:
+        assert _module is not None
+        _module.activate(self.state)
+        sync(self.state)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if _module is not None:
+            _module.activate(None)
+
+    def frames_changed(self) -> None:
+        sync(self.state)

@@ -12,6 +12,8 @@ import immutorch
 from immutorch import _compiled
 from immutorch._boundaries import watch_modules
 
+pytestmark = pytest.mark.both_backends
+
 
 @pytest.fixture(autouse=True, params=["all", "arguments"])
 def scope(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:

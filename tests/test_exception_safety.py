@@ -22,6 +22,8 @@ from immutorch import immutable_inputs as immutable_inputs
 from immutorch._backends import mode as _mode
 from immutorch._registry import STATE
 
+pytestmark = pytest.mark.both_backends
+
 
 class Injected(RuntimeError):
     pass

@@ -18,7 +18,10 @@ from immutorch._boundaries import watch_modules
 MODES = ("raise", "warn", "clone")
 
 # torch 2.13 deprecates TorchScript (a FutureWarning from 2.15); real code still uses it.
-pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated")
+pytestmark = [
+    pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated"),
+    pytest.mark.both_backends,
+]
 
 
 class Scale(torch.nn.Module):

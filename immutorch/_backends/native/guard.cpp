@@ -48,6 +48,10 @@ struct Facts {
   bool fresh = false;
   int view_of = -1;
   bool keep_key = false;  // a CompositeImplicitAutograd kernel: see its decomposition
+  // Only that kernel: the op always decomposes below this key, and its writes are judged on
+  // the ops it decomposes into, as the Python mode (below autograd) sees them. dropout_ with
+  // training=False declares a write it never makes.
+  bool composite_only = false;
   bool lift_fresh = false;
 };
 
@@ -234,6 +238,23 @@ py::tuple python_args(const torch::jit::Stack& stack, size_t base, size_t n) {
 void compute_facts(const c10::OperatorHandle& op, Facts& f) {
   const auto& schema = op.schema();
   f.keep_key = op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd);
+  if (f.keep_key) {
+    f.composite_only = true;
+    for (auto k : {c10::DispatchKey::CPU, c10::DispatchKey::CUDA, c10::DispatchKey::Meta,
+                   c10::DispatchKey::MPS, c10::DispatchKey::XPU, c10::DispatchKey::QuantizedCPU,
+                   c10::DispatchKey::SparseCPU, c10::DispatchKey::SparseCUDA,
+                   c10::DispatchKey::NestedTensorCPU, c10::DispatchKey::NestedTensorCUDA,
+                   c10::DispatchKey::MkldnnCPU, c10::DispatchKey::Autograd,
+                   c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutogradCUDA,
+                   c10::DispatchKey::AutogradNestedTensor,
+                   c10::DispatchKey::CompositeExplicitAutograd,
+                   c10::DispatchKey::CompositeExplicitAutogradNonFunctional}) {
+      if (op.hasKernelForDispatchKey(k)) {
+        f.composite_only = false;
+        break;
+      }
+    }
+  }
   f.lift_fresh = schema.name() == "aten::lift_fresh";
   bool known = false;
   {
@@ -306,7 +327,7 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
   const auto& schema = op.schema();
   const size_t nargs = schema.arguments().size();
   const size_t base = stack->size() - nargs;
-  if (!f.writes.empty()) {
+  if (!f.writes.empty() && !f.composite_only) {
     bool judge = false;
     for (const auto& w : f.writes) {
       if (judge) break;

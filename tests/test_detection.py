@@ -169,7 +169,7 @@ def _scoped_difference(p: Pattern, door: Door, mode: str) -> str:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("door", DOORS, ids=[d.name for d in DOORS])
 @pytest.mark.parametrize("p", WRITES, ids=ids(WRITES))
-def test_write_pattern(p: Pattern, door: Door, mode: str, every_op_backend: str) -> None:
+def test_write_pattern(p: Pattern, door: Door, mode: str) -> None:
     x, extra = p.make()
     oracle = run_oracle(p, x, extra)
     assert not Snapshot.of(x).matches(oracle.x_after, version=False), "oracle must write"
@@ -189,12 +189,6 @@ def test_write_pattern(p: Pattern, door: Door, mode: str, every_op_backend: str)
         return
 
     refuses = mode == "raise" or (mode == "clone" and not (door.boundary and p.isolable))
-    # ``.data`` makes its tensor without dispatching an op where no Python mode is active, so
-    # the native backend cannot join it to the alias's copy-on-write group: clone mode refuses
-    # the write loudly instead of isolating it (docs/backends.md).
-    refuses = refuses or (
-        mode == "clone" and every_op_backend == "native" and p.name == "data_sub" and not door.scoped
-    )
     if refuses:
         match = _message(p, door.label)
         if mode == "clone":

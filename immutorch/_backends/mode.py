@@ -107,7 +107,7 @@ def enter(frame: _registry.Frame) -> None:
     if not state.frames:
         state.dispatch_error = None
     if frame.needs_mode:
-        require(body=frame.body_only)
+        require(body=frame.body_only, clone=frame.mode == "clone")
     try:
         state.push(frame)
         _frames_changed(state)
@@ -133,14 +133,15 @@ def leave(frame: _registry.Frame) -> None:
             release(body=frame.body_only)
 
 
-def require(*, body: bool = False) -> None:
+def require(*, body: bool = False, clone: bool = False) -> None:
     """One more user of the every-op mode on this thread; push it if it is the first.
 
     ``body``: a ``guard(scope="arguments")`` frame, which needs the mode only in its block's
-    body, not inside the module calls it hands over (see :func:`suspend`).
+    body, not inside the module calls it hands over (see :func:`suspend`). ``clone``: the user
+    is a clone-mode frame, which this module's Python mode serves (see :func:`_push_if_absent`).
     """
     state = STATE
-    _push_if_absent(state)
+    _push_if_absent(state, clone=clone)
     state.mode_users += 1
     if body:
         state.body_users += 1
@@ -163,10 +164,19 @@ def _frames_changed(state: ThreadState) -> None:
         changed()
 
 
-def _push_if_absent(state: ThreadState) -> None:
-    if state.mode_handle is None:
+def _push_if_absent(state: ThreadState, *, clone: bool = False) -> None:
+    handle_ = state.mode_handle
+    clone = clone or state.clone_frames > 0
+    if handle_ is not None and clone and not isinstance(handle_, ImmutorchMode):
+        # Clone mode needs every view of an alias, and ``x.data`` makes one without an op that
+        # a C++ key sees (only a Python mode is told): a thread with a clone frame is served by
+        # the Python mode until its last guard ends.
+        state.mode_handle = None
+        handle_.__exit__(None, None, None)
+        handle_ = None
+    if handle_ is None:
         _tracing.install()
-        handle_ = _make_handle(state)
+        handle_ = ImmutorchMode(state) if clone else _make_handle(state)
         handle_.__enter__()
         state.mode_handle = handle_
 

@@ -1,6 +1,7 @@
 """The native every-op backend (``scope="all"``): a C++ dispatcher fallback (``guard.cpp``)
 that does the fast reject per op and calls Python only at a write that may reach protected
-memory, where it runs the same judgement as the Python mode (``_judge.check_writes``).
+memory, where it runs the same judgement as the Python mode (``_judge.check_writes``). A thread
+with a clone-mode frame is served by the Python mode instead (``_backends.mode``).
 
 This module is the Python side: the handle the every-op layer pushes per thread (it puts the
 fallback's key into the thread's TLS), the callbacks the fallback makes, and the mirror of the
@@ -16,11 +17,9 @@ from typing import Any, Optional
 import torch
 
 from ... import _registry, _storage
-from ..._clone import GROUP_ATTR
-from ..._judge import check_writes, join
+from ..._judge import check_writes
 from ..._registry import ThreadState
-from ..._schema import META, op_facts, written_values
-from ..._storage import BORN_ATTR, storage_of
+from ..._schema import META, op_facts
 from .loader import NativeUnavailable, load
 
 _module: Optional[ModuleType] = None
@@ -44,42 +43,21 @@ def _resolve(name: str, overload: str) -> Any:
     return func
 
 
-def _facts(name: str, overload: str) -> Optional[tuple[list[tuple[int, int, bool]], bool, int]]:
+def _facts(name: str, overload: str) -> Optional[tuple[list[tuple[int, int, bool]], bool]]:
     """The fallback's per-schema facts, from ``_schema`` (the one source of them)."""
     func = _resolve(name, overload)
     if func is None:
         return None
     facts = op_facts(func)
     writes = [(w.position, -1 if w.when is None else w.when, w.kind == META) for w in facts.writes]
-    return writes, facts.fresh_outputs, -1 if facts.view_of is None else facts.view_of
+    return writes, facts.fresh_outputs
 
 
 def _write(state: ThreadState, name: str, overload: str, args: tuple[Any, ...]) -> None:
     """A write that may reach protected memory: judge it as the Python mode does."""
     __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
-    if state.bypass:
-        return
-    func = _resolve(name, overload)
-    facts = op_facts(func)
-    check_writes(state, facts, args, {})
-    if state.clone_frames:
-        # Clone mode's private copies are born PRIVATE_BORN in Python: tell the fallback, so
-        # later writes into a copy do not come back here.
-        for _, value in written_values(facts, args, {}):
-            for t in value if isinstance(value, (list, tuple)) else (value,):
-                storage = storage_of(t) if isinstance(t, torch.Tensor) else None
-                born = getattr(storage, BORN_ATTR, 0) if storage is not None else 0
-                if born and _module is not None:
-                    _module.set_born(storage, born)
-
-
-def _view(state: ThreadState, source: torch.Tensor, out: Any) -> None:
-    """A view of memory a clone group covers: the view joins the group (as in the mode)."""
-    if state.bypass:
-        return
-    group = source.__dict__.get(GROUP_ATTR)
-    if group is not None and not group.copied:
-        join(group, out)
+    if not state.bypass:
+        check_writes(state, op_facts(_resolve(name, overload)), args, {})
 
 
 def _readonly(storage: Any, marked: bool) -> None:
@@ -100,7 +78,7 @@ def available(*, build: bool = True) -> bool:
         return False
     try:
         module = load(build_if_missing=build)
-        _key = module.install(_facts, _write, _view)
+        _key = module.install(_facts, _write)
     except NativeUnavailable as err:
         _reason = str(err)
         return False
@@ -140,7 +118,7 @@ def sync(state: ThreadState) -> None:
         for p in protections:
             storages[p.cdata] = p.storage
     block_start = max((f.start for f in state.blocks), default=0)
-    module.sync(list(storages.values()), block_start, _registry.current_epoch, state.clone_frames)
+    module.sync(list(storages.values()), block_start, _registry.current_epoch)
 
 
 class NativeHandle:
@@ -167,3 +145,8 @@ class NativeHandle:
 
     def frames_changed(self) -> None:
         sync(self.state)
+
+
+def enabled() -> bool:
+    """Whether the fallback's key is on for this thread (a guard served by native is active)."""
+    return _module is not None and bool(_module.enabled())

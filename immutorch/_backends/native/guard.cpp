@@ -1,14 +1,14 @@
 // immutorch's native every-op check: a boxed dispatcher fallback on one functionality key that
 // the guard includes in the thread's TLS, like a dispatch mode but without a Python call per op.
 //
-// The fallback decides in C++ whether an op may write into protected memory: per-schema facts
-// (which arguments it writes, whether its outputs are fresh, which argument a view aliases) are
-// asked once from immutorch._schema, the one source of those facts; the protected storages are
-// held here, pinned, while their frames are active. Only when a written storage is (or may be)
-// protected, or a view is made of such memory while a clone guard is active, is Python called,
-// with the GIL, to run the same judgement the Python mode runs. Births for the block rule
-// ("memory made inside the block is the block's own") are recorded here and read from Python
-// through born().
+// The fallback decides in C++ whether an op may write into protected memory. Per-schema facts
+// (which arguments it writes, whether its outputs are fresh) are asked once from
+// immutorch._schema, the one source of those facts; the protected storages are held here,
+// pinned, while their frames are active. Only when a written storage is (or may be) protected
+// is Python called, with the GIL, to run the same judgement the Python mode runs. Births for
+// the block rule ("memory made inside the block is the block's own") are recorded here and
+// read from Python through born(). Clone mode is served by the Python mode: it must see every
+// view of an alias, and `x.data` makes one without an op that a C++ key is told of.
 #include <torch/extension.h>
 
 #include <ATen/ThreadLocalPythonObjects.h>
@@ -46,7 +46,6 @@ struct Facts {
   };
   std::vector<Write> writes;
   bool fresh = false;
-  int view_of = -1;
   bool keep_key = false;  // a CompositeImplicitAutograd kernel: see its decomposition
   // Only that kernel: the op always decomposes below this key, and its writes are judged on
   // the ops it decomposes into, as the Python mode (below autograd) sees them. dropout_ with
@@ -61,7 +60,6 @@ struct State {
   std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
   int64_t block_start = 0;  // the latest start epoch of an active block frame, 0 for none
   int64_t epoch = 0;
-  int64_t clone_frames = 0;
   PyObject* py_state = nullptr;  // the Python ThreadState (a strong reference)
   ~State() {
     if (py_state != nullptr && Py_IsInitialized()) {
@@ -75,7 +73,6 @@ c10::DispatchKey g_key = c10::DispatchKey::Undefined;
 std::unique_ptr<torch::Library> g_library;
 PyObject* g_facts_cb = nullptr;  // (name, overload) -> facts tuple or None
 PyObject* g_write_cb = nullptr;  // (state, name, overload, args) -> None; raises to refuse
-PyObject* g_view_cb = nullptr;   // (state, source, out) -> None
 
 thread_local State* t_state = nullptr;
 thread_local std::shared_ptr<State> t_owned;
@@ -163,7 +160,7 @@ StorageImpl* storage_of(const at::Tensor& t) {
   return impl->storage().unsafeGetStorageImpl();
 }
 
-// Whether Python must judge a write into (or a view of) t: its storage is protected, overlaps
+// Whether Python must judge a write into t: its storage is protected, overlaps
 // protected bytes, may be from outside a block, or is marked read-only. Tensors whose memory
 // C++ cannot see here (sparse, subclasses, functorch wrappers) always go to Python.
 bool may_be_protected(const State& st, const at::Tensor& t) {
@@ -273,7 +270,6 @@ void compute_facts(const c10::OperatorHandle& op, Facts& f) {
         f.writes.push_back({wt[0].cast<int>(), wt[1].cast<int>(), wt[2].cast<bool>()});
       }
       f.fresh = t[1].cast<bool>();
-      f.view_of = t[2].cast<int>();
     }
   }
   if (!known) {
@@ -354,13 +350,6 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
       Py_DECREF(got);
     }
   }
-  c10::IValue source;
-  const bool view = st->clone_frames != 0 && f.view_of >= 0 &&
-      static_cast<size_t>(f.view_of) < nargs && (*stack)[base + f.view_of].isTensor() &&
-      may_be_protected(*st, (*stack)[base + f.view_of].toTensor());
-  if (view) {
-    source = (*stack)[base + f.view_of];
-  }
   const int64_t block_start = st->block_start;
   const int64_t epoch = st->epoch;
   if (f.keep_key) {
@@ -374,18 +363,6 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
   const size_t nret = schema.returns().size();
   if (block_start != 0 && f.fresh) {
     record_outputs(*stack, nret, epoch, f.lift_fresh);
-  }
-  if (view && nret != 0) {
-    c10::impl::ExcludeDispatchKeyGuard off(g_key);
-    py::gil_scoped_acquire gil;
-    py::object src = torch::jit::toPyObject(source);
-    py::object out = torch::jit::toPyObject((*stack)[stack->size() - nret]);
-    PyObject* got =
-        PyObject_CallFunction(g_view_cb, "OOO", st->py_state, src.ptr(), out.ptr());
-    if (got == nullptr) {
-      throw_python();
-    }
-    Py_DECREF(got);
   }
 }
 
@@ -406,7 +383,7 @@ StorageImpl* unpack_storage(py::handle obj) {
 
 // Register the fallback on the first candidate key nothing else has a fallback on. Returns
 // the key's name, or raises (with the names of the keys found taken) when all are taken.
-std::string install(py::object facts_cb, py::object write_cb, py::object view_cb) {
+std::string install(py::object facts_cb, py::object write_cb) {
   if (g_library) {
     return c10::toString(g_key);
   }
@@ -418,7 +395,6 @@ std::string install(py::object facts_cb, py::object write_cb, py::object view_cb
     }
     g_facts_cb = facts_cb.release().ptr();
     g_write_cb = write_cb.release().ptr();
-    g_view_cb = view_cb.release().ptr();
     g_key = key;
     g_library = std::make_unique<torch::Library>(
         torch::Library::IMPL, "_", key, __FILE__, __LINE__);
@@ -458,7 +434,7 @@ void activate(py::object py_state) {
 }
 
 // Mirror this thread's protections (see immutorch._backends.native.sync).
-void sync_state(py::list storages, int64_t block_start, int64_t epoch, int64_t clone_frames) {
+void sync_state(py::list storages, int64_t block_start, int64_t epoch) {
   State* st = t_state;
   if (st == nullptr) return;
   st->protected_.clear();
@@ -471,15 +447,10 @@ void sync_state(py::list storages, int64_t block_start, int64_t epoch, int64_t c
   }
   st->block_start = block_start;
   st->epoch = epoch;
-  st->clone_frames = clone_frames;
 }
 
 int64_t born(py::object storage) {
   return born_of(unpack_storage(storage));
-}
-
-void set_born(py::object storage, int64_t epoch) {
-  record_birth(unpack_storage(storage), epoch);
 }
 
 void mark_readonly(py::object storage, bool on) {
@@ -507,7 +478,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("activate", &activate);
   m.def("sync", &sync_state);
   m.def("born", &born);
-  m.def("set_born", &set_born);
   m.def("mark_readonly", &mark_readonly);
   m.def("enabled", &enabled);
 }

@@ -603,11 +603,7 @@ def _scoped_output(boundary: _Boundary, output: Any) -> Any:
 
         def tag(_label: str, t: torch.Tensor) -> None:
             storage = storage_of(t)
-            if (
-                storage is not None
-                and storage._cdata not in handed
-                and born_epoch(storage) == 0
-            ):
+            if storage is not None and storage._cdata not in handed and born_epoch(storage) == 0:
                 setattr(storage, BORN_ATTR, epoch)
 
         _arguments.walk(new, "", tag)

@@ -166,7 +166,9 @@ def _build_native(out: TextIO) -> int:
         return 1
     took = time.perf_counter() - started
     size = library.stat().st_size
-    print(f"immutorch: native backend ready: {library} ({size // 1024} KiB, {took:.1f} s)", file=out)
+    print(
+        f"immutorch: native backend ready: {library} ({size // 1024} KiB, {took:.1f} s)", file=out
+    )
     return 0
 
 

@@ -47,7 +47,9 @@ def make_handle(state: ThreadState) -> Any:
 def _tell(line: str, *, warning: bool = False) -> None:
     if line not in _told:
         _told.add(line)
-        _log.log(logging.WARNING if warning else logging.INFO, "immutorch: every-op backend: %s", line)
+        _log.log(
+            logging.WARNING if warning else logging.INFO, "immutorch: every-op backend: %s", line
+        )
 
 
 mode.set_handle_factory(make_handle)

@@ -51,8 +51,9 @@ struct Facts {
   // the ops it decomposes into, as the Python mode (below autograd) sees them. dropout_ with
   // training=False declares a write it never makes.
   bool composite_only = false;
-  bool lift_fresh = false;
 };
+
+void count_block(bool on);
 
 // What one thread's guards protect, mirrored from its Python ThreadState by sync().
 struct State {
@@ -62,6 +63,9 @@ struct State {
   int64_t epoch = 0;
   PyObject* py_state = nullptr;  // the Python ThreadState (a strong reference)
   ~State() {
+    if (block_start != 0) {
+      count_block(false);
+    }
     if (py_state != nullptr && Py_IsInitialized()) {
       py::gil_scoped_acquire gil;
       Py_DECREF(py_state);
@@ -78,56 +82,47 @@ thread_local State* t_state = nullptr;
 thread_local std::shared_ptr<State> t_owned;
 thread_local std::unordered_map<const c10::FunctionSchema*, Facts> t_facts;
 
-// Births: process wide like the Python attribute they stand for. Weak references keep an
-// entry's address from being reused by another storage while the entry exists.
-struct Birth {
-  c10::weak_intrusive_ptr<StorageImpl> ref;
-  int64_t epoch;
-};
+// Births: process wide, like the Python attribute they stand for, keyed by StorageImpl
+// address with no reference held (a weak reference per fresh output cost ~2 us an op). A stale
+// entry is harmless: an address is reused only by a storage made after the one recorded, so
+// after the block that recorded it started; only resizable storages are recorded or believed,
+// so a storage over borrowed bytes (torch.from_numpy of memory from before the block) never
+// passes for the block's own. A record matters only while a block active at its birth is, so
+// the table is emptied whenever no block is active on any thread.
 std::mutex g_births_mutex;
-std::unordered_map<const StorageImpl*, Birth> g_births;
-size_t g_prune_at = 1 << 14;
+std::unordered_map<const StorageImpl*, int64_t> g_births;
+int64_t g_active_blocks = 0;  // threads with an active block frame (under g_births_mutex)
 
 std::mutex g_readonly_mutex;
 std::unordered_map<const StorageImpl*, c10::weak_intrusive_ptr<StorageImpl>> g_readonly;
 std::atomic<size_t> g_readonly_count{0};
 
 int64_t born_of(const StorageImpl* s) {
+  if (!s->resizable()) {
+    return 0;
+  }
   std::lock_guard<std::mutex> lock(g_births_mutex);
   auto it = g_births.find(s);
-  if (it == g_births.end()) {
-    return 0;
-  }
-  if (it->second.ref.expired()) {
-    g_births.erase(it);
-    return 0;
-  }
-  return it->second.epoch;
+  return it == g_births.end() ? 0 : it->second;
 }
 
-void record_birth(StorageImpl* s, int64_t epoch) {
-  std::lock_guard<std::mutex> lock(g_births_mutex);
-  auto it = g_births.find(s);
-  if (it != g_births.end()) {
-    if (it->second.ref.expired()) {
-      it->second.ref = c10::weak_intrusive_ptr<StorageImpl>(
-          c10::intrusive_ptr<StorageImpl>::reclaim_copy(s));
-      it->second.epoch = epoch;
-    } else if (it->second.epoch < epoch) {
-      it->second.epoch = epoch;
-    }
+void record_birth(const StorageImpl* s, int64_t epoch) {
+  if (!s->resizable()) {
     return;
   }
-  g_births.emplace(
-      s,
-      Birth{c10::weak_intrusive_ptr<StorageImpl>(
-                c10::intrusive_ptr<StorageImpl>::reclaim_copy(s)),
-            epoch});
-  if (g_births.size() >= g_prune_at) {
-    for (auto i = g_births.begin(); i != g_births.end();) {
-      i = i->second.ref.expired() ? g_births.erase(i) : std::next(i);
-    }
-    g_prune_at = std::max<size_t>(1 << 14, 2 * g_births.size());
+  std::lock_guard<std::mutex> lock(g_births_mutex);
+  auto [it, inserted] = g_births.try_emplace(s, epoch);
+  if (!inserted && it->second < epoch) {
+    it->second = epoch;
+  }
+}
+
+// A thread's blocks started (on) or all ended (off).
+void count_block(bool on) {
+  std::lock_guard<std::mutex> lock(g_births_mutex);
+  g_active_blocks += on ? 1 : -1;
+  if (g_active_blocks == 0) {
+    g_births.clear();
   }
 }
 
@@ -252,7 +247,6 @@ void compute_facts(const c10::OperatorHandle& op, Facts& f) {
       }
     }
   }
-  f.lift_fresh = schema.name() == "aten::lift_fresh";
   bool known = false;
   {
     py::gil_scoped_acquire gil;
@@ -299,14 +293,13 @@ Facts& facts_for(const c10::OperatorHandle& op) {
   return f;
 }
 
-void record_outputs(const torch::jit::Stack& stack, size_t n, int64_t epoch, bool lift_fresh) {
+void record_outputs(const torch::jit::Stack& stack, size_t n, int64_t epoch) {
   for (size_t i = stack.size() - n; i < stack.size(); ++i) {
     each_tensor(stack[i], [&](const at::Tensor& t) {
       if (!t.defined() || !t.unsafeGetTensorImpl()->has_storage()) return;
-      StorageImpl* s = t.unsafeGetTensorImpl()->storage().unsafeGetStorageImpl();
-      // lift_fresh also wraps torch.from_numpy: memory numpy owns is not the block's own.
-      if (lift_fresh && !s->resizable()) return;
-      record_birth(s, epoch);
+      // lift_fresh also wraps torch.from_numpy: memory numpy owns is not resizable, and
+      // record_birth never takes it for the block's own.
+      record_birth(t.unsafeGetTensorImpl()->storage().unsafeGetStorageImpl(), epoch);
     });
   }
 }
@@ -362,7 +355,7 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
   }
   const size_t nret = schema.returns().size();
   if (block_start != 0 && f.fresh) {
-    record_outputs(*stack, nret, epoch, f.lift_fresh);
+    record_outputs(*stack, nret, epoch);
   }
 }
 
@@ -444,6 +437,9 @@ void sync_state(py::list storages, int64_t block_start, int64_t epoch) {
     st->protected_.emplace(s, c10::intrusive_ptr<StorageImpl>::reclaim_copy(s));
     auto lo = reinterpret_cast<uintptr_t>(s->data_ptr().get());
     if (lo != 0) st->ranges.emplace_back(lo, lo + s->nbytes());
+  }
+  if ((st->block_start != 0) != (block_start != 0)) {
+    count_block(block_start != 0);
   }
   st->block_start = block_start;
   st->epoch = epoch;

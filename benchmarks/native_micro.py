@@ -7,7 +7,7 @@ and forward + backward, and the demo encoder ``[8, 80, 300]``
 (``MelSpectrogramEncoder.encode_mel_spectrogram``). Each runs unguarded and under
 ``guard(x)`` and ``guard()`` (scope "all") in raise and clone mode with ``IMMUTORCH_BACKEND``
 python, then native (clone mode is served by the Python mode either way: docs/backends.md).
-Timing: ``torch.utils.benchmark.Timer.blocked_autorange`` on one thread, the variants
+Timing: ``torch.utils.benchmark.Timer.blocked_autorange`` (CPU time) on one thread, the variants
 interleaved over rounds and the median of the rounds' medians reported as a ratio to
 unguarded. ``--build-time`` also builds the native library from scratch into a temporary
 cache and reports the build time and size; the cached load's cost is always reported.
@@ -89,15 +89,16 @@ def variants(fn: Callable[[torch.Tensor], Any]) -> dict[str, Callable[[torch.Ten
 
 
 def measure(fn: Callable[[], Any], min_time: float) -> float:
-    return Timer("fn()", globals={"fn": fn}, num_threads=1).blocked_autorange(
-        min_run_time=min_time
-    ).median
+    return (
+        Timer("fn()", globals={"fn": fn}, num_threads=1)
+        .blocked_autorange(min_run_time=min_time)
+        .median
+    )
 
 
 def bench(rounds: int, min_time: float) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    rows: list[tuple[str, str, dict[str, float]]] = []
     for name, make in WORKLOADS.items():
         fn, x = make()
         names = list(variants(fn))
@@ -108,7 +109,7 @@ def bench(rounds: int, min_time: float) -> None:
                 for variant, call in variants(fn).items():
                     if variant == "unguarded" and backend == "native":
                         continue
-                    t = measure(lambda call=call: call(x), min_time)  # type: ignore[misc]
+                    t = measure(call, x, min_time)
                     times.setdefault((backend, variant), []).append(t)
         base = statistics.median(times[("python", "unguarded")])
         print(f"\n{name}: unguarded {base * 1e3:.2f} ms")
@@ -117,7 +118,6 @@ def bench(rounds: int, min_time: float) -> None:
             py = statistics.median(times[("python", variant)]) / base
             nat = statistics.median(times[("native", variant)]) / base
             print(f"  {variant:28} {py:7.2f}x {nat:7.2f}x")
-            rows.append((name, variant, {"python": py, "native": nat}))
     os.environ.pop("IMMUTORCH_BACKEND", None)
 
 

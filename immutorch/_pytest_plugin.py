@@ -400,11 +400,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         parts.append(scope)
     if settings.modules:
         parts.append(f"modules={','.join(settings.modules)}")
-    if parts:
-        from ._backends import native  # torch is loaded once an option is on
+    if not parts:
+        return []
+    from ._backends import native  # torch is loaded once an option is on
 
-        parts.append(f"backend={native.status()}")
-    return [f"immutorch: {', '.join(parts)}"] if parts else []
+    return [f"immutorch: {', '.join(parts)}", f"immutorch: every-op backend: {native.status()}"]
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -345,3 +345,22 @@ def test_a_refusal_keeps_its_type_through_autograd() -> None:
         with pytest.raises(ImmutableTensorError, match=r"aten::add_ would write into"):
             loss.backward()
     assert torch.equal(x, torch.ones(3))
+
+
+@pytest.mark.both_backends
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated")
+def test_an_op_error_in_torchscript_is_not_replaced_by_an_earlier_refusal() -> None:
+    # The front doors put back the exception TorchScript rewrapped, from the thread's record of
+    # the last one raised through the backend: a refusal caught earlier must not stand in for
+    # an op's own error later.
+    @torch.jit.script
+    def bad(t: torch.Tensor) -> torch.Tensor:
+        return t.view(7)
+
+    x = torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"shape '\[7\]' is invalid") as info:
+        with guard(x):
+            with pytest.raises(ImmutableTensorError):
+                x.add_(1)
+            bad(torch.ones(3))
+    assert not isinstance(info.value, ImmutableTensorError)

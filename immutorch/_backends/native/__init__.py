@@ -19,7 +19,7 @@ import torch
 from ... import _registry, _storage
 from ..._judge import check_writes
 from ..._registry import ThreadState
-from ..._schema import META, op_facts
+from ..._schema import DATA, META, OpFacts, WrittenArg, op_facts
 from .loader import NativeUnavailable, load
 
 _module: Optional[ModuleType] = None
@@ -53,11 +53,27 @@ def _facts(name: str, overload: str) -> Optional[tuple[list[tuple[int, int, bool
     return writes, facts.fresh_outputs
 
 
-def _write(state: ThreadState, name: str, overload: str, args: tuple[Any, ...]) -> None:
+def _write(
+    state: ThreadState,
+    name: str,
+    overload: str,
+    args: tuple[Any, ...],
+    written: list[tuple[int, str, int, bool]],
+) -> None:
     """A write that may reach protected memory: judge it as the Python mode does."""
     __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
-    if not state.bypass:
-        check_writes(state, op_facts(_resolve(name, overload)), args, {})
+    if state.bypass:
+        return
+    func = _resolve(name, overload)
+    if func is not None:
+        facts = op_facts(func)
+    else:  # not reachable through torch.ops: the writes its schema declares, read in C++
+        writes = tuple(
+            WrittenArg(position, arg, META if meta else DATA, when=None if when < 0 else when)
+            for position, arg, when, meta in written
+        )
+        facts = OpFacts(name, writes, False, None)
+    check_writes(state, facts, args, {})
 
 
 def _readonly(storage: Any, marked: bool) -> None:

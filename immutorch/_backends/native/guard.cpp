@@ -39,6 +39,10 @@ const char* kStateKey = "immutorch.native.state";
 
 struct Facts {
   bool ready = false;
+  // The schema these facts were read from: an operator registered again at a freed address
+  // (a custom op defined anew) must not inherit another's facts.
+  std::string name, overload;
+  size_t nargs = 0;
   struct Write {
     int position;
     int when;  // a flag argument that must be true for the write to happen, or -1
@@ -229,6 +233,9 @@ py::tuple python_args(const torch::jit::Stack& stack, size_t base, size_t n) {
 
 void compute_facts(const c10::OperatorHandle& op, Facts& f) {
   const auto& schema = op.schema();
+  f.name = schema.name();
+  f.overload = schema.overload_name();
+  f.nargs = schema.arguments().size();
   f.keep_key = op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd);
   if (f.keep_key) {
     f.composite_only = true;
@@ -285,7 +292,12 @@ void compute_facts(const c10::OperatorHandle& op, Facts& f) {
 }
 
 Facts& facts_for(const c10::OperatorHandle& op) {
-  Facts& f = t_facts[&op.schema()];
+  const auto& schema = op.schema();
+  Facts& f = t_facts[&schema];
+  if (f.ready && (f.nargs != schema.arguments().size() || f.name != schema.name() ||
+                  f.overload != schema.overload_name())) {
+    f = Facts();
+  }
   if (!f.ready) {
     c10::impl::ExcludeDispatchKeyGuard off(g_key);
     compute_facts(op, f);
@@ -334,9 +346,17 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
       c10::impl::ExcludeDispatchKeyGuard off(g_key);
       py::gil_scoped_acquire gil;
       py::tuple args = python_args(*stack, base, nargs);
+      // What C++ judged written, for an op Python cannot resolve to an OpOverload.
+      py::list written;
+      for (const auto& w : f.writes) {
+        if (static_cast<size_t>(w.position) < nargs) {
+          written.append(py::make_tuple(
+              w.position, schema.arguments()[w.position].name(), w.when, w.meta));
+        }
+      }
       PyObject* got = PyObject_CallFunction(
-          g_write_cb, "OssO", st->py_state, schema.name().c_str(),
-          schema.overload_name().c_str(), args.ptr());
+          g_write_cb, "OssOO", st->py_state, schema.name().c_str(),
+          schema.overload_name().c_str(), args.ptr(), written.ptr());
       if (got == nullptr) {
         throw_python();
       }
@@ -345,13 +365,23 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
   }
   const int64_t block_start = st->block_start;
   const int64_t epoch = st->epoch;
-  if (f.keep_key) {
-    op.redispatchBoxed(rest, stack);
-  } else {
-    // A kernel's own temporaries (CPU addmm copies into an output it allocated without the
-    // dispatcher) are not the user's writes: only composite ops are seen decomposed.
-    c10::impl::ExcludeDispatchKeyGuard off(g_key);
-    op.redispatchBoxed(rest, stack);
+  try {
+    if (f.keep_key) {
+      op.redispatchBoxed(rest, stack);
+    } else {
+      // A kernel's own temporaries (CPU addmm copies into an output it allocated without
+      // the dispatcher) are not the user's writes: only composite ops are seen decomposed.
+      c10::impl::ExcludeDispatchKeyGuard off(g_key);
+      op.redispatchBoxed(rest, stack);
+    }
+  } catch (const c10::Error&) {
+    // The op's own error: a refusal remembered earlier on this thread must not be put back
+    // in its place by the front doors (TorchScript rewraps errors; see _policy).
+    py::gil_scoped_acquire gil;
+    if (PyObject_SetAttrString(st->py_state, "dispatch_error", Py_None) != 0) {
+      PyErr_Clear();
+    }
+    throw;
   }
   const size_t nret = schema.returns().size();
   if (block_start != 0 && f.fresh) {

@@ -82,7 +82,6 @@ std::unique_ptr<torch::Library> g_library;
 PyObject* g_facts_cb = nullptr;  // (name, overload) -> facts tuple or None
 PyObject* g_write_cb = nullptr;  // (state, name, overload, args) -> None; raises to refuse
 
-thread_local State* t_state = nullptr;
 thread_local std::shared_ptr<State> t_owned;
 thread_local std::unordered_map<const c10::FunctionSchema*, Facts> t_facts;
 
@@ -136,16 +135,19 @@ bool is_readonly(const StorageImpl* s) {
   return it != g_readonly.end() && !it->second.expired();
 }
 
-State* current_state() {
-  if (t_state != nullptr) {
-    return t_state;
+// The State of the guard serving this thread, held for the length of one op: a clone-mode
+// guard entered inside an op (a custom op's Python kernel) hands the thread to the Python
+// mode and drops the thread's own reference.
+std::shared_ptr<State> current_state() {
+  if (t_owned) {
+    return t_owned;
   }
   if (!at::impl::ThreadLocalPythonObjects::contains(kStateKey)) {
     return nullptr;
   }
   const auto& obj = at::impl::ThreadLocalPythonObjects::get(kStateKey);
   PyObject* capsule = obj->ptr(getPyInterpreter());
-  return static_cast<State*>(PyCapsule_GetPointer(capsule, kStateKey));
+  return *static_cast<std::shared_ptr<State>*>(PyCapsule_GetContext(capsule));
 }
 
 StorageImpl* storage_of(const at::Tensor& t) {
@@ -318,7 +320,7 @@ void record_outputs(const torch::jit::Stack& stack, size_t n, int64_t epoch) {
 
 void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
   const auto rest = ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, g_key);
-  State* st = current_state();
+  const std::shared_ptr<State> st = current_state();
   if (st == nullptr || !op.hasSchema()) {
     c10::impl::ExcludeDispatchKeyGuard off(g_key);
     op.redispatchBoxed(rest, stack);
@@ -432,7 +434,6 @@ void activate(py::object py_state) {
   if (py_state.is_none()) {
     c10::impl::tls_set_dispatch_key_included(g_key, false);
     at::impl::ThreadLocalPythonObjects::erase(kStateKey);
-    t_state = nullptr;
     t_owned.reset();
     return;
   }
@@ -452,13 +453,12 @@ void activate(py::object py_state) {
   at::impl::ThreadLocalPythonObjects::set(
       kStateKey, std::make_shared<c10::SafePyObject>(capsule, getPyInterpreter()));
   t_owned = st;
-  t_state = st.get();
   c10::impl::tls_set_dispatch_key_included(g_key, true);
 }
 
 // Mirror this thread's protections (see immutorch._backends.native.sync).
 void sync_state(py::list storages, int64_t block_start, int64_t epoch) {
-  State* st = t_state;
+  State* st = t_owned.get();
   if (st == nullptr) return;
   st->protected_.clear();
   st->ranges.clear();

@@ -3,8 +3,8 @@
 One session per torch release that pyproject's range rests on: the floor (2.4.1); 2.5.1, the
 first whose Dynamo skips frames under a dispatch mode, with the old version-counter signature;
 2.9.1 in the middle; the release CI runs (2.13, CPU); and the newest. Each session installs
-that torch exactly, immutorch from this checkout, and runs README's test command, the demo and
-the examples.
+that torch exactly, immutorch from this checkout, builds the native backend, and runs README's
+test command, the demo and the examples.
 
 Releases other than 2.13 come from PyPI as the default CUDA builds (~6 GB a venv with their
 nvidia-* wheels); they import and run on a CPU-only machine. Keep venvs outside the repository
@@ -53,6 +53,9 @@ def _install(session: nox.Session, torch: str, *, below_floor: bool = False) -> 
 
 
 def _run(session: nox.Session, env: dict[str, str]) -> None:
+    # The native backend for this release (its tests' native halves skip where it is absent;
+    # a build that fails fails the session, as in CI).
+    session.run("python", "-m", "immutorch", "build-native", env=env)
     session.run("python", "-m", "pytest", "-q", "-p", "no:randomly", *session.posargs, env=env)
     session.run("python", "-m", "immutorch", "demo", silent=True, env=env)
     examples = [

@@ -25,6 +25,7 @@ import torch
 from torch.nn.modules import module as _module_mod
 
 from . import _arguments, _registry
+from ._backends import choice as _choice  # noqa: F401  (installs the backend choice)
 from ._backends import mode as _mode
 from ._backends.scoped import Protected, can_scope, to_plain, unwrap
 from ._backends.scoped import hand_over as hand_over_scoped
@@ -39,7 +40,7 @@ from ._naming import display_path, is_compiled
 # Importing the policy also installs it as the dispatch mode's write handler.
 from ._policy import raise_original
 from ._registry import BLOCK, STATE, Frame, protection_of
-from ._storage import BORN_ATTR, storage_of, tensor_leaves
+from ._storage import BORN_ATTR, born_epoch, storage_of, tensor_leaves
 
 _lock = threading.Lock()
 _users = 0
@@ -694,11 +695,7 @@ def _scoped_output(boundary: _Boundary, output: Any) -> Any:
 
         def tag(_label: str, t: torch.Tensor) -> None:
             storage = storage_of(t)
-            if (
-                storage is not None
-                and storage._cdata not in handed
-                and getattr(storage, BORN_ATTR, 0) == 0
-            ):
+            if storage is not None and storage._cdata not in handed and born_epoch(storage) == 0:
                 setattr(storage, BORN_ATTR, epoch)
 
         _arguments.walk(new, "", tag)

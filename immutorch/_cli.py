@@ -1,5 +1,5 @@
-"""The command line: ``immutorch demo``, ``audit TARGET``, ``schema-audit`` and ``run SCRIPT``
-(also run as ``python -m immutorch``), and ``--version``."""
+"""The command line: ``immutorch demo``, ``audit TARGET``, ``schema-audit``, ``run SCRIPT`` and
+``build-native`` (also run as ``python -m immutorch``), and ``--version``."""
 
 from __future__ import annotations
 
@@ -142,7 +142,44 @@ def build_parser(prog: str = "immutorch") -> argparse.ArgumentParser:
     audit.set_defaults(subparser=audit)
     _add_schema_audit(commands)
     _add_run(commands)
+    _add_build_native(commands)
     return parser
+
+
+def _add_build_native(commands: Any) -> None:
+    """Register ``build-native`` on the CLI's subparsers."""
+    commands.add_parser(
+        "build-native",
+        help="build the native every-op backend into the per-user cache now",
+        description=(
+            "Compile immutorch's C++ dispatcher fallback for this torch and Python into the "
+            "private per-user cache ($IMMUTORCH_CACHE_DIR, else ~/.cache/immutorch), so that "
+            "the first guard with IMMUTORCH_BACKEND=native does not wait for the compiler. "
+            "Needs a C++ compiler and ninja (pip install 'immutorch[native]')."
+        ),
+        epilog="exit status: 0 built (or already cached) and loadable, 1 it cannot be built here.",
+    )
+
+
+def _build_native(out: TextIO) -> int:
+    import time
+
+    from ._backends.native import loader
+
+    started = time.perf_counter()
+    try:
+        entry = loader.build(verbose=False)
+        library = loader.verified_library(entry)
+        loader.load()
+    except loader.NativeUnavailable as err:
+        print(f"immutorch: the native backend cannot be built here: {err}", file=out)
+        return 1
+    took = time.perf_counter() - started
+    size = library.stat().st_size
+    print(
+        f"immutorch: native backend ready: {library} ({size // 1024} KiB, {took:.1f} s)", file=out
+    )
+    return 0
 
 
 # schema-audit's options live here, not in _schema_audit: that module imports torch, and
@@ -245,6 +282,8 @@ def main(
             from . import _demo
 
             return _demo.main(out, repeats=args.repeats)
+        if args.command == "build-native":
+            return _build_native(out)
         if args.command == "schema-audit":
             from . import _schema_audit
 

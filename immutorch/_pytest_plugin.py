@@ -464,7 +464,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     saved = config.stash.get(_SAVED, None)
     if saved is not None:
         parts.append(f"saved ({saved})")
-    return [f"immutorch: {', '.join(parts)}"] if parts else []
+    if not parts:
+        return []
+    from ._backends import native  # torch is loaded once an option is on
+
+    return [f"immutorch: {', '.join(parts)}", f"immutorch: every-op backend: {native.status()}"]
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -10,7 +10,7 @@ from typing import Union
 
 import torch
 
-from ._storage import READONLY_ATTR, describe, storage_of, tensor_leaves
+from ._storage import READONLY_ATTR, describe, note_readonly, storage_of, tensor_leaves
 
 Markable = Union[torch.Tensor, torch.nn.Module]
 
@@ -51,6 +51,7 @@ def readonly(*tensors: Markable) -> None:
     """
     for label, storage in _storages(tensors, "readonly"):
         setattr(storage, READONLY_ATTR, label)
+        note_readonly(storage, True)
 
 
 def writable(*tensors: Markable) -> None:
@@ -58,6 +59,7 @@ def writable(*tensors: Markable) -> None:
     for _, storage in _storages(tensors, "writable"):
         if hasattr(storage, READONLY_ATTR):
             delattr(storage, READONLY_ATTR)
+            note_readonly(storage, False)
 
 
 def is_readonly(t: torch.Tensor) -> bool:

@@ -18,10 +18,10 @@ import torch
 from ._compat import functional_mutations, is_functional, is_functorch_wrapped
 from ._config import STRICTNESS, Mode, Scope
 from ._storage import (
-    BORN_ATTR,
     PLAIN,
     READONLY_ATTR,
     STANDS_FOR_ATTR,
+    born_epoch,
     byte_range,
     shape_of,
     storage_of,
@@ -353,7 +353,7 @@ class ThreadState(threading.local):
                     if p.cdata != cdata and p.start < hi and lo < p.end:
                         hits.append(p.hit())
         if self.blocks:
-            born = getattr(storage, BORN_ATTR, 0)
+            born = born_epoch(storage)
             if born or self.older_than_blocks(cdata):
                 for f in self.blocks:
                     if born < f.start and not f.exempt(cdata):
@@ -408,7 +408,7 @@ class ThreadState(threading.local):
         ]
         if self.blocks:
             storage = storage_of(t)
-            born = getattr(storage, BORN_ATTR, 0) if storage is not None else 0
+            born = born_epoch(storage) if storage is not None else 0
             if storage is not None and (born or self.older_than_blocks(storage._cdata)):
                 for f in self.blocks:
                     if born < f.start and not f.exempt(storage._cdata):

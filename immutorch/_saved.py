@@ -590,7 +590,9 @@ def _settle(owner: _Owner) -> None:
         return
     wanted = bool(owner.blocks) or owner.live > 0
     if wanted and not owner.holds_mode:
-        _mode.require()
+        # The Python mode: saved protections are added one by one, outside frame pushes,
+        # where the native backend's C++ mirror of the registry would not see them.
+        _mode.require(python=True)
         owner.holds_mode = True
     elif not wanted and owner.holds_mode:
         state = STATE

@@ -9,6 +9,7 @@ storages a guarded block allocated itself, without holding any reference to user
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -28,6 +29,41 @@ STANDS_FOR_ATTR = "_immutorch_stands_for"
 # Tensor types whose memory is their own storage, judged directly: plain tensors, parameters,
 # and the scoped backend's ``Protected`` aliases (which add themselves here).
 PLAIN: set[type] = {torch.Tensor, torch.nn.Parameter}
+
+
+# Births and read-only marks known outside Python: the native backend records births in C++
+# and reads read-only marks there (``_backends.native`` installs both hooks).
+_native_born: Optional[Callable[[Any], int]] = None
+_readonly_hook: Optional[Callable[[Any, bool], None]] = None
+# Every storage marked read-only, weakly, so that a hook installed later learns earlier marks.
+_marked: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+
+
+def born_epoch(storage: Any) -> int:
+    """The epoch at which ``storage`` was born inside a block (0: before any, or unknown)."""
+    born: int = getattr(storage, BORN_ATTR, 0)
+    if _native_born is not None:
+        native = _native_born(storage)
+        if native > born:
+            return native
+    return born
+
+
+def note_readonly(storage: Any, marked: bool) -> None:
+    """Tell a native backend that ``storage`` gained or lost its read-only mark."""
+    if marked:
+        _marked[id(storage)] = storage
+    else:
+        _marked.pop(id(storage), None)
+    if _readonly_hook is not None:
+        _readonly_hook(storage, marked)
+
+
+def install_native_hooks(born: Callable[[Any], int], readonly: Callable[[Any, bool], None]) -> None:
+    global _native_born, _readonly_hook
+    _native_born, _readonly_hook = born, readonly
+    for storage in list(_marked.values()):
+        readonly(storage, True)
 
 
 def storage_of(t: torch.Tensor) -> Optional[torch.UntypedStorage]:

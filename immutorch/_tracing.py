@@ -100,7 +100,9 @@ def stepped_aside() -> Iterator[None]:
         return
     handle = state.mode_handle
     popped = None
-    if handle is not None and current_dispatch_mode() is not handle:
+    # The native backend's handle is no Python mode: state.bypass below is all it needs.
+    on_stack = handle is not None and getattr(handle, "on_mode_stack", True)
+    if on_stack and current_dispatch_mode() is not handle:
         # Another mode above ours: popping would pop that one. Leave the stack alone.
         _tell(
             "immutorch: torch.jit.trace runs under another dispatch mode pushed after "
@@ -113,7 +115,7 @@ def stepped_aside() -> Iterator[None]:
             "so writes made while tracing are not stopped, only reported afterwards as a "
             "MutationWarning. Guards apply again to the traced module when it runs."
         )
-        if handle is not None:
+        if on_stack:
             popped = pop_dispatch_mode()
     watched = [(p, p.obj._version) for ps in state.by_storage.values() for p in ps]
     state.bypass += 1

@@ -31,3 +31,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Modules marked both_backends run each test through both every-op backends.
+    if metafunc.definition.get_closest_marker("both_backends") is not None:
+        metafunc.parametrize("every_op_backend", ["python", "native"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def every_op_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The every-op backend a test runs through: IMMUTORCH_BACKEND is read at each guard entry."""
+    backend: str = getattr(request, "param", "")
+    if not backend:
+        return os.environ.get("IMMUTORCH_BACKEND", "python")
+    if backend == "native":
+        from immutorch._backends import native
+
+        if not native.available():
+            pytest.skip(f"native backend unavailable: {native.unavailable_reason()}")
+    monkeypatch.setenv("IMMUTORCH_BACKEND", backend)
+    return backend

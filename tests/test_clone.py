@@ -13,6 +13,8 @@ from torch import Tensor
 import immutorch
 from immutorch import ImmutableTensorError, MutationWarning, clone_stats, immutable_inputs
 
+pytestmark = pytest.mark.both_backends
+
 
 @pytest.fixture(autouse=True, params=["all", "arguments"])
 def scope(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:

@@ -38,6 +38,8 @@ from torch import Tensor
 import immutorch
 from immutorch import ImmutableTensorError, MutationWarning, guard, immutable_inputs
 
+pytestmark = pytest.mark.both_backends
+
 
 @dataclasses.dataclass
 class Batch:

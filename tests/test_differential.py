@@ -21,6 +21,8 @@ from torch import Tensor
 
 from immutorch import ImmutableTensorError, guard, immutable_inputs
 
+pytestmark = pytest.mark.both_backends
+
 SHAPE = (4, 6)
 VIEWS = ["select", "slice", "step", "transpose", "reshape", "detach", "contiguous", "clone",
          "unsqueeze", "expand_row", "flatten", "diagonal"]  # fmt: skip

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import torch.distributed as dist
 
+pytestmark = pytest.mark.both_backends
+
 WORLD = 2
 WORKER = Path(__file__).with_name("distributed_worker.py")
 

@@ -20,7 +20,11 @@ import immutorch
 from immutorch import ImmutableTensorError, _boundaries, _clone, _compiled, guard
 from immutorch import immutable_inputs as immutable_inputs
 from immutorch._backends import mode as _mode
+from immutorch._backends import native as _native
+from immutorch._backends.native import NativeHandle
 from immutorch._registry import STATE
+
+pytestmark = pytest.mark.both_backends
 
 
 class Injected(RuntimeError):
@@ -217,8 +221,11 @@ def test_mode_entry_failure_in_the_hooks(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.undo()
 
 
-def test_mode_entry_failure_in_the_dispatch_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_mode.ImmutorchMode, "__enter__", _fail)
+def test_mode_entry_failure_in_the_dispatch_mode(
+    monkeypatch: pytest.MonkeyPatch, every_op_backend: str
+) -> None:
+    handle = NativeHandle if every_op_backend == "native" else _mode.ImmutorchMode
+    monkeypatch.setattr(handle, "__enter__", _fail)
     x = torch.ones(3)
     with pytest.raises(Injected), guard(x):
         pass
@@ -238,7 +245,9 @@ def test_mode_entry_failure_in_an_inner_guard(monkeypatch: pytest.MonkeyPatch) -
 
 
 # -- a compiled call's boundary ---------------------------------------------------------------
-def test_compiled_boundary_failure_puts_the_mode_back(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_boundary_failure_puts_the_mode_back(
+    monkeypatch: pytest.MonkeyPatch, every_op_backend: str
+) -> None:
     def fake_compiled(x: Tensor) -> Tensor:
         return x * 2
 
@@ -247,8 +256,13 @@ def test_compiled_boundary_failure_puts_the_mode_back(monkeypatch: pytest.Monkey
     monkeypatch.setattr(_compiled, "dispatch_mode_flags_match_stack", _fail)
     x = torch.ones(3)
     with guard(torch.zeros(1)):
-        with pytest.raises(Injected):
-            f(x)
-        assert isinstance(_get_current_dispatch_mode_stack()[-1], _mode.ImmutorchMode)
+        if every_op_backend == "native":
+            # No Python mode to pop, so nothing that can fail: the key stays on throughout.
+            assert torch.equal(f(x), x * 2)
+            assert isinstance(STATE.mode_handle, NativeHandle) and _native.enabled()
+        else:
+            with pytest.raises(Injected):
+                f(x)
+            assert isinstance(_get_current_dispatch_mode_stack()[-1], _mode.ImmutorchMode)
         assert STATE.bypass == 0
     monkeypatch.undo()

@@ -12,6 +12,8 @@ import torch
 
 import immutorch
 
+pytestmark = pytest.mark.both_backends
+
 
 def writes(x: torch.Tensor) -> torch.Tensor:
     x[0] = 7

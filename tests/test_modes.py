@@ -18,6 +18,8 @@ import immutorch
 from immutorch import ImmutableTensorError, MutationWarning, guard, immutable_inputs
 from immutorch._registry import STATE
 
+pytestmark = pytest.mark.both_backends
+
 MODES = ["off", "warn", "clone", "raise"]
 STRICT = {m: i for i, m in enumerate(MODES)}
 

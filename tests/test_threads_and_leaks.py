@@ -16,6 +16,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from immutorch import ImmutableTensorError, _clone, guard, immutable_inputs
 from immutorch._registry import STATE
 
+pytestmark = pytest.mark.both_backends
+
 
 def _in_thread(fn: Callable[[], Any]) -> Any:
     box: dict[str, Any] = {}

@@ -8,7 +8,7 @@ thread's registry and the strictest protection decides, *before* the op runs.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -109,7 +109,7 @@ def enter(frame: _registry.Frame) -> None:
     if not state.frames:
         state.dispatch_error = None
     if frame.needs_mode:
-        require(body=frame.body_only)
+        require(body=frame.body_only, python=frame.mode == "clone")
     try:
         if frame.kind == _registry.BLOCK:
             _births.acquire()  # memory made outside the dispatcher is dated too
@@ -119,6 +119,7 @@ def enter(frame: _registry.Frame) -> None:
             if frame.kind == _registry.BLOCK:
                 _births.release()
             raise
+        _frames_changed(state)
     except BaseException:
         try:
             if frame in state.frames:
@@ -134,6 +135,7 @@ def leave(frame: _registry.Frame) -> None:
     state = STATE
     try:
         state.pop(frame)
+        _frames_changed(state)
     finally:
         # A failure above must not strand the mode (or the birth wrappers) behind.
         try:
@@ -144,23 +146,52 @@ def leave(frame: _registry.Frame) -> None:
                 release(body=frame.body_only)
 
 
-def require(*, body: bool = False) -> None:
+def require(*, body: bool = False, python: bool = False) -> None:
     """One more user of the every-op mode on this thread; push it if it is the first.
 
     ``body``: a ``guard(scope="arguments")`` frame, which needs the mode only in its block's
-    body, not inside the module calls it hands over (see :func:`suspend`).
+    body, not inside the module calls it hands over (see :func:`suspend`). ``python``: the user
+    needs this module's Python mode, whatever backend serves the thread (see
+    :func:`_push_if_absent`): a clone-mode frame, or ``guard_saved``'s protections, which come
+    and go one by one outside any frame push, unseen by the native backend's mirror.
     """
     state = STATE
-    _push_if_absent(state)
+    _push_if_absent(state, python=python)
     state.mode_users += 1
     if body:
         state.body_users += 1
 
 
-def _push_if_absent(state: ThreadState) -> None:
-    if state.mode_handle is None:
+# What serves the every-op check on a thread: this module's Python mode unless the layer above
+# installs a chooser (``_backends.choice``: the native C++ fallback where it is available).
+_make_handle: Callable[[ThreadState], Any] = ImmutorchMode
+
+
+def set_handle_factory(make: Callable[[ThreadState], Any]) -> None:
+    global _make_handle
+    _make_handle = make
+
+
+def _frames_changed(state: ThreadState) -> None:
+    # The native backend mirrors the thread's protections in C++.
+    changed = getattr(state.mode_handle, "frames_changed", None)
+    if changed is not None:
+        changed()
+
+
+def _push_if_absent(state: ThreadState, *, python: bool = False) -> None:
+    handle_ = state.mode_handle
+    python = python or state.clone_frames > 0
+    if handle_ is not None and python and not isinstance(handle_, ImmutorchMode):
+        # Clone mode needs every view of an alias, and ``x.data`` makes one without an op that
+        # a C++ key sees (only a Python mode is told): a thread with a clone frame is served by
+        # the Python mode until its last guard ends.
+        state.mode_handle = None
+        handle_.__exit__(None, None, None)
+        handle_ = None
+    if handle_ is None:
         _tracing.install()
-        handle_ = ImmutorchMode(state)
+        handle_ = ImmutorchMode(state) if python else _make_handle(state)
         handle_.__enter__()
         state.mode_handle = handle_
 
@@ -185,7 +216,7 @@ def suspend() -> Optional[tuple[int, int]]:
     if (
         handle_ is None
         or state.mode_users != state.body_users
-        or current_dispatch_mode() is not handle_
+        or (getattr(handle_, "on_mode_stack", True) and current_dispatch_mode() is not handle_)
     ):
         return None
     users = (state.mode_users, state.body_users)

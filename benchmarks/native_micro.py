@@ -1,0 +1,164 @@
+"""The native every-op backend beside the Python one, side by side in one run.
+
+    python benchmarks/native_micro.py [--quick] [--build-time]
+
+Workloads: 1000 small ops ``h = tanh(h @ W)`` (64x64), a TransformerEncoder 6 x d128 forward
+and forward + backward, and the demo encoder ``[8, 80, 300]``
+(``MelSpectrogramEncoder.encode_mel_spectrogram``). Each runs unguarded and under
+``guard(x)`` and ``guard()`` (scope "all") in raise and clone mode with ``IMMUTORCH_BACKEND``
+python, then native (clone mode is served by the Python mode either way: docs/backends.md).
+Timing: ``torch.utils.benchmark.Timer.blocked_autorange`` (CPU time) on one thread, the variants
+interleaved over rounds and the median of the rounds' medians reported as a ratio to
+unguarded. ``--build-time`` also builds the native library from scratch into a temporary
+cache and reports the build time and size; the cached load's cost is always reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+
+import immutorch
+from immutorch._reference import fixed_encoder, synthetic_mel
+
+
+def small_ops() -> tuple[Callable[[torch.Tensor], Any], torch.Tensor]:
+    w = torch.randn(64, 64) / 8
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        for _ in range(1000):
+            h = torch.tanh(h @ w)
+        return h
+
+    return run, torch.randn(64, 64)
+
+
+def transformer(backward: bool) -> tuple[Callable[[torch.Tensor], Any], torch.Tensor]:
+    layer = nn.TransformerEncoderLayer(128, 4, 256, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 6, enable_nested_tensor=False)
+    params = list(model.parameters())
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
+    def step(x: torch.Tensor) -> None:
+        for p in params:
+            p.grad = None
+        model(x).sum().backward()
+
+    return (step if backward else forward), torch.randn(8, 32, 128)
+
+
+def encoder() -> tuple[Callable[[torch.Tensor], Any], torch.Tensor]:
+    model = fixed_encoder()
+    return model.encode_mel_spectrogram, synthetic_mel()
+
+
+WORKLOADS = {
+    "1000 small ops": small_ops,
+    "TransformerEncoder fwd": lambda: transformer(False),
+    "TransformerEncoder fwd+bwd": lambda: transformer(True),
+    "encoder [8,80,300]": encoder,
+}
+
+
+def variants(fn: Callable[[torch.Tensor], Any]) -> dict[str, Callable[[torch.Tensor], Any]]:
+    def guarded(mode: str, named: bool) -> Callable[[torch.Tensor], Any]:
+        def run(x: torch.Tensor) -> Any:
+            with immutorch.guard(*((x,) if named else ()), mode=mode, scope="all"):  # type: ignore[arg-type]
+                return fn(x)
+
+        return run
+
+    out: dict[str, Callable[[torch.Tensor], Any]] = {"unguarded": fn}
+    for mode in ("raise", "clone"):
+        out[f"guard(x) {mode}"] = guarded(mode, True)
+        out[f"guard() {mode}"] = guarded(mode, False)
+    out["immutable_inputs raise"] = immutorch.immutable_inputs(mode="raise", scope="all")(fn)
+    return out
+
+
+def measure(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, min_time: float) -> float:
+    # CPU time of this thread: the machine these figures come from is shared, and wall-clock
+    # time there measures the neighbours.
+    timer = Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=1, timer=time.thread_time)
+    return timer.blocked_autorange(min_run_time=min_time).median
+
+
+def bench(rounds: int, min_time: float) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    for name, make in WORKLOADS.items():
+        fn, x = make()
+        names = list(variants(fn))
+        times: dict[tuple[str, str], list[float]] = {}
+        for _ in range(rounds):
+            for backend in ("python", "native"):
+                os.environ["IMMUTORCH_BACKEND"] = backend
+                for variant, call in variants(fn).items():
+                    if variant == "unguarded" and backend == "native":
+                        continue
+                    t = measure(call, x, min_time)
+                    times.setdefault((backend, variant), []).append(t)
+        base = statistics.median(times[("python", "unguarded")])
+        print(f"\n{name}: unguarded {base * 1e3:.2f} ms")
+        print(f"  {'variant':28} {'python':>8} {'native':>8}")
+        for variant in names[1:]:
+            py = statistics.median(times[("python", variant)]) / base
+            nat = statistics.median(times[("native", variant)]) / base
+            print(f"  {variant:28} {py:7.2f}x {nat:7.2f}x")
+    os.environ.pop("IMMUTORCH_BACKEND", None)
+
+
+def load_cost() -> None:
+    """Import immutorch and load the cached library in a fresh process, against import alone."""
+    code = (
+        "import time, sys; t = time.perf_counter(); import immutorch._boundaries; "
+        "t1 = time.perf_counter(); {load} t2 = time.perf_counter(); print(t1 - t, t2 - t1)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    load = "from immutorch._backends.native import loader; loader.load();"
+    samples = []
+    for _ in range(5):
+        out = subprocess.run(
+            [sys.executable, "-c", code.format(load=load)], capture_output=True, text=True, env=env
+        )
+        samples.append(float(out.stdout.split()[1]))
+    print(f"\ncached load of the native library: {statistics.median(samples) * 1e3:.1f} ms")
+
+
+def build_time() -> None:
+    with tempfile.TemporaryDirectory() as root:
+        env = {**os.environ, "IMMUTORCH_CACHE_DIR": os.path.join(root, "cache")}
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "immutorch", "build-native"], env=env, check=True)
+        print(f"first build: {time.perf_counter() - started:.1f} s (including interpreter start)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one round, short timings")
+    parser.add_argument("--build-time", action="store_true", help="also time a first build")
+    args = parser.parse_args()
+    from immutorch._backends import native
+
+    if not native.available():
+        sys.exit(f"native backend unavailable: {native.unavailable_reason()}")
+    if args.build_time:
+        build_time()
+    load_cost()
+    bench(rounds=1 if args.quick else 3, min_time=0.2 if args.quick else 0.5)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The native every-op backend (``scope="all"``): a C++ dispatcher fallback (``guard.cpp``)
+that does the fast reject per op and calls Python only at a write that may reach protected
+memory, where it runs the same judgement as the Python mode (``_judge.check_writes``). A thread
+with a clone-mode frame is served by the Python mode instead (``_backends.mode``).
+
+This module is the Python side: the handle the every-op layer pushes per thread (it puts the
+fallback's key into the thread's TLS), the callbacks the fallback makes, and the mirror of the
+thread's protections the fallback reads (:func:`sync`, called whenever frames change).
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Any, Optional
+
+import torch
+
+from ... import _registry, _storage
+from ..._judge import check_writes
+from ..._registry import ThreadState
+from ..._schema import DATA, META, OpFacts, WrittenArg, op_facts
+from .loader import NativeUnavailable, load
+
+_module: Optional[ModuleType] = None
+_reason: Optional[str] = None  # why the native backend is not available, once tried
+_key: Optional[str] = None
+_ops: dict[tuple[str, str], Any] = {}
+
+
+def _resolve(name: str, overload: str) -> Any:
+    key = (name, overload)
+    func = _ops.get(key, _ops)
+    if func is _ops:
+        func = None
+        namespace, _, op = name.partition("::")
+        try:
+            packet = getattr(getattr(torch.ops, namespace), op)
+            func = getattr(packet, overload or "default")
+        except (AttributeError, RuntimeError):
+            pass
+        _ops[key] = func
+    return func
+
+
+def _facts(name: str, overload: str) -> Optional[tuple[list[tuple[int, int, bool]], bool]]:
+    """The fallback's per-schema facts, from ``_schema`` (the one source of them)."""
+    func = _resolve(name, overload)
+    if func is None:
+        return None
+    facts = op_facts(func)
+    writes = [(w.position, -1 if w.when is None else w.when, w.kind == META) for w in facts.writes]
+    return writes, facts.fresh_outputs
+
+
+def _write(
+    state: ThreadState,
+    name: str,
+    overload: str,
+    args: tuple[Any, ...],
+    written: list[tuple[int, str, int, bool]],
+) -> None:
+    """A write that may reach protected memory: judge it as the Python mode does."""
+    __tracebackhide__ = True  # pytest shows the user's line, not immutorch's
+    if state.bypass:
+        return
+    func = _resolve(name, overload)
+    if func is not None:
+        facts = op_facts(func)
+    else:  # not reachable through torch.ops: the writes its schema declares, read in C++
+        writes = tuple(
+            WrittenArg(position, arg, META if meta else DATA, when=None if when < 0 else when)
+            for position, arg, when, meta in written
+        )
+        facts = OpFacts(name, writes, False, None)
+    check_writes(state, facts, args, {})
+
+
+def _readonly(storage: Any, marked: bool) -> None:
+    if _module is not None:
+        _module.mark_readonly(storage, marked)
+
+
+def _born(storage: Any) -> int:
+    return int(_module.born(storage)) if _module is not None else 0
+
+
+def available(*, build: bool = True) -> bool:
+    """Whether the native backend can serve; builds it the first time if ``build``."""
+    global _module, _reason, _key
+    if _module is not None:
+        return True
+    if _reason is not None:
+        return False
+    try:
+        module = load(build_if_missing=build)
+        _key = module.install(_facts, _write)
+    except NativeUnavailable as err:
+        _reason = str(err)
+        return False
+    except RuntimeError as err:  # install: the dispatch keys are taken
+        _reason = f"the native backend's dispatch key is taken ({err})"
+        return False
+    _module = module
+    _storage.install_native_hooks(_born, _readonly)
+    return True
+
+
+def unavailable_reason() -> Optional[str]:
+    return _reason
+
+
+def status() -> str:
+    """One line saying which every-op backend serves and why (for logs and pytest headers)."""
+    choice = os.environ.get("IMMUTORCH_BACKEND", "").strip().lower()
+    if choice == "python":
+        return "python (IMMUTORCH_BACKEND=python)"
+    if _module is not None:
+        return f"native (C++ fallback on {_key})"
+    if _reason is not None:
+        return f"python (native unavailable: {_reason})"
+    if choice == "native":
+        return "native (IMMUTORCH_BACKEND=native; built or loaded at the first guard)"
+    return "python (default; IMMUTORCH_BACKEND=native selects the C++ backend)"
+
+
+def sync(state: ThreadState) -> None:
+    """Mirror ``state``'s protections into the fallback (on this thread)."""
+    module = _module
+    if module is None:
+        return
+    storages: dict[int, Any] = {}
+    for protections in state.by_storage.values():
+        for p in protections:
+            storages[p.cdata] = p.storage
+    block_start = max((f.start for f in state.blocks), default=0)
+    module.sync(list(storages.values()), block_start, _registry.current_epoch)
+
+
+class NativeHandle:
+    """What ``state.mode_handle`` holds when the native backend serves a thread: entering it
+    puts the fallback's key into this thread's TLS (carried into autograd engine threads and
+    jit._fork tasks by torch's ThreadLocalState), leaving takes it out. Not on the Python mode
+    stack: code that pops immutorch's mode (tracing, compiled calls) leaves it alone and relies
+    on ``state.bypass``, which the fallback's Python side honours."""
+
+    on_mode_stack = False
+
+    def __init__(self, state: ThreadState) -> None:
+        self.state = state
+
+    def __enter__(self) -> NativeHandle:
+        assert _module is not None
+        _module.activate(self.state)
+        sync(self.state)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if _module is not None:
+            _module.activate(None)
+
+    def frames_changed(self) -> None:
+        sync(self.state)
+
+
+def enabled() -> bool:
+    """Whether the fallback's key is on for this thread (a guard served by native is active)."""
+    return _module is not None and bool(_module.enabled())

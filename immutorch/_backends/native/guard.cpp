@@ -1,0 +1,509 @@
+// immutorch's native every-op check: a boxed dispatcher fallback on one functionality key that
+// the guard includes in the thread's TLS, like a dispatch mode but without a Python call per op.
+//
+// The fallback decides in C++ whether an op may write into protected memory. Per-schema facts
+// (which arguments it writes, whether its outputs are fresh) are asked once from
+// immutorch._schema, the one source of those facts; the protected storages are held here,
+// pinned, while their frames are active. Only when a written storage is (or may be) protected
+// is Python called, with the GIL, to run the same judgement the Python mode runs. Births for
+// the block rule ("memory made inside the block is the block's own") are recorded here and
+// read from Python through born(). Clone mode is served by the Python mode: it must see every
+// view of an alias, and `x.data` makes one without an op that a C++ key is told of.
+#include <torch/extension.h>
+
+#include <ATen/ThreadLocalPythonObjects.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/SafePyObject.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/PyInterpreter.h>
+#include <torch/csrc/Storage.h>
+#include <torch/csrc/jit/python/pybind_utils.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace py = pybind11;
+using c10::StorageImpl;
+
+namespace {
+
+// ThreadLocalPythonObjects is carried by at::ThreadLocalState into autograd engine threads and
+// jit._fork tasks, where the thread_local pointer below is empty.
+const char* kStateKey = "immutorch.native.state";
+
+struct Facts {
+  bool ready = false;
+  // The schema these facts were read from: an operator registered again at a freed address
+  // (a custom op defined anew) must not inherit another's facts.
+  std::string name, overload;
+  size_t nargs = 0;
+  struct Write {
+    int position;
+    int when;  // a flag argument that must be true for the write to happen, or -1
+    bool meta;
+  };
+  std::vector<Write> writes;
+  bool fresh = false;
+  bool keep_key = false;  // a CompositeImplicitAutograd kernel: see its decomposition
+  // Only that kernel: the op always decomposes below this key, and its writes are judged on
+  // the ops it decomposes into, as the Python mode (below autograd) sees them. dropout_ with
+  // training=False declares a write it never makes.
+  bool composite_only = false;
+};
+
+void count_block(bool on);
+
+// What one thread's guards protect, mirrored from its Python ThreadState by sync().
+struct State {
+  std::unordered_map<const StorageImpl*, c10::intrusive_ptr<StorageImpl>> protected_;
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  int64_t block_start = 0;  // the latest start epoch of an active block frame, 0 for none
+  int64_t epoch = 0;
+  PyObject* py_state = nullptr;  // the Python ThreadState (a strong reference)
+  ~State() {
+    if (block_start != 0) {
+      count_block(false);
+    }
+    if (py_state != nullptr && Py_IsInitialized()) {
+      py::gil_scoped_acquire gil;
+      Py_DECREF(py_state);
+    }
+  }
+};
+
+c10::DispatchKey g_key = c10::DispatchKey::Undefined;
+std::unique_ptr<torch::Library> g_library;
+PyObject* g_facts_cb = nullptr;  // (name, overload) -> facts tuple or None
+PyObject* g_write_cb = nullptr;  // (state, name, overload, args) -> None; raises to refuse
+
+thread_local std::shared_ptr<State> t_owned;
+thread_local std::unordered_map<const c10::FunctionSchema*, Facts> t_facts;
+
+// Births: process wide, like the Python attribute they stand for, keyed by StorageImpl
+// address with no reference held (a weak reference per fresh output cost ~2 us an op). A stale
+// entry is harmless: an address is reused only by a storage made after the one recorded, so
+// after the block that recorded it started; only resizable storages are recorded or believed,
+// so a storage over borrowed bytes (torch.from_numpy of memory from before the block) never
+// passes for the block's own. A record matters only while a block active at its birth is, so
+// the table is emptied whenever no block is active on any thread.
+std::mutex g_births_mutex;
+std::unordered_map<const StorageImpl*, int64_t> g_births;
+int64_t g_active_blocks = 0;  // threads with an active block frame (under g_births_mutex)
+
+std::mutex g_readonly_mutex;
+std::unordered_map<const StorageImpl*, c10::weak_intrusive_ptr<StorageImpl>> g_readonly;
+std::atomic<size_t> g_readonly_count{0};
+
+int64_t born_of(const StorageImpl* s) {
+  if (!s->resizable()) {
+    return 0;
+  }
+  std::lock_guard<std::mutex> lock(g_births_mutex);
+  auto it = g_births.find(s);
+  return it == g_births.end() ? 0 : it->second;
+}
+
+void record_birth(const StorageImpl* s, int64_t epoch) {
+  if (!s->resizable()) {
+    return;
+  }
+  std::lock_guard<std::mutex> lock(g_births_mutex);
+  auto [it, inserted] = g_births.try_emplace(s, epoch);
+  if (!inserted && it->second < epoch) {
+    it->second = epoch;
+  }
+}
+
+// A thread's blocks started (on) or all ended (off).
+void count_block(bool on) {
+  std::lock_guard<std::mutex> lock(g_births_mutex);
+  g_active_blocks += on ? 1 : -1;
+  if (g_active_blocks == 0) {
+    g_births.clear();
+  }
+}
+
+bool is_readonly(const StorageImpl* s) {
+  std::lock_guard<std::mutex> lock(g_readonly_mutex);
+  auto it = g_readonly.find(s);
+  return it != g_readonly.end() && !it->second.expired();
+}
+
+// The State of the guard serving this thread, held for the length of one op: a clone-mode
+// guard entered inside an op (a custom op's Python kernel) hands the thread to the Python
+// mode and drops the thread's own reference.
+std::shared_ptr<State> current_state() {
+  if (t_owned) {
+    return t_owned;
+  }
+  if (!at::impl::ThreadLocalPythonObjects::contains(kStateKey)) {
+    return nullptr;
+  }
+  const auto& obj = at::impl::ThreadLocalPythonObjects::get(kStateKey);
+  PyObject* capsule = obj->ptr(getPyInterpreter());
+  return *static_cast<std::shared_ptr<State>*>(PyCapsule_GetContext(capsule));
+}
+
+StorageImpl* storage_of(const at::Tensor& t) {
+  if (!t.defined()) {
+    return nullptr;
+  }
+  auto* impl = t.unsafeGetTensorImpl();
+  if (!impl->has_storage() || impl->is_python_dispatch() || t.layout() != c10::kStrided) {
+    return nullptr;
+  }
+  return impl->storage().unsafeGetStorageImpl();
+}
+
+// Whether Python must judge a write into t: its storage is protected, overlaps
+// protected bytes, may be from outside a block, or is marked read-only. Tensors whose memory
+// C++ cannot see here (sparse, subclasses, functorch wrappers) always go to Python.
+bool may_be_protected(const State& st, const at::Tensor& t) {
+  if (!t.defined()) {
+    return false;
+  }
+  StorageImpl* s = storage_of(t);
+  if (s == nullptr) {
+    return true;
+  }
+  if (!st.protected_.empty() && st.protected_.count(s) != 0) {
+    return true;
+  }
+  if (!st.ranges.empty()) {
+    auto lo = reinterpret_cast<uintptr_t>(s->data_ptr().get());
+    if (lo != 0) {
+      auto hi = lo + s->nbytes();
+      for (const auto& r : st.ranges) {
+        if (r.first < hi && lo < r.second) {
+          return true;
+        }
+      }
+    }
+  }
+  if (st.block_start != 0 && born_of(s) < st.block_start) {
+    return true;
+  }
+  if (g_readonly_count.load(std::memory_order_relaxed) != 0 && is_readonly(s)) {
+    return true;
+  }
+  return false;
+}
+
+template <typename F>
+void each_tensor(const c10::IValue& v, F&& visit) {
+  if (v.isTensor()) {
+    visit(v.toTensor());
+  } else if (v.isTensorList()) {
+    for (const at::Tensor& t : v.toTensorList()) {
+      visit(t);
+    }
+  } else if (v.isList()) {
+    for (const c10::IValue& item : v.toListRef()) {
+      each_tensor(item, visit);
+    }
+  } else if (v.isTuple()) {
+    for (const c10::IValue& item : v.toTupleRef().elements()) {
+      each_tensor(item, visit);
+    }
+  }
+}
+
+bool truthy(const c10::IValue& v) {
+  if (v.isBool()) return v.toBool();
+  if (v.isInt()) return v.toInt() != 0;
+  if (v.isNone()) return false;
+  return true;
+}
+
+[[noreturn]] void throw_python() {
+  throw python_error();
+}
+
+py::tuple python_args(const torch::jit::Stack& stack, size_t base, size_t n) {
+  py::tuple args(n);
+  for (size_t i = 0; i < n; ++i) {
+    args[i] = torch::jit::toPyObject(stack[base + i]);
+  }
+  return args;
+}
+
+void compute_facts(const c10::OperatorHandle& op, Facts& f) {
+  const auto& schema = op.schema();
+  f.name = schema.name();
+  f.overload = schema.overload_name();
+  f.nargs = schema.arguments().size();
+  f.keep_key = op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd);
+  if (f.keep_key) {
+    f.composite_only = true;
+    for (auto k : {c10::DispatchKey::CPU, c10::DispatchKey::CUDA, c10::DispatchKey::Meta,
+                   c10::DispatchKey::MPS, c10::DispatchKey::XPU, c10::DispatchKey::QuantizedCPU,
+                   c10::DispatchKey::SparseCPU, c10::DispatchKey::SparseCUDA,
+                   c10::DispatchKey::NestedTensorCPU, c10::DispatchKey::NestedTensorCUDA,
+                   c10::DispatchKey::MkldnnCPU, c10::DispatchKey::Autograd,
+                   c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutogradCUDA,
+                   c10::DispatchKey::AutogradNestedTensor,
+                   c10::DispatchKey::CompositeExplicitAutograd,
+                   c10::DispatchKey::CompositeExplicitAutogradNonFunctional}) {
+      if (op.hasKernelForDispatchKey(k)) {
+        f.composite_only = false;
+        break;
+      }
+    }
+  }
+  bool known = false;
+  {
+    py::gil_scoped_acquire gil;
+    PyObject* got = PyObject_CallFunction(
+        g_facts_cb, "ss", schema.name().c_str(), schema.overload_name().c_str());
+    if (got == nullptr) {
+      throw_python();
+    }
+    py::object facts = py::reinterpret_steal<py::object>(got);
+    if (!facts.is_none()) {
+      known = true;
+      auto t = facts.cast<py::tuple>();
+      for (auto w : t[0].cast<py::list>()) {
+        auto wt = w.cast<py::tuple>();
+        f.writes.push_back({wt[0].cast<int>(), wt[1].cast<int>(), wt[2].cast<bool>()});
+      }
+      f.fresh = t[1].cast<bool>();
+    }
+  }
+  if (!known) {
+    // Not reachable as torch.ops.<ns>.<name>: read the declared writes from the schema.
+    const auto& args = schema.arguments();
+    for (size_t i = 0; i < args.size(); ++i) {
+      const auto* info = args[i].alias_info();
+      if (info != nullptr && info->isWrite()) {
+        f.writes.push_back({static_cast<int>(i), -1, false});
+      }
+    }
+    bool fresh = !schema.returns().empty();
+    for (const auto& r : schema.returns()) {
+      if (r.alias_info() != nullptr) fresh = false;
+    }
+    f.fresh = fresh;
+  }
+  f.ready = true;
+}
+
+Facts& facts_for(const c10::OperatorHandle& op) {
+  const auto& schema = op.schema();
+  Facts& f = t_facts[&schema];
+  if (f.ready && (f.nargs != schema.arguments().size() || f.name != schema.name() ||
+                  f.overload != schema.overload_name())) {
+    f = Facts();
+  }
+  if (!f.ready) {
+    c10::impl::ExcludeDispatchKeyGuard off(g_key);
+    compute_facts(op, f);
+  }
+  return f;
+}
+
+void record_outputs(const torch::jit::Stack& stack, size_t n, int64_t epoch) {
+  for (size_t i = stack.size() - n; i < stack.size(); ++i) {
+    each_tensor(stack[i], [&](const at::Tensor& t) {
+      if (!t.defined() || !t.unsafeGetTensorImpl()->has_storage()) return;
+      // lift_fresh also wraps torch.from_numpy: memory numpy owns is not resizable, and
+      // record_birth never takes it for the block's own.
+      record_birth(t.unsafeGetTensorImpl()->storage().unsafeGetStorageImpl(), epoch);
+    });
+  }
+}
+
+void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  const auto rest = ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, g_key);
+  const std::shared_ptr<State> st = current_state();
+  if (st == nullptr || !op.hasSchema()) {
+    c10::impl::ExcludeDispatchKeyGuard off(g_key);
+    op.redispatchBoxed(rest, stack);
+    return;
+  }
+  Facts& f = facts_for(op);
+  const auto& schema = op.schema();
+  const size_t nargs = schema.arguments().size();
+  const size_t base = stack->size() - nargs;
+  if (!f.writes.empty() && !f.composite_only) {
+    bool judge = false;
+    for (const auto& w : f.writes) {
+      if (judge) break;
+      if (static_cast<size_t>(w.position) >= nargs) continue;
+      if (w.when >= 0 && !truthy((*stack)[base + w.when])) continue;
+      if (w.meta) {
+        judge = !(*stack)[base + w.position].isNone();
+        continue;
+      }
+      each_tensor((*stack)[base + w.position], [&](const at::Tensor& t) {
+        if (!judge && may_be_protected(*st, t)) judge = true;
+      });
+    }
+    if (judge) {
+      c10::impl::ExcludeDispatchKeyGuard off(g_key);
+      py::gil_scoped_acquire gil;
+      py::tuple args = python_args(*stack, base, nargs);
+      // What C++ judged written, for an op Python cannot resolve to an OpOverload.
+      py::list written;
+      for (const auto& w : f.writes) {
+        if (static_cast<size_t>(w.position) < nargs) {
+          written.append(py::make_tuple(
+              w.position, schema.arguments()[w.position].name(), w.when, w.meta));
+        }
+      }
+      PyObject* got = PyObject_CallFunction(
+          g_write_cb, "OssOO", st->py_state, schema.name().c_str(),
+          schema.overload_name().c_str(), args.ptr(), written.ptr());
+      if (got == nullptr) {
+        throw_python();
+      }
+      Py_DECREF(got);
+    }
+  }
+  const int64_t block_start = st->block_start;
+  const int64_t epoch = st->epoch;
+  try {
+    if (f.keep_key) {
+      op.redispatchBoxed(rest, stack);
+    } else {
+      // A kernel's own temporaries (CPU addmm copies into an output it allocated without
+      // the dispatcher) are not the user's writes: only composite ops are seen decomposed.
+      c10::impl::ExcludeDispatchKeyGuard off(g_key);
+      op.redispatchBoxed(rest, stack);
+    }
+  } catch (const c10::Error&) {
+    // The op's own error: a refusal remembered earlier on this thread must not be put back
+    // in its place by the front doors (TorchScript rewraps errors; see _policy).
+    py::gil_scoped_acquire gil;
+    if (PyObject_SetAttrString(st->py_state, "dispatch_error", Py_None) != 0) {
+      PyErr_Clear();
+    }
+    throw;
+  }
+  const size_t nret = schema.returns().size();
+  if (block_start != 0 && f.fresh) {
+    record_outputs(*stack, nret, epoch);
+  }
+}
+
+const c10::DispatchKey kCandidates[] = {
+    c10::DispatchKey::TESTING_ONLY_GenericMode,
+    c10::DispatchKey::TESTING_ONLY_GenericWrapper,
+    c10::DispatchKey::DeferredInit,
+};
+
+StorageImpl* unpack_storage(py::handle obj) {
+  if (!THPStorage_Check(obj.ptr())) {
+    throw py::type_error("immutorch native: expected a torch.UntypedStorage");
+  }
+  return THPStorage_Unpack(obj.ptr()).unsafeGetStorageImpl();
+}
+
+}  // namespace
+
+// Register the fallback on the first candidate key nothing else has a fallback on. Returns
+// the key's name, or raises (with the names of the keys found taken) when all are taken.
+std::string install(py::object facts_cb, py::object write_cb) {
+  if (g_library) {
+    return c10::toString(g_key);
+  }
+  std::string taken;
+  for (auto key : kCandidates) {
+    if (c10::Dispatcher::singleton().hasBackendFallbackForDispatchKey(key)) {
+      taken += (taken.empty() ? "" : ", ") + std::string(c10::toString(key));
+      continue;
+    }
+    g_facts_cb = facts_cb.release().ptr();
+    g_write_cb = write_cb.release().ptr();
+    g_key = key;
+    g_library = std::make_unique<torch::Library>(
+        torch::Library::IMPL, "_", key, __FILE__, __LINE__);
+    g_library->fallback(torch::CppFunction::makeFromBoxedFunction<&fallback>());
+    return c10::toString(key);
+  }
+  throw std::runtime_error("every candidate dispatch key has a fallback already: " + taken);
+}
+
+// Enter (py_state given) or leave (None) on this thread.
+void activate(py::object py_state) {
+  if (py_state.is_none()) {
+    c10::impl::tls_set_dispatch_key_included(g_key, false);
+    at::impl::ThreadLocalPythonObjects::erase(kStateKey);
+    t_owned.reset();
+    return;
+  }
+  auto st = std::make_shared<State>();
+  st->py_state = py_state.release().ptr();
+  auto* holder = new std::shared_ptr<State>(st);
+  PyObject* capsule = PyCapsule_New(st.get(), kStateKey, nullptr);
+  if (capsule == nullptr) {
+    delete holder;
+    throw_python();
+  }
+  // The capsule's context keeps the State alive as long as any thread's copy of it exists.
+  PyCapsule_SetContext(capsule, holder);
+  PyCapsule_SetDestructor(capsule, [](PyObject* c) {
+    delete static_cast<std::shared_ptr<State>*>(PyCapsule_GetContext(c));
+  });
+  at::impl::ThreadLocalPythonObjects::set(
+      kStateKey, std::make_shared<c10::SafePyObject>(capsule, getPyInterpreter()));
+  t_owned = st;
+  c10::impl::tls_set_dispatch_key_included(g_key, true);
+}
+
+// Mirror this thread's protections (see immutorch._backends.native.sync).
+void sync_state(py::list storages, int64_t block_start, int64_t epoch) {
+  State* st = t_owned.get();
+  if (st == nullptr) return;
+  st->protected_.clear();
+  st->ranges.clear();
+  for (auto obj : storages) {
+    StorageImpl* s = unpack_storage(obj);
+    st->protected_.emplace(s, c10::intrusive_ptr<StorageImpl>::reclaim_copy(s));
+    auto lo = reinterpret_cast<uintptr_t>(s->data_ptr().get());
+    if (lo != 0) st->ranges.emplace_back(lo, lo + s->nbytes());
+  }
+  if ((st->block_start != 0) != (block_start != 0)) {
+    count_block(block_start != 0);
+  }
+  st->block_start = block_start;
+  st->epoch = epoch;
+}
+
+int64_t born(py::object storage) {
+  return born_of(unpack_storage(storage));
+}
+
+void mark_readonly(py::object storage, bool on) {
+  StorageImpl* s = unpack_storage(storage);
+  std::lock_guard<std::mutex> lock(g_readonly_mutex);
+  if (on) {
+    g_readonly.insert_or_assign(
+        s,
+        c10::weak_intrusive_ptr<StorageImpl>(c10::intrusive_ptr<StorageImpl>::reclaim_copy(s)));
+  } else {
+    g_readonly.erase(s);
+  }
+  for (auto i = g_readonly.begin(); i != g_readonly.end();) {
+    i = i->second.expired() ? g_readonly.erase(i) : std::next(i);
+  }
+  g_readonly_count.store(g_readonly.size(), std::memory_order_relaxed);
+}
+
+bool enabled() {
+  return g_library && c10::impl::tls_is_dispatch_key_included(g_key);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("install", &install);
+  m.def("activate", &activate);
+  m.def("sync", &sync_state);
+  m.def("born", &born);
+  m.def("mark_readonly", &mark_readonly);
+  m.def("enabled", &enabled);
+}

@@ -1,0 +1,366 @@
+"""What only the native backend has: the build cache's security rules, the choice of backend
+(``IMMUTORCH_BACKEND``, the fallback to Python where a dispatch key is taken, the logger line),
+and the state it mirrors in C++ (births, read-only marks). The shared corpus runs through it
+in every module marked ``both_backends``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import immutorch
+from immutorch import ImmutableTensorError, guard
+from immutorch._backends import choice, native
+from immutorch._backends.mode import ImmutorchMode
+from immutorch._backends.native import NativeHandle, loader
+from immutorch._registry import STATE
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _built_entry() -> Path:
+    if not native.available():
+        pytest.skip(f"native backend unavailable: {native.unavailable_reason()}")
+    return loader.cache_root() / loader.build_key()
+
+
+def _private_copy(tmp_path: Path) -> Path:
+    """A private cache holding a copy of the real build."""
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    entry = root / loader.build_key()
+    shutil.copytree(_built_entry(), entry)
+    entry.chmod(0o700)
+    return root
+
+
+def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+# -- the cache --------------------------------------------------------------------------------
+def test_a_cache_others_can_write_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _private_copy(tmp_path)
+    monkeypatch.setenv("IMMUTORCH_CACHE_DIR", str(root))
+    loader.verified_library(root / loader.build_key())  # the copy itself is fine
+    root.chmod(0o777)
+    with pytest.raises(loader.NativeUnavailable, match=r"can be written by other users"):
+        loader.build()
+    (root / loader.build_key()).chmod(0o757)
+    with pytest.raises(loader.NativeUnavailable, match=r"can be written by other users"):
+        loader.verified_library(root / loader.build_key())
+
+
+def test_a_cache_entry_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    root = _private_copy(tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(root / loader.build_key())
+    with pytest.raises(loader.NativeUnavailable, match=r"not a plain directory"):
+        loader.verified_library(link)
+
+
+@pytest.mark.parametrize("field", ["source", "torch", "python"])
+def test_a_stamp_that_does_not_match_this_installation_is_refused(
+    tmp_path: Path, field: str
+) -> None:
+    entry = _private_copy(tmp_path) / loader.build_key()
+    stamp = json.loads((entry / loader.STAMP).read_text())
+    stamp[field] = "something else"
+    (entry / loader.STAMP).write_text(json.dumps(stamp))
+    with pytest.raises(loader.NativeUnavailable, match=rf"stamp's {field} .*not built by this"):
+        loader.verified_library(entry)
+
+
+def test_a_library_changed_after_its_build_is_refused(tmp_path: Path) -> None:
+    entry = _private_copy(tmp_path) / loader.build_key()
+    library = next(entry.glob(loader.module_name() + "*"))
+    with library.open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(loader.NativeUnavailable, match=r"changed since it was built"):
+        loader.verified_library(entry)
+
+
+def test_a_missing_stamp_is_no_build(tmp_path: Path) -> None:
+    entry = _private_copy(tmp_path) / loader.build_key()
+    (entry / loader.STAMP).unlink()
+    with pytest.raises(loader.NativeUnavailable, match=r"no complete build"):
+        loader.verified_library(entry)
+
+
+def test_a_new_cache_is_created_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "fresh" / "immutorch"
+    monkeypatch.setattr(loader, "_compile", _fake_compile_from(_built_entry()))
+    monkeypatch.setenv("IMMUTORCH_CACHE_DIR", str(root))
+    entry = loader.build()
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    loader.verified_library(entry)
+    assert not [p for p in root.iterdir() if p.name.startswith(".build-")]
+
+
+def _fake_compile_from(built: Path):  # type: ignore[no-untyped-def]
+    def compile_(into: Path, verbose: bool) -> Path:
+        library = next(built.glob(loader.module_name() + "*"))
+        shutil.copy(library, into / library.name)
+        return into / library.name
+
+    return compile_
+
+
+def test_two_processes_building_at_once_build_once(tmp_path: Path) -> None:
+    built = _built_entry()
+    root = tmp_path / "cache"
+    log = tmp_path / "compiles.log"
+    code = f"""
+        import shutil, time
+        from pathlib import Path
+        from immutorch._backends.native import loader
+        def compile_(into, verbose):
+            with open({str(log)!r}, "a") as f:
+                f.write("compile\\n")
+            time.sleep(1.0)  # long enough for the other process to reach the lock
+            library = next(Path({str(built)!r}).glob(loader.module_name() + "*"))
+            shutil.copy(library, into / library.name)
+            return into / library.name
+        loader._compile = compile_
+        module = loader.load()
+        print("loaded", module.enabled())
+    """
+    env = {"IMMUTORCH_CACHE_DIR": str(root)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err
+        assert out.strip() == "loaded False"
+    assert log.read_text().count("compile") == 1
+    loader.verified_library(root / loader.build_key())
+
+
+# -- choosing the backend ---------------------------------------------------------------------
+def test_immutorch_backend_is_read_at_each_guard_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    _built_entry()
+    x = torch.ones(3)
+    for backend, handle in (("native", NativeHandle), ("python", ImmutorchMode)):
+        monkeypatch.setenv("IMMUTORCH_BACKEND", backend)
+        with guard(x):
+            assert isinstance(STATE.mode_handle, handle)
+            with pytest.raises(ImmutableTensorError, match=r"aten::add_ would write into"):
+                x.add_(1)
+        assert STATE.mode_handle is None
+    assert torch.equal(x, torch.ones(3))
+
+
+def test_a_bad_backend_name_says_what_to_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMMUTORCH_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"IMMUTORCH_BACKEND='cuda' is not a backend; use one"):
+        with guard(torch.ones(1)):
+            pass
+    assert STATE.mode_handle is None and not STATE.frames
+
+
+def test_the_choice_is_logged_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _built_entry()
+    monkeypatch.setenv("IMMUTORCH_BACKEND", "native")
+    monkeypatch.setattr(choice, "_told", set())
+    with caplog.at_level(logging.INFO, logger="immutorch"):
+        for _ in range(2):
+            with guard(torch.ones(1)):
+                pass
+    lines = [r.getMessage() for r in caplog.records if r.name == "immutorch"]
+    assert lines == ["immutorch: every-op backend: native (C++ fallback on " + native._key + ")"]
+
+
+def test_clone_mode_is_served_by_the_python_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    _built_entry()
+    monkeypatch.setenv("IMMUTORCH_BACKEND", "native")
+    x = torch.ones(3)
+    with guard(x):
+        assert isinstance(STATE.mode_handle, NativeHandle)
+        with guard(mode="clone"):
+            assert isinstance(STATE.mode_handle, ImmutorchMode)
+            assert not native.enabled()
+        with pytest.raises(ImmutableTensorError):
+            x.add_(1)
+
+
+def test_a_taken_key_falls_back_to_the_python_mode(tmp_path: Path) -> None:
+    _built_entry()
+    # Another library's fallback on every key the native backend could use.
+    code = """
+        import logging, torch
+        logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
+        keep = []
+        for key in ("TESTING_ONLY_GenericMode", "TESTING_ONLY_GenericWrapper", "DeferredInit"):
+            lib = torch.library.Library("_", "IMPL", key)
+            lib.fallback(lambda op, ks, *a, **k: op.redispatch(ks, *a, **k), with_keyset=True)
+            keep.append(lib)
+        import immutorch
+        from immutorch._registry import STATE
+        x = torch.ones(2)
+        with immutorch.guard(x):
+            print(type(STATE.mode_handle).__name__)
+            try:
+                x.add_(1)
+            except immutorch.ImmutableTensorError:
+                print("refused")
+    """
+    done = _run(code, {"IMMUTORCH_BACKEND": "native"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ImmutorchMode", "refused"]
+    assert (
+        "immutorch WARNING immutorch: every-op backend: python (native unavailable: the native "
+        "backend's dispatch key is taken (every candidate dispatch key has a fallback already: "
+        "TESTING_ONLY_GenericMode, TESTING_ONLY_GenericWrapper, DeferredInit))"
+    ) in done.stderr
+
+
+def test_a_taken_key_is_skipped_for_a_free_one() -> None:
+    _built_entry()
+    code = """
+        import torch
+        lib = torch.library.Library("_", "IMPL", "TESTING_ONLY_GenericMode")
+        lib.fallback(lambda op, ks, *a, **k: op.redispatch(ks, *a, **k), with_keyset=True)
+        from immutorch._backends import native
+        assert native.available()
+        print(native.status())
+    """
+    done = _run(code, {"IMMUTORCH_BACKEND": "native"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "native (C++ fallback on TESTING_ONLY_GenericWrapper)"
+
+
+def test_no_compiler_falls_back_with_the_reason(tmp_path: Path) -> None:
+    code = """
+        import torch, immutorch
+        from immutorch._backends import native
+        x = torch.ones(2)
+        with immutorch.guard(x):
+            pass
+        print(native.status())
+    """
+    env = {
+        "IMMUTORCH_BACKEND": "native",
+        "IMMUTORCH_CACHE_DIR": str(tmp_path / "c"),
+        "CXX": "no-such-cxx",
+        "PATH": "/nonexistent",
+    }
+    done = _run(code, env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith("python (native unavailable: ")
+
+
+# -- the state the fallback mirrors -----------------------------------------------------------
+@pytest.fixture
+def native_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    _built_entry()
+    monkeypatch.setenv("IMMUTORCH_BACKEND", "native")
+
+
+@pytest.mark.usefixtures("native_backend")
+def test_a_readonly_mark_made_before_the_backend_loaded_is_enforced() -> None:
+    w = torch.ones(3)
+    immutorch.readonly(w)
+    try:
+        with guard():
+            with pytest.raises(ImmutableTensorError, match=r"marked read-only"):
+                w[1:].mul_(2)
+        with guard(torch.zeros(1)):  # a named guard too: the mark is not the block rule
+            with pytest.raises(ImmutableTensorError, match=r"marked read-only"):
+                w.zero_()
+    finally:
+        immutorch.writable(w)
+    with guard(torch.zeros(1)):
+        w.add_(1)
+    assert torch.equal(w, torch.full((3,), 2.0))
+
+
+@pytest.mark.usefixtures("native_backend")
+def test_births_in_a_block_are_the_blocks_own() -> None:
+    before = torch.ones(4)
+    with guard():
+        assert isinstance(STATE.mode_handle, NativeHandle)
+        fresh = before * 2  # born in the block
+        fresh.add_(1)
+        fresh[1:].zero_()
+        view = before.view(2, 2)  # not fresh: a view of outside memory
+        with pytest.raises(ImmutableTensorError, match=r"a tensor from outside the block"):
+            view.add_(1)
+        with guard():  # an inner block: memory born in the outer one is outside it
+            with pytest.raises(ImmutableTensorError, match=r"a tensor from outside the block"):
+                fresh.add_(1)
+            inner = fresh.clone()
+            inner.add_(1)
+        fresh.add_(1)
+    assert torch.equal(before, torch.ones(4))
+    assert torch.equal(fresh, torch.tensor([4.0, 1.0, 1.0, 1.0]))
+
+
+@pytest.mark.usefixtures("native_backend")
+def test_a_refusal_keeps_its_type_through_autograd() -> None:
+    x = torch.ones(3)
+
+    class WritesInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):  # type: ignore[no-untyped-def, override]
+            return a * 2
+
+        @staticmethod
+        def backward(ctx, g):  # type: ignore[no-untyped-def, override]
+            x.add_(1)
+            return g
+
+    w = torch.ones(3, requires_grad=True)
+    with guard(x):
+        loss = WritesInBackward.apply(w).sum()
+        with pytest.raises(ImmutableTensorError, match=r"aten::add_ would write into"):
+            loss.backward()
+    assert torch.equal(x, torch.ones(3))
+
+
+@pytest.mark.both_backends
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated")
+def test_an_op_error_in_torchscript_is_not_replaced_by_an_earlier_refusal() -> None:
+    # The front doors put back the exception TorchScript rewrapped, from the thread's record of
+    # the last one raised through the backend: a refusal caught earlier must not stand in for
+    # an op's own error later.
+    @torch.jit.script
+    def bad(t: torch.Tensor) -> torch.Tensor:
+        return t.view(7)
+
+    x = torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"shape '\[7\]' is invalid") as info:
+        with guard(x):
+            with pytest.raises(ImmutableTensorError):
+                x.add_(1)
+            bad(torch.ones(3))
+    assert not isinstance(info.value, ImmutableTensorError)

@@ -37,12 +37,11 @@ class NativeUnavailable(RuntimeError):
 
 
 def _immutorch_version() -> str:
-    try:
-        from importlib.metadata import version
+    # The package's own attribute, the one place the version is written (pyproject reads it):
+    # the installed distribution's metadata can be another checkout's (an editable install).
+    import immutorch
 
-        return version("immutorch")
-    except Exception:  # not installed as a distribution (a bare checkout)
-        return "0"
+    return str(immutorch.__version__)
 
 
 def source_hash() -> str:

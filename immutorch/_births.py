@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 
 from . import _registry
-from ._storage import BORN_ATTR, storage_of
+from ._storage import BORN_ATTR, born_epoch, storage_of
 
 _lock = threading.Lock()
 _users = 0
@@ -79,20 +79,20 @@ def _blocks_here() -> bool:
 
 
 def _tag_new(storage: Any) -> None:
-    if storage is not None and getattr(storage, BORN_ATTR, 0) == 0:
+    if storage is not None and born_epoch(storage) == 0:
         setattr(storage, BORN_ATTR, _registry.current_epoch)
 
 
 def _inherit(storage: Any, source: Any) -> None:
     """``storage`` shows bytes owned by ``source``'s owner: give it that owner's birth."""
-    if storage is None or getattr(storage, BORN_ATTR, 0) != 0:
+    if storage is None or born_epoch(storage) != 0:
         return
     owner = _owner(source)
     if owner is _NEW:
         setattr(storage, BORN_ATTR, _registry.current_epoch)
     elif isinstance(owner, torch.Tensor):
         mine = storage_of(owner)
-        born = getattr(mine, BORN_ATTR, 0) if mine is not None else 0
+        born = born_epoch(mine) if mine is not None else 0
         if born:
             setattr(storage, BORN_ATTR, born)
 
@@ -145,7 +145,7 @@ def _wrap_foreign(original: Callable[..., Any]) -> Callable[..., Any]:
         out = original(*args, **kwargs)
         if _blocks_here():
             storage = _result_storage(out)
-            if storage is not None and getattr(storage, BORN_ATTR, 0) == 0:
+            if storage is not None and born_epoch(storage) == 0:
                 source = args[0] if args else next(iter(kwargs.values()), None)
                 if storage.resizable():
                     # Allocated by this call (a copy) when the source is Python data or bytes
@@ -200,8 +200,8 @@ def _storage_getitem(original: Callable[..., Any]) -> Callable[..., Any]:
     def __getitem__(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = original(self, *args, **kwargs)
         if isinstance(out, torch.UntypedStorage) and _blocks_here():
-            born = getattr(self, BORN_ATTR, 0)  # a slice shows its storage's bytes
-            if born and getattr(out, BORN_ATTR, 0) == 0:
+            born = born_epoch(self)  # a slice shows its storage's bytes
+            if born and born_epoch(out) == 0:
                 setattr(out, BORN_ATTR, born)
         return out
 

@@ -53,9 +53,13 @@ def check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) ->
             hits = _effective(state.storage_hits(t, storage), op, arg)
             if hits:
                 _handle_write(strictest(hits), op, arg, t)
-        return
+            return
+        # No storage of its own: a torch.func wrapper (BatchedTensor, TensorWrapper), which the
+        # native backend's key sees above functorch (the Python mode only ever sees the tensor
+        # underneath): judged by the tensor that holds its memory, below.
 
-    # Sparse layouts and wrapper subclasses: judge each tensor that holds their memory.
+    # Sparse layouts, wrapper subclasses, functorch wrappers: judge each tensor that holds
+    # their memory.
     def visit(leaf: torch.Tensor) -> None:
         storage = storage_of(leaf)
         if storage is not None:

@@ -307,13 +307,18 @@ Facts& facts_for(const c10::OperatorHandle& op) {
   return f;
 }
 
-void record_outputs(const torch::jit::Stack& stack, size_t n, int64_t epoch) {
+void record_outputs(const torch::jit::Stack& stack, size_t n, int64_t epoch, bool lift) {
   for (size_t i = stack.size() - n; i < stack.size(); ++i) {
     each_tensor(stack[i], [&](const at::Tensor& t) {
       if (!t.defined() || !t.unsafeGetTensorImpl()->has_storage()) return;
-      // lift_fresh also wraps torch.from_numpy: memory numpy owns is not resizable, and
-      // record_birth never takes it for the block's own.
-      record_birth(t.unsafeGetTensorImpl()->storage().unsafeGetStorageImpl(), epoch);
+      StorageImpl* s = t.unsafeGetTensorImpl()->storage().unsafeGetStorageImpl();
+      // lift_fresh also wraps memory that exists: torch.from_numpy (numpy's bytes are not
+      // resizable, and record_birth never takes them for the block's own) and
+      // torch.asarray(x.untyped_storage()) (x's own storage). A storage made for the new
+      // tensor is held by it alone; more holders mean it was there before (as
+      // _judge.lifted_fresh rules for the Python mode).
+      if (lift && c10::raw::intrusive_ptr::use_count(s) > 1) return;
+      record_birth(s, epoch);
     });
   }
 }
@@ -387,7 +392,7 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
   }
   const size_t nret = schema.returns().size();
   if (block_start != 0 && f.fresh) {
-    record_outputs(*stack, nret, epoch);
+    record_outputs(*stack, nret, epoch, schema.name() == "aten::lift_fresh");
   }
 }
 

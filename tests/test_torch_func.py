@@ -174,6 +174,8 @@ def _oracle(fn: Callable[..., Any], apply: Callable[..., Any], x: Tensor) -> tup
     return apply(fn, x_copy), x_copy
 
 
+# Writes are caught through both every-op backends (the native key sees the wrappers).
+@pytest.mark.both_backends
 @pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("front", list(FRONT_DOORS))
@@ -261,6 +263,8 @@ def _per_example(callee: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return run
 
 
+# Writes are caught through both every-op backends (the native key sees the wrappers).
+@pytest.mark.both_backends
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 @pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("mode", MODES)
@@ -320,6 +324,8 @@ def test_the_fallback_is_the_every_op_mode(mode: str) -> None:
         assert Snapshot.of(x_expected).matches(x, version=False)
 
 
+# Writes are caught through both every-op backends (the native key sees the wrappers).
+@pytest.mark.both_backends
 def test_the_error_names_the_argument_through_the_wrapper() -> None:
     x = torch.zeros(4, 2)
     fn = immutable_inputs(_writes_batched)
@@ -346,6 +352,8 @@ def _ensemble_forward(base: torch.nn.Module) -> Callable[..., Tensor]:
     return one
 
 
+# Writes are caught through both every-op backends (the native key sees the wrappers).
+@pytest.mark.both_backends
 @pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("where", ["inside", "outside"])

@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 import immutorch  # noqa: E402
+from benchmarks.harness import peak_alloc  # noqa: E402  (one way to read peak memory)
 
 Context = Callable[[], Any]
 
@@ -94,43 +95,6 @@ class Step:
         self.opt.zero_grad()
 
 
-def peak_bytes(call: Callable[[], None]) -> Optional[int]:
-    """High-water mark of torch CPU allocations during one call (op granularity)."""
-    try:
-        with _quiet_stderr(), torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-        ) as prof:
-            call()
-    except Exception:  # the profiler is optional equipment
-        return None
-    deltas = sorted(
-        (e.time_range.start, e.self_cpu_memory_usage)
-        for e in prof.events()
-        if e.self_cpu_memory_usage
-    )
-    live = high = 0
-    for _, delta in deltas:
-        live += delta
-        high = max(high, live)
-    return high
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Kineto logs each profiler start and stop on the C-level stderr."""
-    import os
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def _sample(call: Callable[[], None], number: int) -> tuple[float, float]:
     """(wall seconds per call, CPU seconds per call) of one ``Timer.timeit``."""
     timer = Timer(stmt="call()", globals={"call": call}, num_threads=1)
@@ -170,7 +134,7 @@ def run(rounds: int, sample_ms: float, quick: bool) -> dict[str, Any]:
             "ms": statistics.median(wall[name]) * 1000,
             "x": statistics.median(ratios),
             "x_cpu": statistics.median(cpu_ratios),
-            "peak_bytes": peak_bytes(steps[name]),
+            "peak_bytes": peak_alloc(steps[name]),
         }
     clone = steps["guard_saved_clone"]
     clone()

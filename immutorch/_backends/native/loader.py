@@ -37,11 +37,15 @@ class NativeUnavailable(RuntimeError):
 
 
 def _immutorch_version() -> str:
-    # The package's own attribute, the one place the version is written (pyproject reads it):
-    # the installed distribution's metadata can be another checkout's (an editable install).
-    import immutorch
+    # The installed distribution's version, read without importing the package (the loader
+    # sits below the front doors). Under an editable install of another checkout it can name
+    # that checkout's version; the key's source hash still tells the builds apart.
+    try:
+        from importlib.metadata import version
 
-    return str(immutorch.__version__)
+        return version("immutorch")
+    except Exception:  # not installed as a distribution (a bare checkout)
+        return "0"
 
 
 def source_hash() -> str:

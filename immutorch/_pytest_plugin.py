@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -466,9 +467,13 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         parts.append(f"saved ({saved})")
     if not parts:
         return []
-    from ._backends import native  # torch is loaded once an option is on
+    # Without importing torch here: the header runs before collection, outside pytest's
+    # warning capture, and torch's import installs warnings filters (see _watch).
+    from . import _backends
 
-    return [f"immutorch: {', '.join(parts)}", f"immutorch: every-op backend: {native.status()}"]
+    native = sys.modules.get("immutorch._backends.native")
+    backend = native.status() if native is not None else _backends.requested_status()
+    return [f"immutorch: {', '.join(parts)}", f"immutorch: every-op backend: {backend}"]
 
 
 @pytest.hookimpl(hookwrapper=True)

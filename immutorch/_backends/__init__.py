@@ -5,7 +5,24 @@ judgement (``immutorch._judge``), so policies, messages and the block rule are s
 
 - ``mode``: a ``TorchDispatchMode`` that sees every op on the thread (``scope="all"``);
 - ``scoped``: the ``Protected`` tensor subclass handed to a callee in place of each protected
-  argument, so only ops on protected memory leave C++ (``scope="arguments"``).
+  argument, so only ops on protected memory leave C++ (``scope="arguments"``);
+- ``native``: the every-op check as a C++ dispatcher fallback (``IMMUTORCH_BACKEND=native``).
 
 The backends never import each other.
 """
+
+from __future__ import annotations
+
+import os
+
+
+def requested_status() -> str:
+    """Which every-op backend ``IMMUTORCH_BACKEND`` asks for, as one line, without importing
+    torch (the pytest plugin's header runs before the suite imports it); once the native
+    backend has been tried, ``native.status()`` says what came of it."""
+    choice = os.environ.get("IMMUTORCH_BACKEND", "").strip().lower()
+    if choice == "python":
+        return "python (IMMUTORCH_BACKEND=python)"
+    if choice == "native":
+        return "native (IMMUTORCH_BACKEND=native; built or loaded at the first guard)"
+    return "python (default; IMMUTORCH_BACKEND=native selects the C++ backend)"

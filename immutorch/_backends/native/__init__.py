@@ -20,6 +20,7 @@ from ... import _registry, _storage
 from ..._judge import check_writes
 from ..._registry import ThreadState
 from ..._schema import DATA, META, OpFacts, WrittenArg, op_facts
+from .. import requested_status
 from .loader import NativeUnavailable, load
 
 _module: Optional[ModuleType] = None
@@ -112,16 +113,12 @@ def unavailable_reason() -> Optional[str]:
 
 def status() -> str:
     """One line saying which every-op backend serves and why (for logs and pytest headers)."""
-    choice = os.environ.get("IMMUTORCH_BACKEND", "").strip().lower()
-    if choice == "python":
-        return "python (IMMUTORCH_BACKEND=python)"
-    if _module is not None:
-        return f"native (C++ fallback on {_key})"
-    if _reason is not None:
-        return f"python (native unavailable: {_reason})"
-    if choice == "native":
-        return "native (IMMUTORCH_BACKEND=native; built or loaded at the first guard)"
-    return "python (default; IMMUTORCH_BACKEND=native selects the C++ backend)"
+    if os.environ.get("IMMUTORCH_BACKEND", "").strip().lower() != "python":
+        if _module is not None:
+            return f"native (C++ fallback on {_key})"
+        if _reason is not None:
+            return f"python (native unavailable: {_reason})"
+    return requested_status()
 
 
 def sync(state: ThreadState) -> None:

@@ -151,19 +151,6 @@ def _register_pre() -> None:
         _handles[0] = register_pre(_pre_hook)
 
 
-def remove_idle_hooks() -> None:
-    """Take the module hooks off now if nothing uses them; otherwise they stay until the
-    next module call (see :func:`release_hooks`). The pytest plugin calls this when a test's
-    watch ends, so torch's global hooks are left as the test found them."""
-    _remove_if_unused()
-
-
-def _remove_if_unused() -> None:
-    with _lock:
-        if _users == 0:
-            _remove_locked()
-
-
 def _remove_locked() -> None:
     for h in _handles:
         if h is not None:

@@ -611,11 +611,10 @@ def _watch(settings: _Settings, include_inplace: bool = False) -> Iterator[None]
         ):
             yield
     finally:
-        # torch's global module hooks and the warnings filters as the test found them.
-        if not hooked_before:
-            _boundaries.remove_idle_hooks()
-            if not hushed_before:
-                _boundaries.unhush_compile_hook_warning()
+        # The warnings filters as the test found them (the watch's module hooks came off as
+        # it ended, when nothing else uses them: _boundaries.release_hooks).
+        if not hooked_before and not hushed_before:
+            _boundaries.unhush_compile_hook_warning()
 
 
 def _class_in(packages: tuple[str, ...]) -> Callable[[torch.nn.Module], bool]:

@@ -167,7 +167,10 @@ def _deepcopy_plain(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
             plain = torch.Tensor._make_subclass(torch.Tensor, t.detach(), t.requires_grad)
     finally:
         STATE.bypass -= 1
-    new: torch.Tensor = torch.Tensor.__deepcopy__(plain, memo)
+    # Through copy.deepcopy, which keeps ``plain`` alive in the memo: Tensor.__deepcopy__ alone
+    # files the copy under id(plain), and once ``plain`` died that id could come back as
+    # another tensor of the same deep copy, which would then be handed this copy.
+    new: torch.Tensor = copy.deepcopy(plain, memo)
     state = _user_state(t)
     if state:
         new.__dict__.update(copy.deepcopy(state, memo))

@@ -85,6 +85,23 @@ def test_aliases_serialize_as_plain_tensors(
     assert torch.equal(x.detach(), before)
 
 
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_deepcopy_memo_never_outlives_its_keys(mode: str, scope: str) -> None:
+    # deepcopy's memo maps id(original) to its copy; an entry whose original has died can be
+    # claimed by a later object with the same id, which then gets the wrong copy (seen in CI:
+    # the view of a deep-copied pair came back as the whole tensor). Every tensor entry must
+    # belong to an object the memo keeps alive.
+    def copies(t: Tensor) -> list[tuple[bool, bool]]:
+        memo: dict[int, Any] = {}
+        copy.deepcopy([t, t[1:]], memo)
+        alive = {id(o) for o in memo.get(id(memo), [])} | {id(t)}
+        return [k in alive for k, v in memo.items() if isinstance(v, Tensor)]
+
+    entries = immutorch.immutable_inputs(mode=mode, scope=scope)(copies)(torch.randn(3, 4))  # type: ignore[arg-type]
+    assert entries and all(entries)
+
+
 # -- building a message never raises -----------------------------------------------------------
 class _BrokenParameters(torch.nn.Module):
     def named_parameters(self, *args: Any, **kwargs: Any) -> Any:

@@ -165,6 +165,7 @@ class Frame:
     # Hooks for frames whose protections come and go with autograd's saved tensors
     # (``_saved.SavedFrame``); a guard's frame keeps these defaults.
     quotes_labels = True  # labels are names (`x`, `guard argument 0`), not phrases
+
     def lets_through(self, op: str, arg: str) -> bool:
         """Whether a write by ``op`` into argument ``arg`` is harmless to what this frame
         protects (judged before the policy acts)."""

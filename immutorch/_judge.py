@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from . import _registry
-from ._compat import storage_use_count
+from ._compat import is_functorch_wrapped, storage_use_count
 from ._registry import ThreadState, strictest
 from ._schema import META, OpFacts, written_values
 from ._storage import BORN_ATTR, PLAIN, memory_leaves, storage_of
@@ -50,11 +50,17 @@ def check(state: ThreadState, op: str, arg: str, meta: bool, t: torch.Tensor) ->
     if t.layout is torch.strided and type(t) in PLAIN:
         storage = storage_of(t)
         if storage is not None:
-            hits = _effective(state.storage_hits(t, storage), op, arg)
+            # functionalize's wrapper has a storage, but only as bookkeeping: a protection
+            # put on the wrapper itself (a decorator inside the transform) counts; when it was
+            # born is its memory's question, asked below.
+            wrapped = is_functorch_wrapped(t)
+            hits = _effective(state.storage_hits(t, storage, blocks=not wrapped), op, arg)
             if hits:
                 _handle_write(strictest(hits), op, arg, t)
-            return
-        # No storage of its own: a torch.func wrapper (BatchedTensor, TensorWrapper), which the
+                return
+            if not wrapped:
+                return
+        # A torch.func wrapper (BatchedTensor, TensorWrapper: no storage of its own), which the
         # native backend's key sees above functorch (the Python mode only ever sees the tensor
         # underneath): judged by the tensor that holds its memory, below.
 

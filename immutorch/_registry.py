@@ -339,8 +339,9 @@ class ThreadState(threading.local):
         return self.frames[-1].mode if self.frames else None
 
     # -- lookups ------------------------------------------------------------------------------
-    def storage_hits(self, t: torch.Tensor, storage: Any) -> list[Hit]:
-        """Every protection that covers a write into ``storage`` (reached through ``t``)."""
+    def storage_hits(self, t: torch.Tensor, storage: Any, *, blocks: bool = True) -> list[Hit]:
+        """Every protection that covers a write into ``storage`` (reached through ``t``);
+        without the block rule if not ``blocks``."""
         hits: list[Hit] = []
         cdata = storage._cdata
         for p in self.by_storage.get(cdata, ()):
@@ -353,7 +354,7 @@ class ThreadState(threading.local):
                 for p in self.ranged:
                     if p.cdata != cdata and p.start < hi and lo < p.end:
                         hits.append(p.hit())
-        if self.blocks:
+        if blocks and self.blocks:
             born = born_epoch(storage)
             if born or self.older_than_blocks(cdata):
                 for f in self.blocks:

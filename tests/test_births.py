@@ -25,6 +25,8 @@ from torch import Tensor
 import immutorch
 from immutorch import _births
 
+pytestmark = pytest.mark.both_backends
+
 MODES = ["raise", "warn", "clone"]
 SCOPES = ["all", "arguments"]
 
@@ -114,6 +116,13 @@ def frombuffer_of_block_tensor() -> Tensor:
     return x
 
 
+def written_after_numpy() -> Tensor:
+    # x.numpy() makes x's storage non-resizable; x is still the block's own.
+    x = torch.arange(6.0)
+    x.numpy()
+    return x.mul_(2)
+
+
 def as_tensor_list() -> Tensor:
     return torch.as_tensor([[1.0, 2.0], [3.0, 4.0]]).t_().add_(1)
 
@@ -135,6 +144,7 @@ BLOCK_MADE: dict[str, Callable[[], Tensor]] = {
         numpy_alias_of_block_tensor,
         dlpack_alias_of_block_tensor,
         frombuffer_of_block_tensor,
+        written_after_numpy,
     )
 }
 

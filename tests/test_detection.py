@@ -271,14 +271,9 @@ def test_block_guard_flags_writes_on_pre_existing(p: Pattern) -> None:
 
 
 @pytest.mark.parametrize("p", WRITES, ids=ids(WRITES))
-def test_block_guard_allows_writes_into_block_memory(p: Pattern, every_op_backend: str) -> None:
+def test_block_guard_allows_writes_into_block_memory(p: Pattern) -> None:
     # numpy_alias_write and dlpack_alias_write included: a numpy or DLPack alias of the block's
     # own memory inherits its birth (immutorch/_births.py).
-    if every_op_backend == "native" and p.name == "numpy_alias_write":
-        pytest.xfail(
-            "native backend: a numpy alias of the block's own memory is refused (a false "
-            "refusal, never a miss; docs/backends.md, Status)"
-        )
     with guard():
         x, extra = p.make()  # made inside the block: its own memory
         expected = run_oracle(p, x, extra)

@@ -213,6 +213,7 @@ def test_a_write_through_a_transform_reaches_the_policy(
         assert before.matches(x)
 
 
+@pytest.mark.both_backends
 @pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("front", ["decorator_inside", "guard_body", "guard_module"])

@@ -77,6 +77,14 @@ def _write(
     check_writes(state, facts, args, {})
 
 
+def _leaf_storages(t: torch.Tensor) -> list[Any]:
+    """The storages holding a functorch wrapper's memory (a fresh output the fallback saw
+    wrapped, whose birth belongs to them)."""
+    out: list[Any] = []
+    _storage.memory_leaves(t, lambda leaf: out.append(_storage.storage_of(leaf)))
+    return [s for s in out if s is not None]
+
+
 def _readonly(storage: Any, marked: bool) -> None:
     if _module is not None:
         _module.mark_readonly(storage, marked)
@@ -95,7 +103,7 @@ def available(*, build: bool = True) -> bool:
         return False
     try:
         module = load(build_if_missing=build)
-        _key = module.install(_facts, _write)
+        _key = module.install(_facts, _write, _leaf_storages)
     except NativeUnavailable as err:
         _reason = str(err)
         return False

@@ -11,7 +11,9 @@
 // view of an alias, and `x.data` makes one without an op that a C++ key is told of.
 #include <torch/extension.h>
 
+#include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/ThreadLocalPythonObjects.h>
+#include <ATen/functorch/BatchedTensorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/SafePyObject.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -81,6 +83,7 @@ c10::DispatchKey g_key = c10::DispatchKey::Undefined;
 std::unique_ptr<torch::Library> g_library;
 PyObject* g_facts_cb = nullptr;  // (name, overload) -> facts tuple or None
 PyObject* g_write_cb = nullptr;  // (state, name, overload, args) -> None; raises to refuse
+PyObject* g_leaves_cb = nullptr;  // (tensor) -> the storages that hold its memory
 
 thread_local std::shared_ptr<State> t_owned;
 thread_local std::unordered_map<const c10::FunctionSchema*, Facts> t_facts;
@@ -88,12 +91,19 @@ thread_local std::unordered_map<const c10::FunctionSchema*, Facts> t_facts;
 // Births: process wide, like the Python attribute they stand for, keyed by StorageImpl
 // address with no reference held (a weak reference per fresh output cost ~2 us an op). A stale
 // entry is harmless: an address is reused only by a storage made after the one recorded, so
-// after the block that recorded it started; only resizable storages are recorded or believed,
-// so a storage over borrowed bytes (torch.from_numpy of memory from before the block) never
-// passes for the block's own. A record matters only while a block active at its birth is, so
-// the table is emptied whenever no block is active on any thread.
+// after the block that recorded it started. Only resizable storages are recorded, and a
+// record is believed for a resizable storage, or for one that still shows the bytes it was
+// born with: a storage over borrowed bytes (torch.from_numpy of memory from before the block)
+// at a reused address shows other bytes, so it never passes for the block's own, while the
+// block's own tensor stays its own after x.numpy() (which makes its storage non-resizable).
+// A record matters only while a block active at its birth is, so the table is emptied
+// whenever no block is active on any thread.
+struct Birth {
+  int64_t epoch;
+  const void* data;  // the bytes at birth
+};
 std::mutex g_births_mutex;
-std::unordered_map<const StorageImpl*, int64_t> g_births;
+std::unordered_map<const StorageImpl*, Birth> g_births;
 int64_t g_active_blocks = 0;  // threads with an active block frame (under g_births_mutex)
 
 std::mutex g_readonly_mutex;
@@ -101,22 +111,31 @@ std::unordered_map<const StorageImpl*, c10::weak_intrusive_ptr<StorageImpl>> g_r
 std::atomic<size_t> g_readonly_count{0};
 
 int64_t born_of(const StorageImpl* s) {
-  if (!s->resizable()) {
-    return 0;
-  }
   std::lock_guard<std::mutex> lock(g_births_mutex);
   auto it = g_births.find(s);
-  return it == g_births.end() ? 0 : it->second;
+  if (it == g_births.end()) {
+    return 0;
+  }
+  if (s->resizable()) {
+    return it->second.epoch;
+  }
+  const void* data = s->data_ptr().get();
+  return data != nullptr && data == it->second.data ? it->second.epoch : 0;
 }
 
 void record_birth(const StorageImpl* s, int64_t epoch) {
   if (!s->resizable()) {
     return;
   }
+  const void* data = s->data_ptr().get();
   std::lock_guard<std::mutex> lock(g_births_mutex);
-  auto [it, inserted] = g_births.try_emplace(s, epoch);
-  if (!inserted && it->second < epoch) {
-    it->second = epoch;
+  auto [it, inserted] = g_births.try_emplace(s, Birth{epoch, data});
+  if (!inserted) {
+    // The same storage seen fresh again, or a new one at a freed address: the latest holds.
+    it->second.data = data;
+    if (it->second.epoch < epoch) {
+      it->second.epoch = epoch;
+    }
   }
 }
 
@@ -307,10 +326,39 @@ Facts& facts_for(const c10::OperatorHandle& op) {
   return f;
 }
 
+// The tensor that holds t's memory: the wrappers torch.func makes (vmap's BatchedTensor,
+// functionalize's FunctionalTensorWrapper, grad's TensorWrapper) have no memory of their own.
+// This key sits above functorch's, so a fresh output made under a transform arrives wrapped,
+// and the block's birth belongs to the tensor underneath (which a later write is judged on).
+// grad's TensorWrapper is declared in a header torch ships without its dependencies: such a
+// leaf is left for Python to unwrap (only under grad-like transforms).
+const at::Tensor& memory_leaf(const at::Tensor& t) {
+  const at::Tensor* leaf = &t;
+  for (int depth = 0; depth < 64 && leaf->defined(); ++depth) {
+    if (auto* batched = at::functorch::maybeGetBatchedImpl(*leaf)) {
+      leaf = &batched->value();
+    } else if (at::functionalization::impl::isFunctionalTensor(*leaf)) {
+      leaf = &at::functionalization::impl::unsafeGetFunctionalWrapper(*leaf)->value();
+    } else {
+      break;
+    }
+  }
+  return *leaf;
+}
+
+StorageImpl* unpack_storage(py::handle obj);
+
 void record_outputs(const torch::jit::Stack& stack, size_t n, int64_t epoch, bool lift) {
+  std::vector<at::Tensor> wrapped;
   for (size_t i = stack.size() - n; i < stack.size(); ++i) {
-    each_tensor(stack[i], [&](const at::Tensor& t) {
-      if (!t.defined() || !t.unsafeGetTensorImpl()->has_storage()) return;
+    each_tensor(stack[i], [&](const at::Tensor& out) {
+      const at::Tensor& t = memory_leaf(out);
+      if (!t.defined()) return;
+      if (t.key_set().has(c10::DispatchKey::FuncTorchGradWrapper)) {
+        wrapped.push_back(t);
+        return;
+      }
+      if (!t.unsafeGetTensorImpl()->has_storage()) return;
       StorageImpl* s = t.unsafeGetTensorImpl()->storage().unsafeGetStorageImpl();
       // lift_fresh also wraps memory that exists: torch.from_numpy (numpy's bytes are not
       // resizable, and record_birth never takes them for the block's own) and
@@ -320,6 +368,20 @@ void record_outputs(const torch::jit::Stack& stack, size_t n, int64_t epoch, boo
       if (lift && c10::raw::intrusive_ptr::use_count(s) > 1) return;
       record_birth(s, epoch);
     });
+  }
+  if (wrapped.empty()) return;
+  c10::impl::ExcludeDispatchKeyGuard off(g_key);
+  py::gil_scoped_acquire gil;
+  for (const at::Tensor& t : wrapped) {
+    PyObject* got = PyObject_CallFunctionObjArgs(
+        g_leaves_cb, torch::jit::toPyObject(c10::IValue(t)).ptr(), nullptr);
+    if (got == nullptr) {
+      throw_python();
+    }
+    py::object storages = py::reinterpret_steal<py::object>(got);
+    for (auto storage : storages) {
+      record_birth(unpack_storage(storage), epoch);
+    }
   }
 }
 
@@ -413,7 +475,7 @@ StorageImpl* unpack_storage(py::handle obj) {
 
 // Register the fallback on the first candidate key nothing else has a fallback on. Returns
 // the key's name, or raises (with the names of the keys found taken) when all are taken.
-std::string install(py::object facts_cb, py::object write_cb) {
+std::string install(py::object facts_cb, py::object write_cb, py::object leaves_cb) {
   if (g_library) {
     return c10::toString(g_key);
   }
@@ -425,6 +487,7 @@ std::string install(py::object facts_cb, py::object write_cb) {
     }
     g_facts_cb = facts_cb.release().ptr();
     g_write_cb = write_cb.release().ptr();
+    g_leaves_cb = leaves_cb.release().ptr();
     g_key = key;
     g_library = std::make_unique<torch::Library>(
         torch::Library::IMPL, "_", key, __FILE__, __LINE__);

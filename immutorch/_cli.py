@@ -153,8 +153,9 @@ def _add_build_native(commands: Any) -> None:
         help="build the native every-op backend into the per-user cache now",
         description=(
             "Compile immutorch's C++ dispatcher fallback for this torch and Python into the "
-            "private per-user cache ($IMMUTORCH_CACHE_DIR, else ~/.cache/immutorch), so that "
-            "the first guard with IMMUTORCH_BACKEND=native does not wait for the compiler. "
+            "private per-user cache ($IMMUTORCH_CACHE_DIR, else ~/.cache/immutorch). Once it "
+            "is there, every guard in scope all uses it by default (guards never start the "
+            "compiler themselves unless IMMUTORCH_BACKEND=native asks for it). "
             "Needs a C++ compiler and ninja (pip install 'immutorch[native]')."
         ),
         epilog="exit status: 0 built (or already cached) and loadable, 1 it cannot be built here.",

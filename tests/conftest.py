@@ -44,7 +44,12 @@ def every_op_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
     """The every-op backend a test runs through: IMMUTORCH_BACKEND is read at each guard entry."""
     backend: str = getattr(request, "param", "")
     if not backend:
-        return os.environ.get("IMMUTORCH_BACKEND", "python")
+        chosen = os.environ.get("IMMUTORCH_BACKEND", "").strip().lower() or "auto"
+        if chosen == "auto":  # the default: native where a build is cached
+            from immutorch._backends import native
+
+            chosen = "native" if native.available(build=False) else "python"
+        return chosen
     if backend == "native":
         from immutorch._backends import native
 

@@ -178,6 +178,59 @@ def test_immutorch_backend_is_read_at_each_guard_entry(monkeypatch: pytest.Monke
     assert torch.equal(x, torch.ones(3))
 
 
+def test_the_default_is_native_where_a_build_is_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    _built_entry()
+    monkeypatch.delenv("IMMUTORCH_BACKEND", raising=False)
+    x = torch.ones(3)
+    with guard(x):
+        assert isinstance(STATE.mode_handle, NativeHandle)
+        with pytest.raises(ImmutableTensorError, match=r"aten::add_ would write into"):
+            x.add_(1)
+    assert torch.equal(x, torch.ones(3))
+
+
+def test_the_default_never_builds(tmp_path: Path) -> None:
+    # No build in the cache: the Python mode serves at once and says how to get the native
+    # one; no compiler runs (CXX would fail). Asking for native by name still tries to build.
+    code = """
+        import logging, torch, immutorch
+        logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
+        from immutorch._backends import native
+        from immutorch._registry import STATE
+        x = torch.ones(2)
+        for _ in range(2):
+            with immutorch.guard(x):
+                print(type(STATE.mode_handle).__name__)
+        print(native.status())
+        import os
+        os.environ["IMMUTORCH_BACKEND"] = "native"
+        with immutorch.guard(x):
+            print(type(STATE.mode_handle).__name__)
+        print(native.status())
+    """
+    env = {"IMMUTORCH_CACHE_DIR": str(tmp_path / "c"), "CXX": "no-such-cxx"}
+    env_run = {k: v for k, v in os.environ.items() if k != "IMMUTORCH_BACKEND"}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env={**env_run, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:2] == ["ImmutorchMode", "ImmutorchMode"]
+    assert lines[2] == (
+        "python (native not built for this torch and Python: "
+        "`python -m immutorch build-native` builds it)"
+    )
+    assert lines[3] == "ImmutorchMode"
+    assert lines[4].startswith("python (native unavailable: building guard.cpp failed")
+    assert done.stderr.count("every-op backend: python (native not built") == 1
+    assert not [p for p in (tmp_path / "c").glob("torch*") if p.is_dir()]
+
+
 def test_a_bad_backend_name_says_what_to_use(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMMUTORCH_BACKEND", "cuda")
     with pytest.raises(ValueError, match=r"IMMUTORCH_BACKEND='cuda' is not a backend; use one"):

@@ -6,7 +6,8 @@ judgement (``immutorch._judge``), so policies, messages and the block rule are s
 - ``mode``: a ``TorchDispatchMode`` that sees every op on the thread (``scope="all"``);
 - ``scoped``: the ``Protected`` tensor subclass handed to a callee in place of each protected
   argument, so only ops on protected memory leave C++ (``scope="arguments"``);
-- ``native``: the every-op check as a C++ dispatcher fallback (``IMMUTORCH_BACKEND=native``).
+- ``native``: the every-op check as a C++ dispatcher fallback, serving ``scope="all"`` by
+  default wherever it is built (``python -m immutorch build-native``).
 
 The backends never import each other.
 """
@@ -25,4 +26,4 @@ def requested_status() -> str:
         return "python (IMMUTORCH_BACKEND=python)"
     if choice == "native":
         return "native (IMMUTORCH_BACKEND=native; built or loaded at the first guard)"
-    return "python (default; IMMUTORCH_BACKEND=native selects the C++ backend)"
+    return "native where built, else python (default; known at the first guard)"

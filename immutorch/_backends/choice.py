@@ -1,6 +1,9 @@
 """Which backend serves the every-op check (``scope="all"``) on a thread, chosen each time a
-thread's first guard needs it: ``IMMUTORCH_BACKEND=native|python`` forces one; by default the
-Python mode serves and the native C++ fallback is opt-in (see docs/backends.md).
+thread's first guard needs it. By default the native C++ fallback serves wherever a build for
+this torch and Python is in the cache (``python -m immutorch build-native``; a guard never
+starts a compiler unasked), and the Python mode elsewhere. ``IMMUTORCH_BACKEND=native``
+forces the native one (built at the first guard if missing), ``IMMUTORCH_BACKEND=python`` the
+Python mode (see docs/backends.md).
 
 Where native is asked for but cannot be built or loaded, or its dispatch key is taken by
 another library, the Python mode serves and one line on the ``immutorch`` logger says why.
@@ -16,8 +19,8 @@ from .._registry import ThreadState
 from . import mode, native
 
 _log = logging.getLogger("immutorch")
-CHOICES = ("native", "python")
-DEFAULT = "python"
+CHOICES = ("auto", "native", "python")
+DEFAULT = "auto"
 _told: set[str] = set()
 
 
@@ -30,17 +33,19 @@ def requested() -> str:
     if raw not in CHOICES:
         raise ValueError(
             f"IMMUTORCH_BACKEND={raw!r} is not a backend; use one of {', '.join(CHOICES)} "
-            "(or unset it for the default)."
+            "(or unset it for the default, auto: native where built, else python)."
         )
     return raw
 
 
 def make_handle(state: ThreadState) -> Any:
-    if requested() == "native":
-        if native.available():
+    wanted = requested()
+    if wanted != "python":
+        if native.available(build=wanted == "native"):
             _tell(native.status())
             return native.NativeHandle(state)
-        _tell(native.status(), warning=True)
+        # Asked for by name and not there: a warning. The default without a build: a note.
+        _tell(native.status(), warning=wanted == "native")
     return mode.ImmutorchMode(state)
 
 

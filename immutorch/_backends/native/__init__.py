@@ -21,10 +21,15 @@ from ..._judge import check_writes
 from ..._registry import ThreadState
 from ..._schema import DATA, META, OpFacts, WrittenArg, op_facts
 from .. import requested_status
-from .loader import NativeUnavailable, load
+from .loader import NativeUnavailable, NotBuilt, load
 
 _module: Optional[ModuleType] = None
 _reason: Optional[str] = None  # why the native backend is not available, once tried
+# Why the default (IMMUTORCH_BACKEND unset) found nothing to load, without building: no build
+# for this installation, or one that fails the loader's checks. Asked once per process; an
+# explicit IMMUTORCH_BACKEND=native still builds.
+_not_loaded: Optional[str] = None
+_not_built = False
 _key: Optional[str] = None
 _ops: dict[tuple[str, str], Any] = {}
 
@@ -95,17 +100,24 @@ def _born(storage: Any) -> int:
 
 
 def available(*, build: bool = True) -> bool:
-    """Whether the native backend can serve; builds it the first time if ``build``."""
-    global _module, _reason, _key
+    """Whether the native backend can serve; builds it the first time if ``build``, else only
+    loads a build the cache holds for this installation."""
+    global _module, _reason, _key, _not_loaded, _not_built
     if _module is not None:
         return True
-    if _reason is not None:
+    if _reason is not None or (not build and _not_loaded is not None):
         return False
     try:
         module = load(build_if_missing=build)
         _key = module.install(_facts, _write, _leaf_storages)
+    except NotBuilt as err:
+        _not_loaded, _not_built = str(err), True
+        return False
     except NativeUnavailable as err:
-        _reason = str(err)
+        if build:
+            _reason = str(err)
+        else:
+            _not_loaded = str(err)
         return False
     except RuntimeError as err:  # install: the dispatch keys are taken
         _reason = f"the native backend's dispatch key is taken ({err})"
@@ -121,11 +133,19 @@ def unavailable_reason() -> Optional[str]:
 
 def status() -> str:
     """One line saying which every-op backend serves and why (for logs and pytest headers)."""
-    if os.environ.get("IMMUTORCH_BACKEND", "").strip().lower() != "python":
+    choice = os.environ.get("IMMUTORCH_BACKEND", "").strip().lower()
+    if choice != "python":
         if _module is not None:
             return f"native (C++ fallback on {_key})"
         if _reason is not None:
             return f"python (native unavailable: {_reason})"
+        if choice != "native" and _not_loaded is not None:
+            if _not_built:
+                return (
+                    "python (native not built for this torch and Python: "
+                    "`python -m immutorch build-native` builds it)"
+                )
+            return f"python (native not loaded: {_not_loaded})"
     return requested_status()
 
 

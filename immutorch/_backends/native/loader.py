@@ -36,6 +36,10 @@ class NativeUnavailable(RuntimeError):
     """The native backend cannot be built or loaded here; the message says why."""
 
 
+class NotBuilt(NativeUnavailable):
+    """No build for this installation is in the cache (and none was asked for)."""
+
+
 def _immutorch_version() -> str:
     # The installed distribution's version, read without importing the package (the loader
     # sits below the front doors). Under an editable install of another checkout it can name
@@ -215,6 +219,8 @@ def load(*, build_if_missing: bool = True) -> ModuleType:
         return loaded
     try:
         entry = build() if build_if_missing else cache_root() / build_key()
+        if not build_if_missing and not os.path.lexists(entry):
+            raise NotBuilt(f"no build in {entry}")
         library = verified_library(entry)
     except OSError as err:
         raise NativeUnavailable(f"the native cache is not usable: {err}") from err

@@ -7,6 +7,7 @@ unguarded oracle from the same start, and writes what it saw per rank.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -15,8 +16,6 @@ from typing import Any
 
 import pytest
 import torch.distributed as dist
-
-pytestmark = pytest.mark.both_backends
 
 WORLD = 2
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -33,14 +32,25 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("ddp")
+# Through both every-op backends: the workers are one run per backend (a module fixture, so
+# the conftest's per-test backend parameter cannot reach them).
+@pytest.fixture(scope="module", params=["python", "native"])
+def results(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> list[dict[str, Any]]:
+    backend: str = request.param
+    if backend == "native":
+        from immutorch._backends import native
+
+        if not native.available():
+            pytest.skip(f"native backend unavailable: {native.unavailable_reason()}")
+    out = tmp_path_factory.mktemp(f"ddp-{backend}")
     proc = subprocess.run(
         [sys.executable, str(WORKER), str(WORLD), str(_free_port()), str(out)],
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "IMMUTORCH_BACKEND": backend},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]

@@ -331,7 +331,7 @@ Facts& facts_for(const c10::OperatorHandle& op) {
 // This key sits above functorch's, so a fresh output made under a transform arrives wrapped,
 // and the block's birth belongs to the tensor underneath (which a later write is judged on).
 // grad's TensorWrapper is declared in a header torch ships without its dependencies: such a
-// leaf is left for Python to unwrap (only under grad-like transforms).
+// leaf is left for Python to unwrap (only under grad-like transforms), as are subclasses.
 const at::Tensor& memory_leaf(const at::Tensor& t) {
   const at::Tensor* leaf = &t;
   for (int depth = 0; depth < 64 && leaf->defined(); ++depth) {
@@ -354,7 +354,11 @@ void record_outputs(const torch::jit::Stack& stack, size_t n, int64_t epoch, boo
     each_tensor(stack[i], [&](const at::Tensor& out) {
       const at::Tensor& t = memory_leaf(out);
       if (!t.defined()) return;
-      if (t.key_set().has(c10::DispatchKey::FuncTorchGradWrapper)) {
+      // grad's TensorWrapper, and tensor subclasses (DTensor: FSDP2's parameters and
+      // optimizer state), whose __torch_dispatch__ makes their inner tensors below this key:
+      // Python knows where their memory is (_storage.memory_leaves).
+      if (t.key_set().has(c10::DispatchKey::FuncTorchGradWrapper) ||
+          t.unsafeGetTensorImpl()->is_python_dispatch()) {
         wrapped.push_back(t);
         return;
       }

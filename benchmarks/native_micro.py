@@ -6,7 +6,7 @@ Workloads: 1000 small ops ``h = tanh(h @ W)`` (64x64), a TransformerEncoder 6 x 
 and forward + backward, and the demo encoder ``[8, 80, 300]``
 (``MelSpectrogramEncoder.encode_mel_spectrogram``). Each runs unguarded and under
 ``guard(x)`` and ``guard()`` (scope "all") in raise and clone mode with ``IMMUTORCH_BACKEND``
-python, then native (clone mode is served by the Python mode either way: docs/backends.md).
+python, then native.
 Timing: ``torch.utils.benchmark.Timer.blocked_autorange`` (CPU time) on one thread, the variants
 interleaved over rounds and the median of the rounds' medians reported as a ratio to
 unguarded. ``--build-time`` also builds the native library from scratch into a temporary

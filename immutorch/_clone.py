@@ -114,6 +114,43 @@ class CowGroup:
         self.storage = copy
 
 
+# -- views made without an op ------------------------------------------------------------------
+# ``x.data`` makes a view of x without dispatching any op. A Python dispatch mode is told (as a
+# detach); a C++ dispatch key is not. While the native backend serves a clone-mode frame, a
+# property in front of TensorBase.data lets a view of an alias made that way join its group.
+_data_lock = threading.Lock()
+_data_users = 0
+_BASE_DATA: Any = torch._C.TensorBase.__dict__["data"]  # the getset descriptor
+
+
+def _data_get(self: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = _BASE_DATA.__get__(self)
+    group = self.__dict__.get(GROUP_ATTR) if _data_users else None
+    if group is not None and not group.copied:
+        group.add(out)
+    return out
+
+
+def _data_set(self: torch.Tensor, value: torch.Tensor) -> None:
+    _BASE_DATA.__set__(self, value)
+
+
+_DATA_PROPERTY = property(_data_get, _data_set, doc=_BASE_DATA.__doc__)
+
+
+def watch_data_views(on: bool) -> None:
+    """One more (``on``) or one less user of the ``.data`` property above, process wide."""
+    global _data_users
+    with _data_lock:
+        _data_users += 1 if on else -1
+        if _data_users == 1 and on:
+            torch.Tensor.data = _DATA_PROPERTY  # type: ignore[assignment]
+        elif _data_users <= 0:
+            _data_users = 0
+            if torch.Tensor.__dict__.get("data") is _DATA_PROPERTY:
+                del torch.Tensor.data
+
+
 # -- serialization ------------------------------------------------------------------------------
 # A plain alias pickles, torch.saves and deep-copies as the plain tensor it stands for. Tensor's
 # own __reduce_ex__ and __deepcopy__ would carry the group along (its weak references cannot be

@@ -253,17 +253,45 @@ def test_the_choice_is_logged_once(
     assert lines == ["immutorch: every-op backend: native (C++ fallback on " + native._key + ")"]
 
 
-def test_clone_mode_is_served_by_the_python_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+class _ViewsThenWrites(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.data  # a view made without any op: the C++ key is not told of it
+        v = x[1:]
+        x.mul_(2)  # the first write: every view above must move onto the private copy
+        return torch.cat([d.flatten(), v.flatten(), x.flatten()])
+
+
+def test_clone_mode_is_served_by_native_and_keeps_data_views(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     _built_entry()
     monkeypatch.setenv("IMMUTORCH_BACKEND", "native")
-    x = torch.ones(3)
-    with guard(x):
+    x = torch.ones(3, 4)
+    expected = _ViewsThenWrites()(x.clone())
+    assert "data" not in torch.Tensor.__dict__
+    with guard(torch.zeros(1)):
         assert isinstance(STATE.mode_handle, NativeHandle)
-        with guard(mode="clone"):
+        with guard(mode="clone") as g:
+            assert isinstance(STATE.mode_handle, NativeHandle) and native.enabled()
+            assert "data" in torch.Tensor.__dict__  # the .data watch, while clone mode is here
+            out = _ViewsThenWrites()(x)
+        assert "data" not in torch.Tensor.__dict__
+        assert isinstance(STATE.mode_handle, NativeHandle)
+    assert torch.equal(out, expected)
+    assert torch.equal(x, torch.ones(3, 4))
+    assert g.stats.copies == 1
+
+
+def test_guard_saved_is_served_by_the_python_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    _built_entry()
+    monkeypatch.setenv("IMMUTORCH_BACKEND", "native")
+    w = torch.ones(3, requires_grad=True)
+    with guard(torch.zeros(1)):
+        assert isinstance(STATE.mode_handle, NativeHandle)
+        with immutorch.guard_saved():
+            y = (w * 2).sin()
             assert isinstance(STATE.mode_handle, ImmutorchMode)
-            assert not native.enabled()
-        with pytest.raises(ImmutableTensorError):
-            x.add_(1)
+        y.sum().backward()
 
 
 def test_a_taken_key_falls_back_to_the_python_mode(tmp_path: Path) -> None:

@@ -109,7 +109,7 @@ def enter(frame: _registry.Frame) -> None:
     if not state.frames:
         state.dispatch_error = None
     if frame.needs_mode:
-        require(body=frame.body_only, python=frame.mode == "clone")
+        require(body=frame.body_only, clone=frame.mode == "clone")
     try:
         if frame.kind == _registry.BLOCK:
             _births.acquire()  # memory made outside the dispatcher is dated too
@@ -146,17 +146,18 @@ def leave(frame: _registry.Frame) -> None:
                 release(body=frame.body_only)
 
 
-def require(*, body: bool = False, python: bool = False) -> None:
+def require(*, body: bool = False, python: bool = False, clone: bool = False) -> None:
     """One more user of the every-op mode on this thread; push it if it is the first.
 
     ``body``: a ``guard(scope="arguments")`` frame, which needs the mode only in its block's
     body, not inside the module calls it hands over (see :func:`suspend`). ``python``: the user
     needs this module's Python mode, whatever backend serves the thread (see
-    :func:`_push_if_absent`): a clone-mode frame, or ``guard_saved``'s protections, which come
-    and go one by one outside any frame push, unseen by the native backend's mirror.
+    :func:`_push_if_absent`): ``guard_saved``'s protections, which come and go one by one
+    outside any frame push, unseen by the native backend's mirror. ``clone``: a clone-mode
+    frame, which a backend serves only if it keeps views of aliases in their groups.
     """
     state = STATE
-    _push_if_absent(state, python=python)
+    _push_if_absent(state, python=python, clone=clone)
     state.mode_users += 1
     if body:
         state.body_users += 1
@@ -179,13 +180,17 @@ def _frames_changed(state: ThreadState) -> None:
         changed()
 
 
-def _push_if_absent(state: ThreadState, *, python: bool = False) -> None:
+def _push_if_absent(state: ThreadState, *, python: bool = False, clone: bool = False) -> None:
     handle_ = state.mode_handle
-    python = python or state.clone_frames > 0
-    if handle_ is not None and python and not isinstance(handle_, ImmutorchMode):
-        # Clone mode needs every view of an alias, and ``x.data`` makes one without an op that
-        # a C++ key sees (only a Python mode is told): a thread with a clone frame is served by
-        # the Python mode until its last guard ends.
+    clone = clone or state.clone_frames > 0
+    if (
+        handle_ is not None
+        and not isinstance(handle_, ImmutorchMode)
+        and (python or (clone and not getattr(handle_, "serves_clone", False)))
+    ):
+        # guard_saved's protections come and go outside frame pushes, unseen by another
+        # backend's mirror: a thread with live saved tensors is served by the Python mode
+        # until its last guard ends (and so is clone mode by a backend that cannot serve it).
         state.mode_handle = None
         handle_.__exit__(None, None, None)
         handle_ = None

@@ -1,7 +1,8 @@
 """The native every-op backend (``scope="all"``): a C++ dispatcher fallback (``guard.cpp``)
 that does the fast reject per op and calls Python only at a write that may reach protected
-memory, where it runs the same judgement as the Python mode (``_judge.check_writes``). A thread
-with a clone-mode frame is served by the Python mode instead (``_backends.mode``).
+memory, where it runs the same judgement as the Python mode (``_judge.check_writes``), and, in
+clone mode, at a view of possibly protected memory (it joins the alias's copy-on-write group).
+A thread with live ``guard_saved`` protections is served by the Python mode (``_backends.mode``).
 
 This module is the Python side: the handle the every-op layer pushes per thread (it puts the
 fallback's key into the thread's TLS), the callbacks the fallback makes, and the mirror of the
@@ -17,7 +18,8 @@ from typing import Any, Optional
 import torch
 
 from ... import _registry, _storage
-from ..._judge import check_writes
+from ..._clone import GROUP_ATTR, watch_data_views
+from ..._judge import check_writes, join
 from ..._registry import ThreadState
 from ..._schema import DATA, META, OpFacts, WrittenArg, op_facts
 from .. import requested_status
@@ -49,14 +51,16 @@ def _resolve(name: str, overload: str) -> Any:
     return func
 
 
-def _facts(name: str, overload: str) -> Optional[tuple[list[tuple[int, int, bool]], bool]]:
+def _facts(
+    name: str, overload: str
+) -> Optional[tuple[list[tuple[int, int, bool]], bool, int]]:
     """The fallback's per-schema facts, from ``_schema`` (the one source of them)."""
     func = _resolve(name, overload)
     if func is None:
         return None
     facts = op_facts(func)
     writes = [(w.position, -1 if w.when is None else w.when, w.kind == META) for w in facts.writes]
-    return writes, facts.fresh_outputs
+    return writes, facts.fresh_outputs, -1 if facts.view_of is None else facts.view_of
 
 
 def _write(
@@ -90,6 +94,13 @@ def _leaf_storages(t: torch.Tensor) -> list[Any]:
     return [s for s in out if s is not None]
 
 
+def _join(source: torch.Tensor, out: Any) -> None:
+    """Clone mode: ``out``, a view of ``source``, joins source's copy-on-write group."""
+    group = source.__dict__.get(GROUP_ATTR)
+    if group is not None and not group.copied:
+        join(group, out)
+
+
 def _readonly(storage: Any, marked: bool) -> None:
     if _module is not None:
         _module.mark_readonly(storage, marked)
@@ -109,7 +120,7 @@ def available(*, build: bool = True) -> bool:
         return False
     try:
         module = load(build_if_missing=build)
-        _key = module.install(_facts, _write, _leaf_storages)
+        _key = module.install(_facts, _write, _leaf_storages, _join)
     except NotBuilt as err:
         _not_loaded, _not_built = str(err), True
         return False
@@ -159,7 +170,9 @@ def sync(state: ThreadState) -> None:
         for p in protections:
             storages[p.cdata] = p.storage
     block_start = max((f.start for f in state.blocks), default=0)
-    module.sync(list(storages.values()), block_start, _registry.current_epoch)
+    module.sync(
+        list(storages.values()), block_start, _registry.current_epoch, state.clone_frames > 0
+    )
 
 
 class NativeHandle:
@@ -170,21 +183,31 @@ class NativeHandle:
     on ``state.bypass``, which the fallback's Python side honours."""
 
     on_mode_stack = False
+    serves_clone = True
 
     def __init__(self, state: ThreadState) -> None:
         self.state = state
+        self.watching_data = False
 
     def __enter__(self) -> NativeHandle:
         assert _module is not None
         _module.activate(self.state)
-        sync(self.state)
+        self.frames_changed()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.watch_data(False)
         if _module is not None:
             _module.activate(None)
 
+    def watch_data(self, on: bool) -> None:
+        """Views made with ``x.data`` join copy-on-write groups while a clone frame is here."""
+        if on != self.watching_data:
+            self.watching_data = on
+            watch_data_views(on)
+
     def frames_changed(self) -> None:
+        self.watch_data(self.state.clone_frames > 0)
         sync(self.state)
 
 

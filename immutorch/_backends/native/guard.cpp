@@ -7,8 +7,9 @@
 // pinned, while their frames are active. Only when a written storage is (or may be) protected
 // is Python called, with the GIL, to run the same judgement the Python mode runs. Births for
 // the block rule ("memory made inside the block is the block's own") are recorded here and
-// read from Python through born(). Clone mode is served by the Python mode: it must see every
-// view of an alias, and `x.data` makes one without an op that a C++ key is told of.
+// read from Python through born(). In clone mode, a view made of an alias is handed to Python
+// to join the alias's copy-on-write group (`x.data`, which makes one without any op, is seen
+// by a property immutorch._clone installs while native serves a clone frame).
 #include <torch/extension.h>
 
 #include <ATen/FunctionalTensorWrapper.h>
@@ -52,6 +53,7 @@ struct Facts {
   };
   std::vector<Write> writes;
   bool fresh = false;
+  int view_of = -1;  // the argument whose memory the outputs view, or -1
   bool keep_key = false;  // a CompositeImplicitAutograd kernel: see its decomposition
   // Only that kernel: the op always decomposes below this key, and its writes are judged on
   // the ops it decomposes into, as the Python mode (below autograd) sees them. dropout_ with
@@ -67,6 +69,7 @@ struct State {
   std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
   int64_t block_start = 0;  // the latest start epoch of an active block frame, 0 for none
   int64_t epoch = 0;
+  bool clone = false;  // a clone-mode frame is active: views of aliases join their groups
   PyObject* py_state = nullptr;  // the Python ThreadState (a strong reference)
   ~State() {
     if (block_start != 0) {
@@ -84,6 +87,7 @@ std::unique_ptr<torch::Library> g_library;
 PyObject* g_facts_cb = nullptr;  // (name, overload) -> facts tuple or None
 PyObject* g_write_cb = nullptr;  // (state, name, overload, args) -> None; raises to refuse
 PyObject* g_leaves_cb = nullptr;  // (tensor) -> the storages that hold its memory
+PyObject* g_join_cb = nullptr;  // (source, out) -> None: out joins source's copy-on-write group
 
 thread_local std::shared_ptr<State> t_owned;
 thread_local std::unordered_map<const c10::FunctionSchema*, Facts> t_facts;
@@ -292,6 +296,7 @@ void compute_facts(const c10::OperatorHandle& op, Facts& f) {
         f.writes.push_back({wt[0].cast<int>(), wt[1].cast<int>(), wt[2].cast<bool>()});
       }
       f.fresh = t[1].cast<bool>();
+      f.view_of = t[2].cast<int>();
     }
   }
   if (!known) {
@@ -438,6 +443,15 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
   }
   const int64_t block_start = st->block_start;
   const int64_t epoch = st->epoch;
+  // Clone mode: a view of an alias joins the alias's group, so that the first write into it
+  // moves the view onto the private copy with the rest (Python keeps the groups).
+  c10::IValue view_source;
+  if (st->clone && f.view_of >= 0 && static_cast<size_t>(f.view_of) < nargs) {
+    const c10::IValue& source = (*stack)[base + f.view_of];
+    if (source.isTensor() && may_be_protected(*st, source.toTensor())) {
+      view_source = source;
+    }
+  }
   try {
     if (f.keep_key) {
       op.redispatchBoxed(rest, stack);
@@ -460,6 +474,26 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
   if (block_start != 0 && f.fresh) {
     record_outputs(*stack, nret, epoch, schema.name() == "aten::lift_fresh");
   }
+  if (view_source.isTensor() && nret > 0) {
+    c10::impl::ExcludeDispatchKeyGuard off(g_key);
+    py::gil_scoped_acquire gil;
+    py::object out;
+    if (nret == 1) {
+      out = torch::jit::toPyObject(stack->back());
+    } else {
+      py::tuple outs(nret);
+      for (size_t i = 0; i < nret; ++i) {
+        outs[i] = torch::jit::toPyObject((*stack)[stack->size() - nret + i]);
+      }
+      out = outs;
+    }
+    py::object source = torch::jit::toPyObject(view_source);
+    PyObject* got = PyObject_CallFunctionObjArgs(g_join_cb, source.ptr(), out.ptr(), nullptr);
+    if (got == nullptr) {
+      throw_python();
+    }
+    Py_DECREF(got);
+  }
 }
 
 const c10::DispatchKey kCandidates[] = {
@@ -479,7 +513,8 @@ StorageImpl* unpack_storage(py::handle obj) {
 
 // Register the fallback on the first candidate key nothing else has a fallback on. Returns
 // the key's name, or raises (with the names of the keys found taken) when all are taken.
-std::string install(py::object facts_cb, py::object write_cb, py::object leaves_cb) {
+std::string install(
+    py::object facts_cb, py::object write_cb, py::object leaves_cb, py::object join_cb) {
   if (g_library) {
     return c10::toString(g_key);
   }
@@ -492,6 +527,7 @@ std::string install(py::object facts_cb, py::object write_cb, py::object leaves_
     g_facts_cb = facts_cb.release().ptr();
     g_write_cb = write_cb.release().ptr();
     g_leaves_cb = leaves_cb.release().ptr();
+    g_join_cb = join_cb.release().ptr();
     g_key = key;
     g_library = std::make_unique<torch::Library>(
         torch::Library::IMPL, "_", key, __FILE__, __LINE__);
@@ -529,7 +565,7 @@ void activate(py::object py_state) {
 }
 
 // Mirror this thread's protections (see immutorch._backends.native.sync).
-void sync_state(py::list storages, int64_t block_start, int64_t epoch) {
+void sync_state(py::list storages, int64_t block_start, int64_t epoch, bool clone) {
   State* st = t_owned.get();
   if (st == nullptr) return;
   st->protected_.clear();
@@ -545,6 +581,7 @@ void sync_state(py::list storages, int64_t block_start, int64_t epoch) {
   }
   st->block_start = block_start;
   st->epoch = epoch;
+  st->clone = clone;
 }
 
 int64_t born(py::object storage) {

@@ -114,18 +114,23 @@ class CowGroup:
         self.storage = copy
 
 
-# -- views made without an op ------------------------------------------------------------------
-# ``x.data`` makes a view of x without dispatching any op. A Python dispatch mode is told (as a
-# detach); a C++ dispatch key is not. While the native backend serves a clone-mode frame, a
-# property in front of TensorBase.data lets a view of an alias made that way join its group.
-_data_lock = threading.Lock()
-_data_users = 0
+# -- a view no dispatcher reports --------------------------------------------------------------
+# ``x.data`` makes a view of x without dispatching any op: a Python dispatch mode is told (as a
+# detach), a C++ key is not. While an every-op clone frame is active anywhere, a property in
+# front of TensorBase.data runs it with immutorch's checks bypassed and joins the view to x's
+# group (whichever backend serves: the same join for both).
+_views_lock = threading.Lock()
+_views_users = 0
 _BASE_DATA: Any = torch._C.TensorBase.__dict__["data"]  # the getset descriptor
 
 
 def _data_get(self: torch.Tensor) -> torch.Tensor:
-    out: torch.Tensor = _BASE_DATA.__get__(self)
-    group = self.__dict__.get(GROUP_ATTR) if _data_users else None
+    STATE.bypass += 1
+    try:
+        out: torch.Tensor = _BASE_DATA.__get__(self)
+    finally:
+        STATE.bypass -= 1
+    group = self.__dict__.get(GROUP_ATTR)
     if group is not None and not group.copied:
         group.add(out)
     return out
@@ -135,19 +140,20 @@ def _data_set(self: torch.Tensor, value: torch.Tensor) -> None:
     _BASE_DATA.__set__(self, value)
 
 
-_DATA_PROPERTY = property(_data_get, _data_set, doc=_BASE_DATA.__doc__)
+_DATA = property(_data_get, _data_set, doc=_BASE_DATA.__doc__)
 
 
-def watch_data_views(on: bool) -> None:
-    """One more (``on``) or one less user of the ``.data`` property above, process wide."""
-    global _data_users
-    with _data_lock:
-        _data_users += 1 if on else -1
-        if _data_users == 1 and on:
-            torch.Tensor.data = _DATA_PROPERTY  # type: ignore[assignment]
-        elif _data_users <= 0:
-            _data_users = 0
-            if torch.Tensor.__dict__.get("data") is _DATA_PROPERTY:
+def watch_unseen_views(on: bool) -> None:
+    """One more (``on``) or one less every-op clone frame, process wide: the ``.data`` property
+    above is in place while there is one."""
+    global _views_users
+    with _views_lock:
+        _views_users += 1 if on else -1
+        if on and _views_users == 1:
+            torch.Tensor.data = _DATA  # type: ignore[assignment]
+        elif _views_users <= 0:
+            _views_users = 0
+            if torch.Tensor.__dict__.get("data") is _DATA:
                 del torch.Tensor.data
 
 

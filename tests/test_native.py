@@ -257,8 +257,11 @@ class _ViewsThenWrites(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = x.data  # a view made without any op: the C++ key is not told of it
         v = x[1:]
+        # Views whose Python object the caller makes itself, of its own type.
+        p = torch.nn.Parameter(x, requires_grad=False)
+        s = x.as_subclass(torch.Tensor)
         x.mul_(2)  # the first write: every view above must move onto the private copy
-        return torch.cat([d.flatten(), v.flatten(), x.flatten()])
+        return torch.cat([t.flatten() for t in (d, v, p, s, x)])
 
 
 def test_clone_mode_is_served_by_native_and_keeps_data_views(

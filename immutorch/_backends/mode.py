@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import _births, _registry, _tracing
-from .._clone import GROUP_ATTR
+from .._clone import GROUP_ATTR, watch_unseen_views
 from .._compat import current_dispatch_mode
 from .._judge import check_writes, join, lifted_fresh, remember_error, tag_births
 from .._registry import STATE, ThreadState
@@ -110,6 +110,7 @@ def enter(frame: _registry.Frame) -> None:
         state.dispatch_error = None
     if frame.needs_mode:
         require(body=frame.body_only, clone=frame.mode == "clone")
+    watches_views = frame.needs_mode and frame.mode == "clone"
     try:
         if frame.kind == _registry.BLOCK:
             _births.acquire()  # memory made outside the dispatcher is dated too
@@ -120,6 +121,8 @@ def enter(frame: _registry.Frame) -> None:
                 _births.release()
             raise
         _frames_changed(state)
+        if watches_views:
+            watch_unseen_views(True)
     except BaseException:
         try:
             if frame in state.frames:
@@ -134,6 +137,8 @@ def leave(frame: _registry.Frame) -> None:
     """Deactivate ``frame``; pop the dispatch mode when nothing on this thread needs it."""
     state = STATE
     try:
+        if frame.needs_mode and frame.mode == "clone":
+            watch_unseen_views(False)
         state.pop(frame)
         _frames_changed(state)
     finally:

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 
 from ... import _registry, _storage
-from ..._clone import GROUP_ATTR, watch_data_views
+from ..._clone import GROUP_ATTR
 from ..._judge import check_writes, join
 from ..._registry import ThreadState
 from ..._schema import DATA, META, OpFacts, WrittenArg, op_facts
@@ -96,6 +96,8 @@ def _leaf_storages(t: torch.Tensor) -> list[Any]:
 
 def _join(source: torch.Tensor, out: Any) -> None:
     """Clone mode: ``out``, a view of ``source``, joins source's copy-on-write group."""
+    if _registry.STATE.bypass:
+        return
     group = source.__dict__.get(GROUP_ATTR)
     if group is not None and not group.copied:
         join(group, out)
@@ -187,7 +189,6 @@ class NativeHandle:
 
     def __init__(self, state: ThreadState) -> None:
         self.state = state
-        self.watching_data = False
 
     def __enter__(self) -> NativeHandle:
         assert _module is not None
@@ -196,18 +197,10 @@ class NativeHandle:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.watch_data(False)
         if _module is not None:
             _module.activate(None)
 
-    def watch_data(self, on: bool) -> None:
-        """Views made with ``x.data`` join copy-on-write groups while a clone frame is here."""
-        if on != self.watching_data:
-            self.watching_data = on
-            watch_data_views(on)
-
     def frames_changed(self) -> None:
-        self.watch_data(self.state.clone_frames > 0)
         sync(self.state)
 
 

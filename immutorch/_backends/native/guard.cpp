@@ -70,6 +70,11 @@ struct State {
   int64_t block_start = 0;  // the latest start epoch of an active block frame, 0 for none
   int64_t epoch = 0;
   bool clone = false;  // a clone-mode frame is active: views of aliases join their groups
+  // Views of possibly protected memory waiting to join their source's group. Joined at the
+  // thread's next op (or frame change), not at once: the view's Python object must not be made
+  // here, since the code that asked for the view may make it itself, of its own type
+  // (nn.Parameter(x) detaches x in C++, then wraps the result as a Parameter).
+  std::vector<std::pair<at::Tensor, c10::weak_intrusive_ptr<c10::TensorImpl>>> pending;
   PyObject* py_state = nullptr;  // the Python ThreadState (a strong reference)
   ~State() {
     if (block_start != 0) {
@@ -394,6 +399,27 @@ void record_outputs(const torch::jit::Stack& stack, size_t n, int64_t epoch, boo
   }
 }
 
+// Hand the views waiting in st.pending to Python (g_join_cb), each with its source; a view
+// already gone has nothing to move.
+void join_pending(State& st) {
+  auto pending = std::move(st.pending);
+  st.pending.clear();
+  c10::impl::ExcludeDispatchKeyGuard off(g_key);
+  py::gil_scoped_acquire gil;
+  for (auto& [source, weak] : pending) {
+    auto impl = weak.lock();
+    if (!impl) continue;
+    at::Tensor view(std::move(impl));
+    py::object src = torch::jit::toPyObject(c10::IValue(source));
+    py::object out = torch::jit::toPyObject(c10::IValue(view));
+    PyObject* got = PyObject_CallFunctionObjArgs(g_join_cb, src.ptr(), out.ptr(), nullptr);
+    if (got == nullptr) {
+      throw_python();
+    }
+    Py_DECREF(got);
+  }
+}
+
 void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
   const auto rest = ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, g_key);
   const std::shared_ptr<State> st = current_state();
@@ -401,6 +427,9 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
     c10::impl::ExcludeDispatchKeyGuard off(g_key);
     op.redispatchBoxed(rest, stack);
     return;
+  }
+  if (!st->pending.empty()) {
+    join_pending(*st);  // before this op's write, which may move the groups onto their copies
   }
   Facts& f = facts_for(op);
   const auto& schema = op.schema();
@@ -474,25 +503,16 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
   if (block_start != 0 && f.fresh) {
     record_outputs(*stack, nret, epoch, schema.name() == "aten::lift_fresh");
   }
-  if (view_source.isTensor() && nret > 0) {
-    c10::impl::ExcludeDispatchKeyGuard off(g_key);
-    py::gil_scoped_acquire gil;
-    py::object out;
-    if (nret == 1) {
-      out = torch::jit::toPyObject(stack->back());
-    } else {
-      py::tuple outs(nret);
-      for (size_t i = 0; i < nret; ++i) {
-        outs[i] = torch::jit::toPyObject((*stack)[stack->size() - nret + i]);
-      }
-      out = outs;
+  if (view_source.isTensor()) {
+    const at::Tensor& source = view_source.toTensor();
+    for (size_t i = stack->size() - nret; i < stack->size(); ++i) {
+      each_tensor((*stack)[i], [&](const at::Tensor& out) {
+        if (out.defined()) {
+          st->pending.emplace_back(
+              source, c10::weak_intrusive_ptr<c10::TensorImpl>(out.getIntrusivePtr()));
+        }
+      });
     }
-    py::object source = torch::jit::toPyObject(view_source);
-    PyObject* got = PyObject_CallFunctionObjArgs(g_join_cb, source.ptr(), out.ptr(), nullptr);
-    if (got == nullptr) {
-      throw_python();
-    }
-    Py_DECREF(got);
   }
 }
 
@@ -568,6 +588,10 @@ void activate(py::object py_state) {
 void sync_state(py::list storages, int64_t block_start, int64_t epoch, bool clone) {
   State* st = t_owned.get();
   if (st == nullptr) return;
+  if (!st->pending.empty()) {
+    py::gil_scoped_release nogil;  // join_pending takes the GIL itself
+    join_pending(*st);
+  }
   st->protected_.clear();
   st->ranges.clear();
   for (auto obj : storages) {

@@ -28,7 +28,9 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace py = pybind11;
@@ -39,6 +41,25 @@ namespace {
 // ThreadLocalPythonObjects is carried by at::ThreadLocalState into autograd engine threads and
 // jit._fork tasks, where the thread_local pointer below is empty.
 const char* kStateKey = "immutorch.native.state";
+
+// ThreadLocalPythonObjects::erase is newer than torch 2.4 (its 2.4.1 header has set, get and
+// contains only). Where it is missing, leaving puts None under the key instead: current_state()
+// takes None for no state, here and in the threads that inherit this thread's objects.
+template <typename T, typename = void>
+struct HasErase : std::false_type {};
+template <typename T>
+struct HasErase<T, std::void_t<decltype(T::erase(std::declval<const std::string&>()))>>
+    : std::true_type {};
+
+template <typename T = at::impl::ThreadLocalPythonObjects>
+void clear_thread_state() {
+  if constexpr (HasErase<T>::value) {
+    T::erase(kStateKey);
+  } else if (T::contains(kStateKey)) {
+    Py_INCREF(Py_None);  // the SafePyObject owns one reference (called with the GIL)
+    T::set(kStateKey, std::make_shared<c10::SafePyObject>(Py_None, getPyInterpreter()));
+  }
+}
 
 struct Facts {
   bool ready = false;
@@ -175,6 +196,9 @@ std::shared_ptr<State> current_state() {
   }
   const auto& obj = at::impl::ThreadLocalPythonObjects::get(kStateKey);
   PyObject* capsule = obj->ptr(getPyInterpreter());
+  if (capsule == Py_None) {  // left, on a torch without erase (clear_thread_state)
+    return nullptr;
+  }
   return *static_cast<std::shared_ptr<State>*>(PyCapsule_GetContext(capsule));
 }
 
@@ -490,9 +514,12 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
       c10::impl::ExcludeDispatchKeyGuard off(g_key);
       op.redispatchBoxed(rest, stack);
     }
-  } catch (const c10::Error&) {
+  } catch (const python_error&) {
+    throw;  // from Python below this key (a refusal there is remembered by _policy itself)
+  } catch (const std::exception&) {
     // The op's own error: a refusal remembered earlier on this thread must not be put back
-    // in its place by the front doors (TorchScript rewraps errors; see _policy).
+    // in its place by the front doors (TorchScript rewraps errors; see _policy). Not only
+    // c10::Error: torch 2.4's view throws std::runtime_error for a shape that does not fit.
     py::gil_scoped_acquire gil;
     if (PyObject_SetAttrString(st->py_state, "dispatch_error", Py_None) != 0) {
       PyErr_Clear();
@@ -561,7 +588,7 @@ std::string install(
 void activate(py::object py_state) {
   if (py_state.is_none()) {
     c10::impl::tls_set_dispatch_key_included(g_key, false);
-    at::impl::ThreadLocalPythonObjects::erase(kStateKey);
+    clear_thread_state();
     t_owned.reset();
     return;
   }

@@ -109,8 +109,12 @@ def exporting_under_dynamo() -> bool:
     """Whether Dynamo is tracing for torch.export(strict=True) right now."""
     # is_compiling() is true under non-strict export and make_fx too; is_dynamo_compiling()
     # (torch >= 2.5) only while Dynamo itself traces.
+    # torch 2.4 has no is_exporting(): there this cannot be told, and is taken as no.
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    if exporting is None:
+        return False
     dynamo = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
-    return bool(torch.compiler.is_exporting() and dynamo())
+    return bool(exporting() and dynamo())
 
 
 def is_traced(t: torch.Tensor) -> bool:

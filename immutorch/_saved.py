@@ -370,7 +370,11 @@ def _is_output_save(owner: _Owner, t: torch.Tensor) -> bool:
 # -- the forward's line, cheaply ----------------------------------------------------------------
 _MACHINERY, _USER, _APPLY, _CHECKPOINT = 0, 1, 2, 3
 _kinds: dict[CodeType, int] = {}
-_APPLY_CODE = torch.autograd.function.Function.apply.__func__.__code__  # type: ignore[attr-defined]
+# Function.apply is Python (a classmethod) up to torch 2.14 and a builtin from 2.15, which has
+# no frame of its own: there the node's name comes from the op that follows the save.
+_APPLY_CODE = getattr(
+    getattr(torch.autograd.function.Function.apply, "__func__", None), "__code__", None
+)
 _CHECKPOINT_CODES = _compat.checkpoint_input_saver_codes()
 # How messages name what saved the inputs of a non-reentrant checkpoint (no node holds them).
 CHECKPOINT_SAVER = "torch.utils.checkpoint (an input it recomputes from)"

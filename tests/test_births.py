@@ -61,13 +61,13 @@ def pickle_round_trip() -> Tensor:
 
 
 def torch_load() -> Tensor:
-    y = torch.load(_saved(torch.arange(4.0)))
+    y = torch.load(_saved(torch.arange(4.0)), weights_only=True)
     y[1:].sub_(3)
     return y
 
 
 def torch_load_state_dict() -> Tensor:
-    sd = torch.load(_saved(torch.nn.Linear(2, 2).state_dict()))  # type: ignore[arg-type]
+    sd = torch.load(_saved(torch.nn.Linear(2, 2).state_dict()), weights_only=True)  # type: ignore[arg-type]
     sd["weight"].zero_()
     return sd["weight"]
 
@@ -164,7 +164,7 @@ def test_torch_load_mmap_is_the_blocks_own(tmp_path: Path) -> None:
     path = tmp_path / "t.pt"
     torch.save({"a": torch.arange(4.0), "b": torch.ones(3)}, path)
     with immutorch.guard():
-        loaded = torch.load(path, mmap=True)
+        loaded = torch.load(path, mmap=True, weights_only=True)
         loaded["a"].add_(1)  # a slice of the file mapped privately by this block
         loaded["b"].mul_(2)
     assert_same(loaded["a"], torch.arange(4.0) + 1)

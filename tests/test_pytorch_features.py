@@ -38,7 +38,7 @@ def _saved_and_loaded(t: Tensor) -> Tensor:
     buf = io.BytesIO()
     torch.save(t, buf)
     buf.seek(0)
-    return torch.load(buf)  # weights_only, torch's default
+    return torch.load(buf, weights_only=True)  # the default since torch 2.6; 2.4 warns without it
 
 
 def _deepcopy_pair(t: Tensor) -> Any:
@@ -263,12 +263,17 @@ def test_a_write_inside_checkpoint_is_refused(door: str, scope: str, reentrant: 
 
 
 # -- custom ops ---------------------------------------------------------------------------------
-@torch.library.custom_op("immutorch_tests::scale_", mutates_args=("x",))
+# Schemas given, not inferred: torch 2.4 cannot infer one from this module's string annotations.
+@torch.library.custom_op(
+    "immutorch_tests::scale_", mutates_args=("x",), schema="(Tensor(a!) x) -> ()"
+)
 def _declared_write(x: Tensor) -> None:
     x.mul_(2)
 
 
-@torch.library.custom_op("immutorch_tests::scale_undeclared", mutates_args=())
+@torch.library.custom_op(
+    "immutorch_tests::scale_undeclared", mutates_args=(), schema="(Tensor x) -> Tensor"
+)
 def _undeclared_write(x: Tensor) -> Tensor:
     x.mul_(2)  # the schema says it writes nothing: a dispatch mode cannot see this
     return x.clone()

@@ -69,6 +69,19 @@ def test_autograd_alone(case: Case) -> None:
 
 
 # -- raise ------------------------------------------------------------------------------------
+# Up to torch 2.14 a custom Function's saves are packed inside the Python frame of
+# Function.apply, which names the Function; from 2.15 apply is a builtin and the message says
+# only "an autograd node" for them (the custom Functions among the cases).
+_APPLY_IS_PYTHON = hasattr(torch.autograd.function.Function.apply, "__func__")
+_CUSTOM_FUNCTIONS = {"function_input", "checkpoint_reentrant"}
+
+
+def _node(case: Case) -> str:
+    if case.name in _CUSTOM_FUNCTIONS and not _APPLY_IS_PYTHON:
+        return "saved for backward by an autograd node"
+    return case.node
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_raise_refuses_before_the_write_and_names_writer_and_saver(case: Case) -> None:
     saves, writes = marked_lines(case)
@@ -80,7 +93,7 @@ def test_raise_refuses_before_the_write_and_names_writer_and_saver(case: Case) -
     message = str(info.value)
     assert f"at {_where(writes)}" in message  # the user's line that wrote
     assert f"saved at {_where(saves)}" in message  # the forward line that saved
-    assert case.node in message  # the autograd node that saved it
+    assert _node(case) in message  # the autograd node that saved it
     assert info.match(case.op)
     assert "out of place" in message and "clone" in message
     assert info.value.location == _where(writes)
@@ -100,13 +113,13 @@ def test_warn_lets_the_write_land_then_backward_fails(case: Case) -> None:
                 case.program(True, probe)
     assert not torch.equal(probe["target"].detach(), probe["before"])  # the write went ahead
     warning = str(record[0].message)
-    assert case.node in warning and f"saved at {_where(saves)}" in warning
+    assert _node(case) in warning and f"saved at {_where(saves)}" in warning
     assert f"at {_where(writes)}" in warning
     # Never a silently wrong gradient: immutorch's unpack check, which names both lines, or
     # autograd's own error.
     message = str(info.value)
     if isinstance(info.value, ImmutableTensorError):
-        assert "backward needs" in message and case.node in message
+        assert "backward needs" in message and _node(case) in message
         assert f"saved at {_where(saves)}" in message
     else:
         assert "modified by an inplace operation" in message

@@ -20,9 +20,11 @@ import immutorch
 from immutorch import ImmutableTensorError, MutationWarning, guard, immutable_inputs
 
 # torch's first jvp imports its jvp decompositions, which it builds with the deprecated
-# torch.jit.script (a DeprecationWarning pytest turns into an error): import them here.
+# torch.jit.script (a DeprecationWarning, on torch 2.15 a FutureWarning, which pytest turns
+# into an error): import them here.
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", FutureWarning)
     import torch._decomp.decompositions_for_jvp
 
 F = torch.func
@@ -181,10 +183,22 @@ def _oracle(fn: Callable[..., Any], apply: Callable[..., Any], x: Tensor) -> tup
 @pytest.mark.parametrize("front", list(FRONT_DOORS))
 @pytest.mark.parametrize("transform", list(TRANSFORMS))
 def test_a_write_through_a_transform_reaches_the_policy(
-    transform: str, front: str, mode: str, scope: str
+    transform: str, front: str, mode: str, scope: str, every_op_backend: str
 ) -> None:
     """Raise refuses before the write, warn reports it and lets it happen as unguarded, clone
     computes what the unguarded call computes and leaves the caller's tensor as it was."""
+    if (
+        every_op_backend == "native"
+        and mode == "clone"
+        and scope == "all"
+        and front == "decorator_outside"
+        and transform in ("jvp", "jacfwd", "hessian")
+    ):
+        pytest.xfail(
+            "native clone mode: forward-mode AD makes the dual of an alias below the native "
+            "key, so the write reaches a tensor outside the alias's group and is refused "
+            "(cannot isolate: a false refusal, never a miss; docs/backends.md, Status)"
+        )
     kind, apply, shape = TRANSFORMS[transform]
     fn = WRITING[kind]
     x = _input(shape)

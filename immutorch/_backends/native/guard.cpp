@@ -475,6 +475,12 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
     }
     if (judge) {
       c10::impl::ExcludeDispatchKeyGuard off(g_key);
+      // Judged below torch.func's layers, as the Python mode (under functorch) judges: clone
+      // mode's copy and its set_ onto the members must not be taken for the transformed
+      // function's own ops ("mutate a captured Tensor" under grad).
+      c10::impl::ExcludeDispatchKeyGuard below_functorch(c10::DispatchKeySet(
+          {c10::DispatchKey::FuncTorchDynamicLayerFrontMode,
+           c10::DispatchKey::FuncTorchDynamicLayerBackMode}));
       py::gil_scoped_acquire gil;
       py::tuple args = python_args(*stack, base, nargs);
       // What C++ judged written, for an op Python cannot resolve to an OpOverload.

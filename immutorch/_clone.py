@@ -130,7 +130,7 @@ def _data_get(self: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = _BASE_DATA.__get__(self)
     finally:
         STATE.bypass -= 1
-    group = self.__dict__.get(GROUP_ATTR)
+    group = group_of(self)
     if group is not None and not group.copied:
         group.add(out)
     return out

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from . import _registry
+from ._clone import group_of
 from ._compat import is_functorch_wrapped, storage_use_count
 from ._registry import ThreadState, strictest
 from ._schema import META, OpFacts, written_values
@@ -143,7 +144,12 @@ def _tag_birth(t: torch.Tensor, epoch: int) -> None:
 
 
 @never_type_error
-def join(group: Any, out: Any) -> None:
+def join_view(source: torch.Tensor, out: Any) -> None:
+    """Clone mode: ``out``, a view (or views) of ``source``, joins source's copy-on-write
+    group while the group is not copied yet."""
+    group = group_of(source)
+    if group is None or group.copied:
+        return
     if isinstance(out, torch.Tensor):
         group.add(out)
     elif isinstance(out, (tuple, list)):

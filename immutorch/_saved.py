@@ -371,7 +371,7 @@ def _is_output_save(owner: _Owner, t: torch.Tensor) -> bool:
 _MACHINERY, _USER, _APPLY, _CHECKPOINT = 0, 1, 2, 3
 _kinds: dict[CodeType, int] = {}
 # Function.apply is Python (a classmethod) up to torch 2.14 and a builtin from 2.15, which has
-# no frame of its own: there the node's name comes from the op that follows the save.
+# no frame of its own: there a custom Function's saves are named only "an autograd node".
 _APPLY_CODE = getattr(
     getattr(torch.autograd.function.Function.apply, "__func__", None), "__code__", None
 )

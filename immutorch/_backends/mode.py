@@ -14,9 +14,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import _births, _registry, _tracing
-from .._clone import GROUP_ATTR, watch_unseen_views
+from .._clone import watch_unseen_views
 from .._compat import current_dispatch_mode
-from .._judge import check_writes, join, lifted_fresh, remember_error, tag_births
+from .._judge import check_writes, join_view, lifted_fresh, remember_error, tag_births
 from .._registry import STATE, ThreadState
 from .._schema import op_facts
 
@@ -66,9 +66,7 @@ class ImmutorchMode(TorchDispatchMode):
         if state.clone_frames and facts.view_of is not None:
             source = args[facts.view_of] if facts.view_of < len(args) else None
             if isinstance(source, torch.Tensor):
-                group = source.__dict__.get(GROUP_ATTR)
-                if group is not None and not group.copied:
-                    join(group, out)
+                join_view(source, out)
         return out
 
 
@@ -110,7 +108,6 @@ def enter(frame: _registry.Frame) -> None:
         state.dispatch_error = None
     if frame.needs_mode:
         require(body=frame.body_only, clone=frame.mode == "clone")
-    watches_views = frame.needs_mode and frame.mode == "clone"
     try:
         if frame.kind == _registry.BLOCK:
             _births.acquire()  # memory made outside the dispatcher is dated too
@@ -121,7 +118,7 @@ def enter(frame: _registry.Frame) -> None:
                 _births.release()
             raise
         _frames_changed(state)
-        if watches_views:
+        if _watches_views(frame):
             watch_unseen_views(True)
     except BaseException:
         try:
@@ -133,11 +130,16 @@ def enter(frame: _registry.Frame) -> None:
         raise
 
 
+def _watches_views(frame: _registry.Frame) -> bool:
+    """An every-op clone frame: views no dispatcher reports must join their groups."""
+    return frame.needs_mode and frame.mode == "clone"
+
+
 def leave(frame: _registry.Frame) -> None:
     """Deactivate ``frame``; pop the dispatch mode when nothing on this thread needs it."""
     state = STATE
     try:
-        if frame.needs_mode and frame.mode == "clone":
+        if _watches_views(frame):
             watch_unseen_views(False)
         state.pop(frame)
         _frames_changed(state)

@@ -18,8 +18,7 @@ from typing import Any, Optional
 import torch
 
 from ... import _registry, _storage
-from ..._clone import GROUP_ATTR
-from ..._judge import check_writes, join
+from ..._judge import check_writes, join_view
 from ..._registry import ThreadState
 from ..._schema import DATA, META, OpFacts, WrittenArg, op_facts
 from .. import requested_status
@@ -28,10 +27,9 @@ from .loader import NativeUnavailable, NotBuilt, load
 _module: Optional[ModuleType] = None
 _reason: Optional[str] = None  # why the native backend is not available, once tried
 # Why the default (IMMUTORCH_BACKEND unset) found nothing to load, without building: no build
-# for this installation, or one that fails the loader's checks. Asked once per process; an
-# explicit IMMUTORCH_BACKEND=native still builds.
-_not_loaded: Optional[str] = None
-_not_built = False
+# for this installation (NotBuilt), or one that fails the loader's checks. Asked once per
+# process; an explicit IMMUTORCH_BACKEND=native still builds.
+_not_loaded: Optional[NativeUnavailable] = None
 _key: Optional[str] = None
 _ops: dict[tuple[str, str], Any] = {}
 
@@ -51,9 +49,7 @@ def _resolve(name: str, overload: str) -> Any:
     return func
 
 
-def _facts(
-    name: str, overload: str
-) -> Optional[tuple[list[tuple[int, int, bool]], bool, int]]:
+def _facts(name: str, overload: str) -> Optional[tuple[list[tuple[int, int, bool]], bool, int]]:
     """The fallback's per-schema facts, from ``_schema`` (the one source of them)."""
     func = _resolve(name, overload)
     if func is None:
@@ -89,18 +85,14 @@ def _write(
 def _leaf_storages(t: torch.Tensor) -> list[Any]:
     """The storages holding a functorch wrapper's memory (a fresh output the fallback saw
     wrapped, whose birth belongs to them)."""
-    out: list[Any] = []
-    _storage.memory_leaves(t, lambda leaf: out.append(_storage.storage_of(leaf)))
-    return [s for s in out if s is not None]
+    storages = (_storage.storage_of(leaf) for leaf in _storage.tensor_leaves(t))
+    return [s for s in storages if s is not None]
 
 
 def _join(source: torch.Tensor, out: Any) -> None:
     """Clone mode: ``out``, a view of ``source``, joins source's copy-on-write group."""
-    if _registry.STATE.bypass:
-        return
-    group = source.__dict__.get(GROUP_ATTR)
-    if group is not None and not group.copied:
-        join(group, out)
+    if not _registry.STATE.bypass:
+        join_view(source, out)
 
 
 def _readonly(storage: Any, marked: bool) -> None:
@@ -115,7 +107,7 @@ def _born(storage: Any) -> int:
 def available(*, build: bool = True) -> bool:
     """Whether the native backend can serve; builds it the first time if ``build``, else only
     loads a build the cache holds for this installation."""
-    global _module, _reason, _key, _not_loaded, _not_built
+    global _module, _reason, _key, _not_loaded
     if _module is not None:
         return True
     if _reason is not None or (not build and _not_loaded is not None):
@@ -123,14 +115,11 @@ def available(*, build: bool = True) -> bool:
     try:
         module = load(build_if_missing=build)
         _key = module.install(_facts, _write, _leaf_storages, _join)
-    except NotBuilt as err:
-        _not_loaded, _not_built = str(err), True
-        return False
     except NativeUnavailable as err:
         if build:
             _reason = str(err)
         else:
-            _not_loaded = str(err)
+            _not_loaded = err
         return False
     except RuntimeError as err:  # install: the dispatch keys are taken
         _reason = f"the native backend's dispatch key is taken ({err})"
@@ -153,7 +142,7 @@ def status() -> str:
         if _reason is not None:
             return f"python (native unavailable: {_reason})"
         if choice != "native" and _not_loaded is not None:
-            if _not_built:
+            if isinstance(_not_loaded, NotBuilt):
                 return (
                     "python (native not built for this torch and Python: "
                     "`python -m immutorch build-native` builds it)"

@@ -277,6 +277,16 @@ bool truthy(const c10::IValue& v) {
   throw python_error();
 }
 
+// fn(args...), with the GIL held; a Python exception propagates as python_error.
+template <typename... Args>
+py::object call_python(PyObject* fn, Args&&... args) {
+  PyObject* got = PyObject_CallFunctionObjArgs(fn, py::handle(args).ptr()..., nullptr);
+  if (got == nullptr) {
+    throw_python();
+  }
+  return py::reinterpret_steal<py::object>(got);
+}
+
 py::tuple python_args(const torch::jit::Stack& stack, size_t base, size_t n) {
   py::tuple args(n);
   for (size_t i = 0; i < n; ++i) {
@@ -411,12 +421,7 @@ void record_outputs(const torch::jit::Stack& stack, size_t n, int64_t epoch, boo
   c10::impl::ExcludeDispatchKeyGuard off(g_key);
   py::gil_scoped_acquire gil;
   for (const at::Tensor& t : wrapped) {
-    PyObject* got = PyObject_CallFunctionObjArgs(
-        g_leaves_cb, torch::jit::toPyObject(c10::IValue(t)).ptr(), nullptr);
-    if (got == nullptr) {
-      throw_python();
-    }
-    py::object storages = py::reinterpret_steal<py::object>(got);
+    py::object storages = call_python(g_leaves_cb, torch::jit::toPyObject(c10::IValue(t)));
     for (auto storage : storages) {
       record_birth(unpack_storage(storage), epoch);
     }
@@ -434,13 +439,8 @@ void join_pending(State& st) {
     auto impl = weak.lock();
     if (!impl) continue;
     at::Tensor view(std::move(impl));
-    py::object src = torch::jit::toPyObject(c10::IValue(source));
-    py::object out = torch::jit::toPyObject(c10::IValue(view));
-    PyObject* got = PyObject_CallFunctionObjArgs(g_join_cb, src.ptr(), out.ptr(), nullptr);
-    if (got == nullptr) {
-      throw_python();
-    }
-    Py_DECREF(got);
+    call_python(g_join_cb, torch::jit::toPyObject(c10::IValue(source)),
+                torch::jit::toPyObject(c10::IValue(view)));
   }
 }
 

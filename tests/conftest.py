@@ -44,10 +44,10 @@ def every_op_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
     """The every-op backend a test runs through: IMMUTORCH_BACKEND is read at each guard entry."""
     backend: str = getattr(request, "param", "")
     if not backend:
-        chosen = os.environ.get("IMMUTORCH_BACKEND", "").strip().lower() or "auto"
-        if chosen == "auto":  # the default: native where a build is cached
-            from immutorch._backends import native
+        from immutorch._backends import choice, native
 
+        chosen = choice.requested()
+        if chosen == "auto":  # the default: native where a build is cached
             chosen = "native" if native.available(build=False) else "python"
         return chosen
     if backend == "native":

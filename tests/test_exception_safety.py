@@ -117,7 +117,7 @@ def test_materialize_failure_propagates_and_is_not_notimplemented(
     monkeypatch.undo()
 
 
-@pytest.mark.parametrize(("scope", "where"), [("all", "join"), ("arguments", "_rewrap")])
+@pytest.mark.parametrize(("scope", "where"), [("all", "join_view"), ("arguments", "_rewrap")])
 def test_a_failure_after_the_op_is_not_notimplemented(
     monkeypatch: pytest.MonkeyPatch, scope: str, where: str
 ) -> None:

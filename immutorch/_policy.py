@@ -225,10 +225,20 @@ def recover_dispatch_error(exc: BaseException) -> Optional[BaseException]:
     original = STATE.dispatch_error
     if original is None or original is exc or isinstance(exc, ImmutableTensorError):
         return None
-    if isinstance(exc, RuntimeError) and "TorchScript" in str(exc):
+    if isinstance(exc, RuntimeError) and _lost_message(str(exc)):
         STATE.dispatch_error = None
         return original
     return None
+
+
+def _lost_message(text: str) -> bool:
+    """Whether ``text`` is TorchScript's rewrap of an exception raised through Python, whose
+    last line keeps the type and loses the message (``RuntimeError: ``). An op's own C++ error
+    keeps its message there, and is never replaced by a record: the native backend's
+    writes-only key lets most ops run without passing through it, so a refusal caught earlier
+    can still be on record when such an op fails."""
+    lines = text.rstrip().splitlines()
+    return "TorchScript" in text and bool(lines) and lines[-1].rstrip().endswith(":")
 
 
 def raise_original(exc: BaseException) -> None:

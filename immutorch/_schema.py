@@ -153,6 +153,15 @@ def _compute(func: Any) -> OpFacts:
     return OpFacts(name, tuple(writes), fresh, view_of)
 
 
+def undeclared_writers() -> list[str]:
+    """The schema names (``"aten::native_batch_norm"``) that write without declaring it.
+
+    Every other aten overload whose schema declares no write falls through the native
+    backend's writes-only key at no cost; these must reach its fallback.
+    """
+    return list(_UNDECLARED)
+
+
 def written_values(
     facts: OpFacts, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> list[tuple[WrittenArg, Any]]:

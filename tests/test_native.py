@@ -247,7 +247,8 @@ def test_the_choice_is_logged_once(
             with guard(torch.ones(1)):
                 pass
     lines = [r.getMessage() for r in caplog.records if r.name == "immutorch"]
-    assert lines == ["immutorch: every-op backend: native (C++ fallback on " + native._key + ")"]
+    assert lines == ["immutorch: every-op backend: " + native.status()]
+    assert native.status().startswith("native (C++ fallback on ")
 
 
 class _ViewsThenWrites(torch.nn.Module):
@@ -335,20 +336,47 @@ def test_a_taken_key_falls_back_to_the_python_mode(tmp_path: Path) -> None:
     ) in done.stderr
 
 
-def test_a_taken_key_is_skipped_for_a_free_one() -> None:
+@pytest.mark.parametrize(
+    ("taken", "status"),
+    [
+        (
+            ["TESTING_ONLY_GenericMode"],
+            "native (C++ fallback on TESTING_ONLY_GenericWrapper, writes-only on DeferredInit)",
+        ),
+        (
+            ["TESTING_ONLY_GenericMode", "DeferredInit"],
+            "native (C++ fallback on TESTING_ONLY_GenericWrapper; no second key free for "
+            "writes-only)",
+        ),
+    ],
+)
+def test_a_taken_key_is_skipped_for_a_free_one(taken: list[str], status: str) -> None:
+    # With one key free the every-op fallback serves every frame (the writes-only key is an
+    # optimisation): a write under guard(x) is refused either way.
     _built_entry()
     code = f"""
         import torch
         {_TAKE_KEY}
-        lib = torch.library.Library("_", "IMPL", "TESTING_ONLY_GenericMode")
-        take(lib)
+        keep = []
+        for key in {taken!r}:
+            lib = torch.library.Library("_", "IMPL", key)
+            take(lib)
+            keep.append(lib)
         from immutorch._backends import native
+        import immutorch
         assert native.available()
         print(native.status())
+        x = torch.ones(2)
+        with immutorch.guard(x):
+            try:
+                x.add_(1)
+            except immutorch.ImmutableTensorError:
+                print("refused")
+        print(x.tolist())
     """
     done = _run(code, {"IMMUTORCH_BACKEND": "native"})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "native (C++ fallback on TESTING_ONLY_GenericWrapper)"
+    assert done.stdout.strip().splitlines() == [status, "refused", "[1.0, 1.0]"]
 
 
 def test_no_compiler_falls_back_with_the_reason(tmp_path: Path) -> None:

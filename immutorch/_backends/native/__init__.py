@@ -20,7 +20,7 @@ import torch
 from ... import _registry, _storage
 from ..._judge import check_writes, join_view
 from ..._registry import ThreadState
-from ..._schema import DATA, META, OpFacts, WrittenArg, op_facts
+from ..._schema import DATA, META, OpFacts, WrittenArg, op_facts, undeclared_writers
 from .. import requested_status
 from .loader import NativeUnavailable, NotBuilt, load
 
@@ -30,7 +30,8 @@ _reason: Optional[str] = None  # why the native backend is not available, once t
 # for this installation (NotBuilt), or one that fails the loader's checks. Asked once per
 # process; an explicit IMMUTORCH_BACKEND=native still builds.
 _not_loaded: Optional[NativeUnavailable] = None
-_key: Optional[str] = None
+# The every-op key, and the writes-only one ("" where no second key was free).
+_keys: Optional[tuple[str, str]] = None
 _ops: dict[tuple[str, str], Any] = {}
 
 
@@ -107,14 +108,15 @@ def _born(storage: Any) -> int:
 def available(*, build: bool = True) -> bool:
     """Whether the native backend can serve; builds it the first time if ``build``, else only
     loads a build the cache holds for this installation."""
-    global _module, _reason, _key, _not_loaded
+    global _module, _reason, _keys, _not_loaded
     if _module is not None:
         return True
     if _reason is not None or (not build and _not_loaded is not None):
         return False
     try:
         module = load(build_if_missing=build)
-        _key = module.install(_facts, _write, _leaf_storages, _join)
+        every, lean = module.install(_facts, _write, _leaf_storages, _join, undeclared_writers())
+        _keys = (str(every), str(lean))
     except NativeUnavailable as err:
         if build:
             _reason = str(err)
@@ -137,8 +139,11 @@ def status() -> str:
     """One line saying which every-op backend serves and why (for logs and pytest headers)."""
     choice = os.environ.get("IMMUTORCH_BACKEND", "").strip().lower()
     if choice != "python":
-        if _module is not None:
-            return f"native (C++ fallback on {_key})"
+        if _module is not None and _keys is not None:
+            every, lean = _keys
+            if not lean:
+                return f"native (C++ fallback on {every}; no second key free for writes-only)"
+            return f"native (C++ fallback on {every}, writes-only on {lean})"
         if _reason is not None:
             return f"python (native unavailable: {_reason})"
         if choice != "native" and _not_loaded is not None:

@@ -30,6 +30,7 @@
 #include <string>
 #include <type_traits>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -110,6 +111,16 @@ struct State {
 
 c10::DispatchKey g_key = c10::DispatchKey::Undefined;
 std::unique_ptr<torch::Library> g_library;
+// The writes-only key: the same fallback, but every aten operator whose schema writes nothing
+// falls through it, at no cost (a boxed fallback costs ~0.3 us an op however little it does).
+// A thread is served on it while none of its active frames is a block (births need every op)
+// or in clone mode (views of aliases need every view op); Undefined where no second key is
+// free. Operators registered after install (custom ops, other namespaces) have no fallthrough
+// and reach the fallback: nothing is let through that was not known to write nothing.
+c10::DispatchKey g_lean_key = c10::DispatchKey::Undefined;
+std::unique_ptr<torch::Library> g_lean_library;
+std::unique_ptr<torch::Library> g_lean_aten;
+c10::DispatchKeySet g_keys;  // both keys: what Python callbacks and facts run with excluded
 PyObject* g_facts_cb = nullptr;  // (name, overload) -> facts tuple or None
 PyObject* g_write_cb = nullptr;  // (state, name, overload, args) -> None; raises to refuse
 PyObject* g_leaves_cb = nullptr;  // (tensor) -> the storages that hold its memory
@@ -356,6 +367,14 @@ void compute_facts(const c10::OperatorHandle& op, Facts& f) {
   f.ready = true;
 }
 
+bool declares_write(const c10::FunctionSchema& schema) {
+  for (const auto& arg : schema.arguments()) {
+    const auto* info = arg.alias_info();
+    if (info != nullptr && info->isWrite()) return true;
+  }
+  return false;
+}
+
 Facts& facts_for(const c10::OperatorHandle& op) {
   const auto& schema = op.schema();
   Facts& f = t_facts[&schema];
@@ -364,7 +383,7 @@ Facts& facts_for(const c10::OperatorHandle& op) {
     f = Facts();
   }
   if (!f.ready) {
-    c10::impl::ExcludeDispatchKeyGuard off(g_key);
+    c10::impl::ExcludeDispatchKeyGuard off(g_keys);
     compute_facts(op, f);
   }
   return f;
@@ -418,7 +437,7 @@ void record_outputs(const torch::jit::Stack& stack, size_t n, int64_t epoch, boo
     });
   }
   if (wrapped.empty()) return;
-  c10::impl::ExcludeDispatchKeyGuard off(g_key);
+  c10::impl::ExcludeDispatchKeyGuard off(g_keys);
   py::gil_scoped_acquire gil;
   for (const at::Tensor& t : wrapped) {
     py::object storages = call_python(g_leaves_cb, torch::jit::toPyObject(c10::IValue(t)));
@@ -433,7 +452,7 @@ void record_outputs(const torch::jit::Stack& stack, size_t n, int64_t epoch, boo
 void join_pending(State& st) {
   auto pending = std::move(st.pending);
   st.pending.clear();
-  c10::impl::ExcludeDispatchKeyGuard off(g_key);
+  c10::impl::ExcludeDispatchKeyGuard off(g_keys);
   py::gil_scoped_acquire gil;
   for (auto& [source, weak] : pending) {
     auto impl = weak.lock();
@@ -444,11 +463,14 @@ void join_pending(State& st) {
   }
 }
 
-void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
-  const auto rest = ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, g_key);
+// The fallback on `key` (either of the two: they differ only in what falls through them).
+void fallback_on(
+    c10::DispatchKey key, const c10::OperatorHandle& op, c10::DispatchKeySet ks,
+    torch::jit::Stack* stack) {
+  const auto rest = ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, key);
   const std::shared_ptr<State> st = current_state();
   if (st == nullptr || !op.hasSchema()) {
-    c10::impl::ExcludeDispatchKeyGuard off(g_key);
+    c10::impl::ExcludeDispatchKeyGuard off(key);
     op.redispatchBoxed(rest, stack);
     return;
   }
@@ -474,7 +496,7 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
       });
     }
     if (judge) {
-      c10::impl::ExcludeDispatchKeyGuard off(g_key);
+      c10::impl::ExcludeDispatchKeyGuard off(g_keys);
       // Judged below torch.func's layers, as the Python mode (under functorch) judges: clone
       // mode's copy and its set_ onto the members must not be taken for the transformed
       // function's own ops ("mutate a captured Tensor" under grad).
@@ -517,7 +539,7 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
     } else {
       // A kernel's own temporaries (CPU addmm copies into an output it allocated without
       // the dispatcher) are not the user's writes: only composite ops are seen decomposed.
-      c10::impl::ExcludeDispatchKeyGuard off(g_key);
+      c10::impl::ExcludeDispatchKeyGuard off(key);
       op.redispatchBoxed(rest, stack);
     }
   } catch (const python_error&) {
@@ -549,6 +571,25 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
   }
 }
 
+void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  fallback_on(g_key, op, ks, stack);
+}
+
+void lean_fallback(
+    const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  fallback_on(g_lean_key, op, ks, stack);
+}
+
+// Put the key that serves `st` into this thread's TLS, and the other one out.
+void include_key(const State& st) {
+  const bool every =
+      g_lean_key == c10::DispatchKey::Undefined || st.block_start != 0 || st.clone;
+  c10::impl::tls_set_dispatch_key_included(g_key, every);
+  if (g_lean_key != c10::DispatchKey::Undefined) {
+    c10::impl::tls_set_dispatch_key_included(g_lean_key, !every);
+  }
+}
+
 const c10::DispatchKey kCandidates[] = {
     c10::DispatchKey::TESTING_ONLY_GenericMode,
     c10::DispatchKey::TESTING_ONLY_GenericWrapper,
@@ -564,36 +605,74 @@ StorageImpl* unpack_storage(py::handle obj) {
 
 }  // namespace
 
-// Register the fallback on the first candidate key nothing else has a fallback on. Returns
-// the key's name, or raises (with the names of the keys found taken) when all are taken.
-std::string install(
-    py::object facts_cb, py::object write_cb, py::object leaves_cb, py::object join_cb) {
+// Register the every-op fallback on the first candidate key nothing else has a fallback on,
+// and the writes-only one on the next, where every aten overload whose schema declares no write
+// falls through, bar those named in `undeclared` (schema names immutorch._schema knows to write
+// without saying so). Returns the two keys' names (the second empty where no second key is
+// free), or raises (with the names of the keys found taken) when all are taken.
+py::tuple install(
+    py::object facts_cb, py::object write_cb, py::object leaves_cb, py::object join_cb,
+    const std::vector<std::string>& undeclared) {
+  auto names = [] {
+    return py::make_tuple(
+        std::string(c10::toString(g_key)),
+        g_lean_key == c10::DispatchKey::Undefined ? std::string()
+                                                  : std::string(c10::toString(g_lean_key)));
+  };
   if (g_library) {
-    return c10::toString(g_key);
+    return names();
   }
   std::string taken;
+  std::vector<c10::DispatchKey> free;
   for (auto key : kCandidates) {
     if (c10::Dispatcher::singleton().hasBackendFallbackForDispatchKey(key)) {
       taken += (taken.empty() ? "" : ", ") + std::string(c10::toString(key));
-      continue;
+    } else {
+      free.push_back(key);
     }
-    g_facts_cb = facts_cb.release().ptr();
-    g_write_cb = write_cb.release().ptr();
-    g_leaves_cb = leaves_cb.release().ptr();
-    g_join_cb = join_cb.release().ptr();
-    g_key = key;
-    g_library = std::make_unique<torch::Library>(
-        torch::Library::IMPL, "_", key, __FILE__, __LINE__);
-    g_library->fallback(torch::CppFunction::makeFromBoxedFunction<&fallback>());
-    return c10::toString(key);
   }
-  throw std::runtime_error("every candidate dispatch key has a fallback already: " + taken);
+  if (free.empty()) {
+    throw std::runtime_error("every candidate dispatch key has a fallback already: " + taken);
+  }
+  g_facts_cb = facts_cb.release().ptr();
+  g_write_cb = write_cb.release().ptr();
+  g_leaves_cb = leaves_cb.release().ptr();
+  g_join_cb = join_cb.release().ptr();
+  g_key = free[0];
+  g_keys = c10::DispatchKeySet(g_key);
+  g_library =
+      std::make_unique<torch::Library>(torch::Library::IMPL, "_", g_key, __FILE__, __LINE__);
+  g_library->fallback(torch::CppFunction::makeFromBoxedFunction<&fallback>());
+  if (free.size() > 1) {
+    const auto lean = free[1];
+    g_lean_library =
+        std::make_unique<torch::Library>(torch::Library::IMPL, "_", lean, __FILE__, __LINE__);
+    g_lean_library->fallback(torch::CppFunction::makeFromBoxedFunction<&lean_fallback>());
+    g_lean_aten =
+        std::make_unique<torch::Library>(torch::Library::IMPL, "aten", lean, __FILE__, __LINE__);
+    const std::unordered_set<std::string> writers(undeclared.begin(), undeclared.end());
+    for (const auto& name : c10::Dispatcher::singleton().getAllOpNames()) {
+      if (name.name.rfind("aten::", 0) != 0 || writers.count(name.name) != 0) continue;
+      auto op = c10::Dispatcher::singleton().findOp(name);
+      if (!op || !op->hasSchema() || declares_write(op->schema())) continue;
+      // impl() takes the name without its namespace: "add.Tensor", "relu".
+      std::string rest = name.name.substr(6);
+      if (!name.overload_name.empty()) rest += "." + name.overload_name;
+      g_lean_aten->impl(rest.c_str(), torch::CppFunction::makeFallthrough());
+    }
+    g_lean_key = lean;
+    g_keys = g_keys | c10::DispatchKeySet(lean);
+  }
+  return names();
 }
 
 // Enter (py_state given) or leave (None) on this thread.
 void activate(py::object py_state) {
   if (py_state.is_none()) {
     c10::impl::tls_set_dispatch_key_included(g_key, false);
+    if (g_lean_key != c10::DispatchKey::Undefined) {
+      c10::impl::tls_set_dispatch_key_included(g_lean_key, false);
+    }
     clear_thread_state();
     t_owned.reset();
     return;
@@ -614,7 +693,7 @@ void activate(py::object py_state) {
   at::impl::ThreadLocalPythonObjects::set(
       kStateKey, std::make_shared<c10::SafePyObject>(capsule, getPyInterpreter()));
   t_owned = st;
-  c10::impl::tls_set_dispatch_key_included(g_key, true);
+  include_key(*st);
 }
 
 // Mirror this thread's protections (see immutorch._backends.native.sync).
@@ -639,6 +718,7 @@ void sync_state(py::list storages, int64_t block_start, int64_t epoch, bool clon
   st->block_start = block_start;
   st->epoch = epoch;
   st->clone = clone;
+  include_key(*st);
 }
 
 int64_t born(py::object storage) {
@@ -662,7 +742,9 @@ void mark_readonly(py::object storage, bool on) {
 }
 
 bool enabled() {
-  return g_library && c10::impl::tls_is_dispatch_key_included(g_key);
+  return g_library && (c10::impl::tls_is_dispatch_key_included(g_key) ||
+                       (g_lean_key != c10::DispatchKey::Undefined &&
+                        c10::impl::tls_is_dispatch_key_included(g_lean_key)));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

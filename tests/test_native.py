@@ -484,3 +484,75 @@ def test_an_op_error_in_torchscript_is_not_replaced_by_an_earlier_refusal() -> N
                 x.add_(1)
             bad(torch.ones(3))
     assert not isinstance(info.value, ImmutableTensorError)
+
+
+# -- the writes-only key ----------------------------------------------------------------------
+@pytest.mark.usefixtures("native_backend")
+def test_the_writes_only_key_lets_through_only_ops_that_write_nothing() -> None:
+    # What falls through it is decided in C++ from the schemas; _schema.op_facts is the one
+    # source of what an op writes. No overload it finds a write in may fall through.
+    from immutorch._schema import op_facts
+
+    assert native.available()
+    assert native._keys is not None and native._keys[1], native.status()
+    lean = native._keys[1]
+    through, writers = 0, 0
+    for full in torch._C._dispatch_get_all_op_names():
+        if not full.startswith("aten::"):
+            continue
+        name, _, overload = full[len("aten::") :].partition(".")
+        func = getattr(getattr(torch.ops.aten, name), overload or "default")
+        falls = torch._C._dispatch_has_kernel_for_dispatch_key(
+            full, lean
+        ) and torch._C._dispatch_kernel_for_dispatch_key_is_fallthrough(full, lean)
+        if op_facts(func).writes:
+            writers += 1
+            assert not falls, f"{full} writes, and falls through the writes-only key"
+        through += falls
+    assert through > 1000 and writers > 1000  # most of aten, on either side
+
+
+@pytest.mark.usefixtures("native_backend")
+def test_the_key_that_serves_follows_the_frames() -> None:
+    assert native.available()
+    every, lean = native._keys or ("", "")
+    x = torch.ones(2)
+    with guard(x):
+        assert native._module.serving() == lean  # named, raise: writes only
+        with guard():
+            assert native._module.serving() == every  # a block: births need every op
+        assert native._module.serving() == lean
+        with guard(x, mode="clone"):
+            assert native._module.serving() == every  # clone: views need every view op
+        with pytest.raises(ImmutableTensorError):
+            x.view(2, 1).add_(1)
+    assert native._module.serving() == ""
+    assert torch.equal(x, torch.ones(2))
+
+
+@pytest.mark.usefixtures("native_backend")
+def test_an_op_defined_after_the_backend_loaded_is_judged_on_the_writes_only_key() -> None:
+    # Only aten's overloads known at install fall through: one defined later reaches the
+    # fallback, and its declared write is refused before its kernel runs.
+    assert native.available()
+    lib = torch.library.Library("immutorch_test_late", "DEF")
+    try:
+        lib.define("bump(Tensor(a!) x) -> ()")
+        ran: list[bool] = []
+
+        def bump(x: torch.Tensor) -> None:
+            ran.append(True)
+            with torch.no_grad():
+                x.data_ptr()  # the kernel would write here; it must not run at all
+
+        lib.impl("bump", bump, "CPU")
+        x = torch.ones(2)
+        with guard(x):
+            assert native._module.serving() == native._keys[1]
+            with pytest.raises(ImmutableTensorError, match=r"immutorch_test_late::bump"):
+                torch.ops.immutorch_test_late.bump(x)
+        assert ran == []
+        torch.ops.immutorch_test_late.bump(x)  # unguarded: it runs
+        assert ran == [True]
+    finally:
+        lib._destroy()

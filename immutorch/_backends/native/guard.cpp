@@ -741,10 +741,19 @@ void mark_readonly(py::object storage, bool on) {
   g_readonly_count.store(g_readonly.size(), std::memory_order_relaxed);
 }
 
+// The name of the key that serves this thread now, "" where neither is in its TLS.
+std::string serving() {
+  if (!g_library) return "";
+  if (c10::impl::tls_is_dispatch_key_included(g_key)) return c10::toString(g_key);
+  if (g_lean_key != c10::DispatchKey::Undefined &&
+      c10::impl::tls_is_dispatch_key_included(g_lean_key)) {
+    return c10::toString(g_lean_key);
+  }
+  return "";
+}
+
 bool enabled() {
-  return g_library && (c10::impl::tls_is_dispatch_key_included(g_key) ||
-                       (g_lean_key != c10::DispatchKey::Undefined &&
-                        c10::impl::tls_is_dispatch_key_included(g_lean_key)));
+  return !serving().empty();
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -754,4 +763,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("born", &born);
   m.def("mark_readonly", &mark_readonly);
   m.def("enabled", &enabled);
+  m.def("serving", &serving);
 }

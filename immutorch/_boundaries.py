@@ -320,7 +320,8 @@ class _Boundary:
         "compiled",
         "detached",
         "frame",
-        "labels",
+        "label_source",
+        "labels_found",
         "module",
         "originals",
         "rebuilt",
@@ -339,8 +340,10 @@ class _Boundary:
         self.module = module
         self.frame = frame
         self.compiled = compiled
-        # storage -> the module parameter it arrived as, to name block-guard hits.
-        self.labels: dict[int, str] = {}
+        # What names block-guard hits by the module parameter they arrived as: (parameter
+        # names, args, kwargs), read into storage -> name only when a hit asks (`labels`).
+        self.label_source: Optional[tuple[list[str], tuple[Any, ...], dict[str, Any]]] = None
+        self.labels_found: Optional[dict[int, str]] = None
         # Scoped hand-over: alias id -> the caller's tensor, None where this call handed
         # nothing over; the storages handed over; what _mode.suspend took off the stack;
         # whether the call needed the every-op mode instead; calls of this same module nested
@@ -358,10 +361,21 @@ class _Boundary:
         # (_detach_hooks): what tells its post-hook from a recursive call's.
         self.detached: Optional[tuple[types.FrameType, Optional[types.FrameType]]] = None
 
-    def label(self, name: str, t: torch.Tensor) -> None:
-        storage = storage_of(t)
-        if storage is not None:
-            self.labels.setdefault(storage._cdata, name)
+    @property
+    def labels(self) -> dict[int, str]:
+        """storage -> the module parameter it arrived as (``input``, ``args[1]``)."""
+        found = self.labels_found
+        if found is None:
+            found = self.labels_found = {}
+            if self.label_source is not None:
+
+                def label(name: str, t: torch.Tensor) -> None:
+                    storage = storage_of(t)
+                    if storage is not None:
+                        found.setdefault(storage._cdata, name)
+
+                _label_arguments(*self.label_source, label)
+        return found
 
 
 def _enter_boundary(
@@ -432,7 +446,9 @@ def _begin_boundary(
     boundary = _Boundary(module, frame, None)
     state.boundaries.append(boundary)
     if state.blocks:
-        _label_arguments(names, args, kwargs, boundary.label)
+        # Read only if a write is refused in the call: walking the arguments at every call
+        # cost ~1 us a tensor.
+        boundary.label_source = (names, args, kwargs)
     if (frame is not None and frame.scope == "arguments") or (
         state.scoped_guards and not state.scoped_calls
     ):

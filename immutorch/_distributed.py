@@ -17,6 +17,7 @@ storage is resized to nothing after resharding and grown again) and copies them 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -31,12 +32,22 @@ def is_ddp(module: torch.nn.Module) -> bool:
 
 
 def is_fsdp2(module: torch.nn.Module) -> bool:
-    return callable(getattr(module, "_get_fsdp_state", None))
+    # fully_shard swaps the module's class for a subclass of FSDPModule, which defines it.
+    return callable(getattr(type(module), "_get_fsdp_state", None))
+
+
+# Asked at every module call inside a guard: per class (an instance lookup goes through
+# Module.__getattr__, which raises and catches for a missing name, ~1.5 us a call).
+_framework_classes: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
 
 def is_framework(module: torch.nn.Module) -> bool:
     """A wrapper that owns memory beyond its parameters and buffers."""
-    return is_ddp(module) or is_fsdp2(module)
+    cls = type(module)
+    known = _framework_classes.get(cls)
+    if known is None:
+        known = _framework_classes[cls] = is_ddp(module) or is_fsdp2(module)
+    return known
 
 
 def framework_state(module: torch.nn.Module) -> list[torch.Tensor]:

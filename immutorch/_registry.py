@@ -107,6 +107,7 @@ class Frame:
         "kind",
         "mode",
         "module_root",
+        "modules_unread",
         "modules_scoped",
         "needs_mode",
         "protect_state",
@@ -158,9 +159,16 @@ class Frame:
         self.boundary = False
         self.hooked = False  # holds a reference on the module hooks
         self.seen_modules: dict[tuple[int, object], torch.nn.Module] = {}
+        # Modules called in the block whose parameters and buffers are not in `state` yet:
+        # read when a write first needs the answer (see add_module_state).
+        self.modules_unread: list[tuple[torch.nn.Module, bool]] = []
 
     def exempt(self, cdata: int) -> bool:
-        return cdata in self.allow or cdata in self.state
+        if cdata in self.allow:
+            return True
+        if self.modules_unread:
+            self._read_module_state()
+        return cdata in self.state
 
     # Hooks for frames whose protections come and go with autograd's saved tensors
     # (``_saved.SavedFrame``); a guard's frame keeps these defaults.
@@ -204,26 +212,38 @@ class Frame:
                 self.allow[storage._cdata] = storage
 
     def add_module_state(self, module: torch.nn.Module, *, recurse: bool) -> None:
-        # Once per module per frame: gradients that appear later in the block are the block's
-        # own memory anyway, and walking parameters on every call cost ~10 us per module call.
+        """Exempt ``module``'s parameters, buffers and gradients (its submodules' too if
+        ``recurse``), once per module per frame: gradients that appear later in the block are
+        the block's own memory anyway.
+
+        The module is only noted here; its tensors are read when a write into memory from
+        before the block is judged (``exempt``), so that a block in which nothing writes
+        outside memory never walks them (~10 us a module, at every guard entry). What counts
+        is the module's state as it is at that write."""
         key = (id(module), recurse)
         if key in self.seen_modules:
             return
         self.seen_modules[key] = module
-        try:
-            params, buffers = list(module.parameters(recurse)), list(module.buffers(recurse))
-        except Exception:  # a module whose tree cannot be walked: its own tensors at least
-            params = list(getattr(module, "_parameters", {}).values())
-            buffers = list(getattr(module, "_buffers", {}).values())
-        for p in params:
-            if p is None:
-                continue
-            self._add_state(p)
-            if p.grad is not None:
-                self._add_state(p.grad)
-        for b in buffers:
-            if b is not None:
-                self._add_state(b)
+        self.modules_unread.append((module, recurse))
+
+    def _read_module_state(self) -> None:
+        unread, self.modules_unread = self.modules_unread, []
+        for module, recurse in unread:
+            try:
+                params = list(module.parameters(recurse))
+                buffers = list(module.buffers(recurse))
+            except Exception:  # a module whose tree cannot be walked: its own tensors at least
+                params = list(getattr(module, "_parameters", {}).values())
+                buffers = list(getattr(module, "_buffers", {}).values())
+            for p in params:
+                if p is None:
+                    continue
+                self._add_state(p)
+                if p.grad is not None:
+                    self._add_state(p.grad)
+            for b in buffers:
+                if b is not None:
+                    self._add_state(b)
 
     def add_framework_state(self, owner: torch.nn.Module, find: Any) -> None:
         """Exempt memory a framework module owns beyond its parameters (DDP's gradient

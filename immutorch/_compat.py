@@ -268,13 +268,22 @@ def pop_saved_tensors_hooks() -> None:
 
 
 def top_saved_tensors_hooks() -> Optional[tuple[Callable[[Any], Any], Callable[[Any], Any]]]:
-    """This thread's innermost (pack, unpack) pair, or None where none is pushed."""
-    top_hooks: Any = torch._C._autograd._top_saved_tensors_default_hooks
+    """This thread's innermost (pack, unpack) pair, or None where none is pushed, or where
+    the release cannot say (2.4 has no ``_top_saved_tensors_default_hooks``: see
+    ``_saved._open``)."""
+    top_hooks: Any = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top_hooks is None:
+        return None
     try:
         top = top_hooks(False)  # (ignore_is_tracing) in recent releases
     except TypeError:
         top = top_hooks()
     return None if top is None else (top[0], top[1])
+
+
+def can_read_saved_hooks() -> bool:
+    """Whether this release can say which saved-tensor hooks are on top (2.5 and newer)."""
+    return hasattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
 
 
 def in_backward() -> bool:

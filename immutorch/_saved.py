@@ -298,11 +298,12 @@ class _Owner:
 
 
 class _Block:
-    __slots__ = ("frame", "pushed")
+    __slots__ = ("frame", "pack", "pushed")
 
     def __init__(self, frame: SavedFrame) -> None:
         self.frame = frame
         self.pushed = False
+        self.pack: Optional[tuple[Pack, Unpack]] = None  # the hooks it pushed
 
 
 _local = threading.local()
@@ -731,6 +732,10 @@ def _open(mode: Mode, stats: CloneStats, where: Optional[str]) -> Optional[_Bloc
     frame = SavedFrame(mode, where, stats, owner)
     below: tuple[Optional[Pack], Optional[Unpack]] = (None, None)
     top = _compat.top_saved_tensors_hooks()
+    if top is None and owner.blocks and not _compat.can_read_saved_hooks():
+        # torch 2.4 cannot say which hooks are on top: chain through this thread's own
+        # innermost block (a user's saved_tensors_hooks outside it are not called inside).
+        top = owner.blocks[-1].pack
     if top is not None:
         # An outer block's pack: chain to what it chains to, so a tensor gets one record.
         below = getattr(top[0], "_immutorch_below", top)
@@ -738,8 +743,10 @@ def _open(mode: Mode, stats: CloneStats, where: Optional[str]) -> Optional[_Bloc
     owner.blocks.append(block)
     try:
         _settle(owner)
-        _compat.push_saved_tensors_hooks(_make_pack(frame, *below), _unpack)
+        pack = _make_pack(frame, *below)
+        _compat.push_saved_tensors_hooks(pack, _unpack)
         block.pushed = True
+        block.pack = (pack, _unpack)
         STATE.after_op = owner.after_op
     except BaseException:
         _close(block)

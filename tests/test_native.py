@@ -341,18 +341,19 @@ def test_a_taken_key_falls_back_to_the_python_mode(tmp_path: Path) -> None:
     [
         (
             ["TESTING_ONLY_GenericMode"],
-            "native (C++ fallback on TESTING_ONLY_GenericWrapper, writes-only on DeferredInit)",
+            "native (C++ fallback on TESTING_ONLY_GenericWrapper, writes-only on DeferredInit; "
+            "no key left for writes and views: the fallback serves those frames)",
         ),
         (
             ["TESTING_ONLY_GenericMode", "DeferredInit"],
-            "native (C++ fallback on TESTING_ONLY_GenericWrapper; no second key free for "
-            "writes-only)",
+            "native (C++ fallback on TESTING_ONLY_GenericWrapper; no key left for writes-only "
+            "or writes and views: the fallback serves those frames)",
         ),
     ],
 )
 def test_a_taken_key_is_skipped_for_a_free_one(taken: list[str], status: str) -> None:
-    # With one key free the every-op fallback serves every frame (the writes-only key is an
-    # optimisation): a write under guard(x) is refused either way.
+    # With fewer keys free the every-op fallback serves the frames a missing lean key would
+    # (those keys are an optimisation): a write under guard(x) is refused either way.
     _built_entry()
     code = f"""
         import torch
@@ -488,42 +489,56 @@ def test_an_op_error_in_torchscript_is_not_replaced_by_an_earlier_refusal() -> N
 
 # -- the writes-only key ----------------------------------------------------------------------
 @pytest.mark.usefixtures("native_backend")
-def test_the_writes_only_key_lets_through_only_ops_that_write_nothing() -> None:
-    # What falls through it is decided in C++ from the schemas; _schema.op_facts is the one
-    # source of what an op writes. No overload it finds a write in may fall through.
+def test_the_lean_keys_let_through_only_ops_their_frames_need_not_see() -> None:
+    # What falls through them is decided in C++ from the schemas; _schema.op_facts is the one
+    # source of what an op writes and which argument its output views. No overload it finds a
+    # write in may fall through either lean key, nor a view through the clone-mode one.
     from immutorch._schema import op_facts
 
     assert native.available()
-    assert native._keys is not None and native._keys[1], native.status()
-    lean = native._keys[1]
-    through, writers = 0, 0
+    assert native._keys is not None and all(native._keys), native.status()
+    _, writes_key, views_key = native._keys
+
+    def falls(full: str, key: str) -> bool:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(
+            full, key
+        ) and torch._C._dispatch_kernel_for_dispatch_key_is_fallthrough(full, key)
+
+    counts = {"writes": 0, "views": 0, "writes-only through": 0, "views key through": 0}
     for full in torch._C._dispatch_get_all_op_names():
         if not full.startswith("aten::"):
             continue
         name, _, overload = full[len("aten::") :].partition(".")
-        func = getattr(getattr(torch.ops.aten, name), overload or "default")
-        falls = torch._C._dispatch_has_kernel_for_dispatch_key(
-            full, lean
-        ) and torch._C._dispatch_kernel_for_dispatch_key_is_fallthrough(full, lean)
-        if op_facts(func).writes:
-            writers += 1
-            assert not falls, f"{full} writes, and falls through the writes-only key"
-        through += falls
-    assert through > 1000 and writers > 1000  # most of aten, on either side
+        facts = op_facts(getattr(getattr(torch.ops.aten, name), overload or "default"))
+        if facts.writes:
+            counts["writes"] += 1
+            assert not falls(full, writes_key), f"{full} writes, and falls through"
+            assert not falls(full, views_key), f"{full} writes, and falls through"
+        if facts.view_of is not None:
+            counts["views"] += 1
+            assert not falls(full, views_key), f"{full} makes a view, and falls through"
+        counts["writes-only through"] += falls(full, writes_key)
+        counts["views key through"] += falls(full, views_key)
+    # Most of aten on either side; the views key lets fewer through than the writes-only one.
+    assert counts["writes"] > 1000 and counts["views"] > 50, counts
+    assert counts["views key through"] > 1000, counts
+    assert counts["views key through"] < counts["writes-only through"], counts
 
 
 @pytest.mark.usefixtures("native_backend")
 def test_the_key_that_serves_follows_the_frames() -> None:
     assert native.available()
-    every, lean = native._keys or ("", "")
+    every, writes, views = native._keys or ("", "", "")
     x = torch.ones(2)
     with guard(x):
-        assert native._module.serving() == lean  # named, raise: writes only
+        assert native._module.serving() == writes  # named, raise: writes only
         with guard():
             assert native._module.serving() == every  # a block: births need every op
-        assert native._module.serving() == lean
+        assert native._module.serving() == writes
         with guard(x, mode="clone"):
-            assert native._module.serving() == every  # clone: views need every view op
+            assert native._module.serving() == views  # clone: writes and views
+            with guard(mode="clone"):
+                assert native._module.serving() == every
         with pytest.raises(ImmutableTensorError):
             x.view(2, 1).add_(1)
     assert native._module.serving() == ""

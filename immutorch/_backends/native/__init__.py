@@ -30,8 +30,9 @@ _reason: Optional[str] = None  # why the native backend is not available, once t
 # for this installation (NotBuilt), or one that fails the loader's checks. Asked once per
 # process; an explicit IMMUTORCH_BACKEND=native still builds.
 _not_loaded: Optional[NativeUnavailable] = None
-# The every-op key, and the writes-only one ("" where no second key was free).
-_keys: Optional[tuple[str, str]] = None
+# The every-op key, the writes-only one and the writes-and-views one ("" for a lean key no
+# candidate was left for).
+_keys: Optional[tuple[str, str, str]] = None
 _ops: dict[tuple[str, str], Any] = {}
 
 
@@ -115,8 +116,10 @@ def available(*, build: bool = True) -> bool:
         return False
     try:
         module = load(build_if_missing=build)
-        every, lean = module.install(_facts, _write, _leaf_storages, _join, undeclared_writers())
-        _keys = (str(every), str(lean))
+        every, writes, views = module.install(
+            _facts, _write, _leaf_storages, _join, undeclared_writers()
+        )
+        _keys = (str(every), str(writes), str(views))
     except NativeUnavailable as err:
         if build:
             _reason = str(err)
@@ -140,10 +143,7 @@ def status() -> str:
     choice = os.environ.get("IMMUTORCH_BACKEND", "").strip().lower()
     if choice != "python":
         if _module is not None and _keys is not None:
-            every, lean = _keys
-            if not lean:
-                return f"native (C++ fallback on {every}; no second key free for writes-only)"
-            return f"native (C++ fallback on {every}, writes-only on {lean})"
+            return f"native ({describe_keys(_keys)})"
         if _reason is not None:
             return f"python (native unavailable: {_reason})"
         if choice != "native" and _not_loaded is not None:
@@ -154,6 +154,21 @@ def status() -> str:
                 )
             return f"python (native not loaded: {_not_loaded})"
     return requested_status()
+
+
+def describe_keys(keys: tuple[str, str, str]) -> str:
+    """``C++ fallback on K, writes-only on W, writes and views on V``, and what is missing."""
+    every, *lean = keys
+    parts, missing = [f"C++ fallback on {every}"], []
+    for what, key in zip(("writes-only", "writes and views"), lean):
+        if key:
+            parts.append(f"{what} on {key}")
+        else:
+            missing.append(what)
+    text = ", ".join(parts)
+    if missing:
+        text += f"; no key left for {' or '.join(missing)}: the fallback serves those frames"
+    return text
 
 
 def sync(state: ThreadState) -> None:

@@ -111,16 +111,22 @@ struct State {
 
 c10::DispatchKey g_key = c10::DispatchKey::Undefined;
 std::unique_ptr<torch::Library> g_library;
-// The writes-only key: the same fallback, but every aten operator whose schema writes nothing
-// falls through it, at no cost (a boxed fallback costs ~0.3 us an op however little it does).
-// A thread is served on it while none of its active frames is a block (births need every op)
-// or in clone mode (views of aliases need every view op); Undefined where no second key is
-// free. Operators registered after install (custom ops, other namespaces) have no fallthrough
-// and reach the fallback: nothing is let through that was not known to write nothing.
-c10::DispatchKey g_lean_key = c10::DispatchKey::Undefined;
-std::unique_ptr<torch::Library> g_lean_library;
-std::unique_ptr<torch::Library> g_lean_aten;
-c10::DispatchKeySet g_keys;  // both keys: what Python callbacks and facts run with excluded
+// The lean keys: the same fallback, but the aten overloads a thread's frames need not see fall
+// through, at no cost (a boxed fallback costs ~0.3 us an op however little it does). A block
+// frame needs every op (births): it is served on g_key. Otherwise a clone-mode frame needs the
+// writes and the views (a view of an alias joins its group): kViews lets every other overload
+// through. Without either, only writes matter: kWrites lets through every overload whose schema
+// writes nothing. A lean key is Undefined where no candidate key was left for it (g_key then
+// serves). Operators registered after install (custom ops, other namespaces) have no
+// fallthrough and reach the fallback: nothing is let through that was not known to need no look.
+enum Lean { kWrites = 0, kViews = 1 };
+struct LeanKey {
+  c10::DispatchKey key = c10::DispatchKey::Undefined;
+  std::unique_ptr<torch::Library> fallback;  // on every namespace
+  std::unique_ptr<torch::Library> aten;  // the fallthroughs
+};
+LeanKey g_lean[2];
+c10::DispatchKeySet g_keys;  // all of them: what Python callbacks and facts run with excluded
 PyObject* g_facts_cb = nullptr;  // (name, overload) -> facts tuple or None
 PyObject* g_write_cb = nullptr;  // (state, name, overload, args) -> None; raises to refuse
 PyObject* g_leaves_cb = nullptr;  // (tensor) -> the storages that hold its memory
@@ -375,6 +381,14 @@ bool declares_write(const c10::FunctionSchema& schema) {
   return false;
 }
 
+// Whether an output may alias an input (a view, or an op that can return its argument).
+bool returns_alias(const c10::FunctionSchema& schema) {
+  for (const auto& ret : schema.returns()) {
+    if (ret.alias_info() != nullptr) return true;
+  }
+  return false;
+}
+
 Facts& facts_for(const c10::OperatorHandle& op) {
   const auto& schema = op.schema();
   Facts& f = t_facts[&schema];
@@ -575,19 +589,28 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
   fallback_on(g_key, op, ks, stack);
 }
 
+template <int L>
 void lean_fallback(
     const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
-  fallback_on(g_lean_key, op, ks, stack);
+  fallback_on(g_lean[L].key, op, ks, stack);
 }
 
-// Put the key that serves `st` into this thread's TLS, and the other one out.
-void include_key(const State& st) {
-  const bool every =
-      g_lean_key == c10::DispatchKey::Undefined || st.block_start != 0 || st.clone;
-  c10::impl::tls_set_dispatch_key_included(g_key, every);
-  if (g_lean_key != c10::DispatchKey::Undefined) {
-    c10::impl::tls_set_dispatch_key_included(g_lean_key, !every);
+// Put the key that serves `st` (Undefined: none) into this thread's TLS, and the others out.
+void include_only(c10::DispatchKey want) {
+  for (auto key : {g_key, g_lean[kWrites].key, g_lean[kViews].key}) {
+    if (key != c10::DispatchKey::Undefined) {
+      c10::impl::tls_set_dispatch_key_included(key, key == want);
+    }
   }
+}
+
+void include_key(const State& st) {
+  c10::DispatchKey want = g_key;
+  if (st.block_start == 0) {
+    const auto lean = g_lean[st.clone ? kViews : kWrites].key;
+    if (lean != c10::DispatchKey::Undefined) want = lean;
+  }
+  include_only(want);
 }
 
 const c10::DispatchKey kCandidates[] = {
@@ -606,18 +629,19 @@ StorageImpl* unpack_storage(py::handle obj) {
 }  // namespace
 
 // Register the every-op fallback on the first candidate key nothing else has a fallback on,
-// and the writes-only one on the next, where every aten overload whose schema declares no write
-// falls through, bar those named in `undeclared` (schema names immutorch._schema knows to write
-// without saying so). Returns the two keys' names (the second empty where no second key is
-// free), or raises (with the names of the keys found taken) when all are taken.
+// and the lean ones (g_lean) on the next two, where every aten overload they need not see falls
+// through; `undeclared` names the schemas immutorch._schema knows to write without saying so.
+// Returns the keys' names (a lean one empty where no key was left for it), or raises (with the
+// names of the keys found taken) when all are taken.
 py::tuple install(
     py::object facts_cb, py::object write_cb, py::object leaves_cb, py::object join_cb,
     const std::vector<std::string>& undeclared) {
-  auto names = [] {
+  auto name_of = [](c10::DispatchKey key) {
+    return key == c10::DispatchKey::Undefined ? std::string() : std::string(c10::toString(key));
+  };
+  auto names = [&] {
     return py::make_tuple(
-        std::string(c10::toString(g_key)),
-        g_lean_key == c10::DispatchKey::Undefined ? std::string()
-                                                  : std::string(c10::toString(g_lean_key)));
+        name_of(g_key), name_of(g_lean[kWrites].key), name_of(g_lean[kViews].key));
   };
   if (g_library) {
     return names();
@@ -643,25 +667,30 @@ py::tuple install(
   g_library =
       std::make_unique<torch::Library>(torch::Library::IMPL, "_", g_key, __FILE__, __LINE__);
   g_library->fallback(torch::CppFunction::makeFromBoxedFunction<&fallback>());
-  if (free.size() > 1) {
-    const auto lean = free[1];
-    g_lean_library =
-        std::make_unique<torch::Library>(torch::Library::IMPL, "_", lean, __FILE__, __LINE__);
-    g_lean_library->fallback(torch::CppFunction::makeFromBoxedFunction<&lean_fallback>());
-    g_lean_aten =
-        std::make_unique<torch::Library>(torch::Library::IMPL, "aten", lean, __FILE__, __LINE__);
-    const std::unordered_set<std::string> writers(undeclared.begin(), undeclared.end());
-    for (const auto& name : c10::Dispatcher::singleton().getAllOpNames()) {
+  const std::unordered_set<std::string> writers(undeclared.begin(), undeclared.end());
+  const auto ops = c10::Dispatcher::singleton().getAllOpNames();
+  for (int l = kWrites; l <= kViews && static_cast<size_t>(l + 1) < free.size(); ++l) {
+    LeanKey& lean = g_lean[l];
+    const auto key = free[l + 1];
+    lean.fallback =
+        std::make_unique<torch::Library>(torch::Library::IMPL, "_", key, __FILE__, __LINE__);
+    lean.fallback->fallback(
+        l == kWrites ? torch::CppFunction::makeFromBoxedFunction<&lean_fallback<kWrites>>()
+                     : torch::CppFunction::makeFromBoxedFunction<&lean_fallback<kViews>>());
+    lean.aten =
+        std::make_unique<torch::Library>(torch::Library::IMPL, "aten", key, __FILE__, __LINE__);
+    for (const auto& name : ops) {
       if (name.name.rfind("aten::", 0) != 0 || writers.count(name.name) != 0) continue;
       auto op = c10::Dispatcher::singleton().findOp(name);
       if (!op || !op->hasSchema() || declares_write(op->schema())) continue;
+      if (l == kViews && returns_alias(op->schema())) continue;
       // impl() takes the name without its namespace: "add.Tensor", "relu".
       std::string rest = name.name.substr(6);
       if (!name.overload_name.empty()) rest += "." + name.overload_name;
-      g_lean_aten->impl(rest.c_str(), torch::CppFunction::makeFallthrough());
+      lean.aten->impl(rest.c_str(), torch::CppFunction::makeFallthrough());
     }
-    g_lean_key = lean;
-    g_keys = g_keys | c10::DispatchKeySet(lean);
+    lean.key = key;
+    g_keys = g_keys | c10::DispatchKeySet(key);
   }
   return names();
 }
@@ -669,10 +698,7 @@ py::tuple install(
 // Enter (py_state given) or leave (None) on this thread.
 void activate(py::object py_state) {
   if (py_state.is_none()) {
-    c10::impl::tls_set_dispatch_key_included(g_key, false);
-    if (g_lean_key != c10::DispatchKey::Undefined) {
-      c10::impl::tls_set_dispatch_key_included(g_lean_key, false);
-    }
+    include_only(c10::DispatchKey::Undefined);
     clear_thread_state();
     t_owned.reset();
     return;
@@ -741,13 +767,13 @@ void mark_readonly(py::object storage, bool on) {
   g_readonly_count.store(g_readonly.size(), std::memory_order_relaxed);
 }
 
-// The name of the key that serves this thread now, "" where neither is in its TLS.
+// The name of the key that serves this thread now, "" where none is in its TLS.
 std::string serving() {
   if (!g_library) return "";
-  if (c10::impl::tls_is_dispatch_key_included(g_key)) return c10::toString(g_key);
-  if (g_lean_key != c10::DispatchKey::Undefined &&
-      c10::impl::tls_is_dispatch_key_included(g_lean_key)) {
-    return c10::toString(g_lean_key);
+  for (auto key : {g_key, g_lean[kWrites].key, g_lean[kViews].key}) {
+    if (key != c10::DispatchKey::Undefined && c10::impl::tls_is_dispatch_key_included(key)) {
+      return c10::toString(key);
+    }
   }
   return "";
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -164,3 +165,50 @@ def write_back(rebuilt: list[Rebuilt], back: Callable[[Any], Any]) -> None:
                 if placed.get(name) is item:
                     continue
                 object.__setattr__(original, name, back(item))
+
+
+# -- labels -----------------------------------------------------------------------------------
+_param_names: dict[type, list[str]] = {}
+
+
+def forward_param_names(module: torch.nn.Module) -> list[str]:
+    """The names of ``forward``'s positional parameters, for labels; [] where unknown.
+
+    A ScriptModule's class attribute ``forward`` raises AttributeError on access (its
+    ``_CachedForward`` descriptor); its compiled method carries a schema instead.
+    """
+    cls = type(module)
+    names = _param_names.get(cls)
+    if names is not None:
+        return names
+    if isinstance(module, torch.jit.ScriptModule):
+        try:
+            schema = module.forward.schema  # type: ignore[attr-defined]
+            return [a.name for a in schema.arguments[1:]]  # per instance: no class cache
+        except (AttributeError, RuntimeError):
+            return []
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+        names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError, AttributeError):
+        names = []
+    _param_names[cls] = names
+    return names
+
+
+def arg_label(names: list[str], index: int) -> str:
+    return names[index] if index < len(names) else f"args[{index}]"
+
+
+def label_call(
+    names: list[str],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    visit: Callable[[str, torch.Tensor], None],
+) -> None:
+    """:func:`walk` over a call's arguments, each labelled by its parameter name in ``names``
+    (``forward``'s, from :func:`forward_param_names`) or its keyword."""
+    for i, value in enumerate(args):
+        walk(value, arg_label(names, i), visit)
+    for key, value in kwargs.items():
+        walk(value, key, visit)

@@ -62,8 +62,12 @@ def current_module_path() -> Optional[str]:
     guards of named tensors, the scoped backend) the interpreter stack has them:
     ``Module._call_impl`` frames.
     """
-    # Inside a scoped call, nested module calls skip the hooks: only the stack has them.
-    modules = STATE.modules if STATE.modules and not STATE.scoped_calls else _modules_on_stack()
+    # Inside a scoped call nested module calls skip the hooks, and block guards alone note
+    # module calls without putting them on record (_boundaries._only_noted): there the stack
+    # has more of them. The record has the calls TorchScript makes, which the stack lacks.
+    stack = _modules_on_stack()
+    recorded = STATE.modules if not STATE.scoped_calls else []
+    modules = recorded if len(recorded) > len(stack) else stack
     if not modules:
         return None
     return display_path(modules[-1], modules[0])

@@ -9,12 +9,14 @@ one). Read-only marks and births live on the storage objects themselves (see ``_
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
+from . import _arguments
 from ._compat import functional_mutations, is_functional, is_functorch_wrapped
 from ._config import STRICTNESS, Mode, Scope
 from ._storage import (
@@ -262,6 +264,38 @@ class Frame:
                 self.state[storage._cdata] = storage
 
 
+_CALL_IMPL = torch.nn.Module._call_impl.__code__
+
+
+def _label_on_stack(cdata: int) -> Optional[str]:
+    """The parameter a storage came in as, in the innermost ``Module.__call__`` on the
+    interpreter stack that took it; called only to word a refusal."""
+    frame: Any = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _CALL_IMPL:
+            label = _label_in_call(frame.f_locals, cdata)
+            if label is not None:
+                return label
+        frame = frame.f_back
+    return None
+
+
+def _label_in_call(local: dict[str, Any], cdata: int) -> Optional[str]:
+    module, args, kwargs = local.get("self"), local.get("args"), local.get("kwargs")
+    if not isinstance(module, torch.nn.Module) or not isinstance(args, tuple):
+        return None
+    found: list[str] = []
+
+    def visit(name: str, t: torch.Tensor) -> None:
+        storage = storage_of(t)
+        if not found and storage is not None and storage._cdata == cdata:
+            found.append(name)
+
+    names = _arguments.forward_param_names(module)
+    _arguments.label_call(names, args, kwargs if isinstance(kwargs, dict) else {}, visit)
+    return found[0] if found else None
+
+
 class Hit:
     """A protection that covers a written storage, as the mode reports it."""
 
@@ -412,12 +446,14 @@ class ThreadState(threading.local):
         return False
 
     def outside_label(self, cdata: int) -> str:
-        """Name memory from outside a block by the module parameter it came in as."""
+        """Name memory from outside a block by the module parameter it came in as: from the
+        module calls on record, then from those on the interpreter stack (block guards alone
+        put none on record: ``_boundaries._only_noted``)."""
         for boundary in reversed(self.boundaries):
             label: Optional[str] = boundary.labels.get(cdata)
             if label is not None:
                 return label
-        return OUTSIDE
+        return _label_on_stack(cdata) or OUTSIDE
 
     def object_hits(self, t: torch.Tensor) -> list[Hit]:
         """Protections of the tensor object itself, for ops that change its size or strides.

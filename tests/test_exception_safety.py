@@ -17,12 +17,12 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 import immutorch
-from immutorch import ImmutableTensorError, _boundaries, _clone, _compiled, guard
+from immutorch import ImmutableTensorError, _arguments, _boundaries, _clone, _compiled, guard
 from immutorch import immutable_inputs as immutable_inputs
 from immutorch._backends import mode as _mode
 from immutorch._backends import native as _native
 from immutorch._backends.native import NativeHandle
-from immutorch._registry import STATE
+from immutorch._registry import STATE, Frame
 
 pytestmark = pytest.mark.both_backends
 
@@ -180,7 +180,16 @@ def test_materialize_failure_midway_leaves_every_member_on_the_original(
 
 # -- module boundaries ------------------------------------------------------------------------
 def test_boundary_failure_before_it_is_on_record(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_boundaries, "_forward_param_names", _fail)
+    # Clone mode: the boundary that goes on record (a raise block only notes the module).
+    monkeypatch.setattr(_arguments, "forward_param_names", _fail)
+    with pytest.raises(Injected), guard(mode="clone"):
+        torch.nn.ReLU()(torch.ones(3))
+    monkeypatch.undo()
+
+
+def test_a_failure_noting_a_module_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A raise block notes each module called, with nothing on record to undo.
+    monkeypatch.setattr(Frame, "add_module_state", _fail)
     with pytest.raises(Injected), guard():
         torch.nn.ReLU()(torch.ones(3))
     monkeypatch.undo()

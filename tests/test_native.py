@@ -341,19 +341,18 @@ def test_a_taken_key_falls_back_to_the_python_mode(tmp_path: Path) -> None:
     [
         (
             ["TESTING_ONLY_GenericMode"],
-            "native (C++ fallback on TESTING_ONLY_GenericWrapper, writes-only on DeferredInit; "
-            "no key left for writes and views: the fallback serves those frames)",
+            "native (C++ fallback on TESTING_ONLY_GenericWrapper for every op, DeferredInit for "
+            "writes)",
         ),
         (
             ["TESTING_ONLY_GenericMode", "DeferredInit"],
-            "native (C++ fallback on TESTING_ONLY_GenericWrapper; no key left for writes-only "
-            "or writes and views: the fallback serves those frames)",
+            "native (C++ fallback on TESTING_ONLY_GenericWrapper for every op)",
         ),
     ],
 )
 def test_a_taken_key_is_skipped_for_a_free_one(taken: list[str], status: str) -> None:
-    # With fewer keys free the every-op fallback serves the frames a missing lean key would
-    # (those keys are an optimisation): a write under guard(x) is refused either way.
+    # With fewer keys free a key that sees every op serves the frames the missing ones would
+    # (the others are an optimisation): a write under guard(x) is refused either way.
     _built_entry()
     code = f"""
         import torch
@@ -487,58 +486,66 @@ def test_an_op_error_in_torchscript_is_not_replaced_by_an_earlier_refusal() -> N
     assert not isinstance(info.value, ImmutableTensorError)
 
 
-# -- the writes-only key ----------------------------------------------------------------------
+def _key_for(sees: str) -> str:
+    return {s: key for key, s in native._keys or []}[sees]
+
+
+# -- the keys and what falls through them ----------------------------------------------------------
 @pytest.mark.usefixtures("native_backend")
-def test_the_lean_keys_let_through_only_ops_their_frames_need_not_see() -> None:
-    # What falls through them is decided in C++ from the schemas; _schema.op_facts is the one
-    # source of what an op writes and which argument its output views. No overload it finds a
-    # write in may fall through either lean key, nor a view through the clone-mode one.
+def test_each_key_lets_through_only_ops_its_frames_need_not_see() -> None:
+    # What falls through each key is decided in C++ from the schemas; _schema.op_facts is the
+    # one source of what an op writes, whether its outputs are fresh and what they view. No
+    # overload with a write may fall through any key, nor one with fresh outputs through the
+    # births key (a block's), nor a view through the views key (clone mode's).
     from immutorch._schema import op_facts
 
     assert native.available()
-    assert native._keys is not None and all(native._keys), native.status()
-    _, writes_key, views_key = native._keys
+    keys = {sees: key for key, sees in native._keys or []}
+    assert set(keys) == {"writes", "writes and fresh outputs", "writes and views"}, keys
 
     def falls(full: str, key: str) -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key(
             full, key
         ) and torch._C._dispatch_kernel_for_dispatch_key_is_fallthrough(full, key)
 
-    counts = {"writes": 0, "views": 0, "writes-only through": 0, "views key through": 0}
+    through = dict.fromkeys(keys, 0)
     for full in torch._C._dispatch_get_all_op_names():
         if not full.startswith("aten::"):
             continue
         name, _, overload = full[len("aten::") :].partition(".")
         facts = op_facts(getattr(getattr(torch.ops.aten, name), overload or "default"))
-        if facts.writes:
-            counts["writes"] += 1
-            assert not falls(full, writes_key), f"{full} writes, and falls through"
-            assert not falls(full, views_key), f"{full} writes, and falls through"
-        if facts.view_of is not None:
-            counts["views"] += 1
-            assert not falls(full, views_key), f"{full} makes a view, and falls through"
-        counts["writes-only through"] += falls(full, writes_key)
-        counts["views key through"] += falls(full, views_key)
-    # Most of aten on either side; the views key lets fewer through than the writes-only one.
-    assert counts["writes"] > 1000 and counts["views"] > 50, counts
-    assert counts["views key through"] > 1000, counts
-    assert counts["views key through"] < counts["writes-only through"], counts
+        for sees, key in keys.items():
+            falls_here = falls(full, key)
+            through[sees] += falls_here
+            if falls_here:
+                assert not facts.writes, f"{full} writes, and falls through {key}"
+                if sees == "writes and fresh outputs":
+                    assert not facts.fresh_outputs, f"{full}: fresh, and falls through {key}"
+                if sees == "writes and views":
+                    assert facts.view_of is None, f"{full}: a view, and falls through {key}"
+    # Most of aten falls through the writes-only key and the views key; through the births key
+    # only the views (most ops have fresh outputs), which are most of the ops a model runs.
+    assert through["writes"] > 1000, through
+    assert through["writes and views"] > 1000, through
+    assert 50 < through["writes and fresh outputs"] < through["writes and views"], through
 
 
 @pytest.mark.usefixtures("native_backend")
 def test_the_key_that_serves_follows_the_frames() -> None:
     assert native.available()
-    every, writes, views = native._keys or ("", "", "")
+    births, writes, views = (
+        _key_for(s) for s in ("writes and fresh outputs", "writes", "writes and views")
+    )
     x = torch.ones(2)
     with guard(x):
         assert native._module.serving() == writes  # named, raise: writes only
         with guard():
-            assert native._module.serving() == every  # a block: births need every op
+            assert native._module.serving() == births  # a block: births
         assert native._module.serving() == writes
         with guard(x, mode="clone"):
-            assert native._module.serving() == views  # clone: writes and views
+            assert native._module.serving() == views  # clone: views of aliases
             with guard(mode="clone"):
-                assert native._module.serving() == every
+                assert native._module.serving() == f"{births}+{views}"  # both
         with pytest.raises(ImmutableTensorError):
             x.view(2, 1).add_(1)
     assert native._module.serving() == ""
@@ -563,7 +570,7 @@ def test_an_op_defined_after_the_backend_loaded_is_judged_on_the_writes_only_key
         lib.impl("bump", bump, "CPU")
         x = torch.ones(2)
         with guard(x):
-            assert native._module.serving() == native._keys[1]
+            assert native._module.serving() == _key_for("writes")
             with pytest.raises(ImmutableTensorError, match=r"immutorch_test_late::bump"):
                 torch.ops.immutorch_test_late.bump(x)
         assert ran == []

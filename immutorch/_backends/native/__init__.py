@@ -30,9 +30,8 @@ _reason: Optional[str] = None  # why the native backend is not available, once t
 # for this installation (NotBuilt), or one that fails the loader's checks. Asked once per
 # process; an explicit IMMUTORCH_BACKEND=native still builds.
 _not_loaded: Optional[NativeUnavailable] = None
-# The every-op key, the writes-only one and the writes-and-views one ("" for a lean key no
-# candidate was left for).
-_keys: Optional[tuple[str, str, str]] = None
+# The keys the fallback is on, each with what reaches it there ("every op", "writes", ...).
+_keys: Optional[list[tuple[str, str]]] = None
 _ops: dict[tuple[str, str], Any] = {}
 
 
@@ -116,10 +115,8 @@ def available(*, build: bool = True) -> bool:
         return False
     try:
         module = load(build_if_missing=build)
-        every, writes, views = module.install(
-            _facts, _write, _leaf_storages, _join, undeclared_writers()
-        )
-        _keys = (str(every), str(writes), str(views))
+        installed = module.install(_facts, _write, _leaf_storages, _join, undeclared_writers())
+        _keys = [(str(key), str(sees)) for key, sees in installed]
     except NativeUnavailable as err:
         if build:
             _reason = str(err)
@@ -156,19 +153,9 @@ def status() -> str:
     return requested_status()
 
 
-def describe_keys(keys: tuple[str, str, str]) -> str:
-    """``C++ fallback on K, writes-only on W, writes and views on V``, and what is missing."""
-    every, *lean = keys
-    parts, missing = [f"C++ fallback on {every}"], []
-    for what, key in zip(("writes-only", "writes and views"), lean):
-        if key:
-            parts.append(f"{what} on {key}")
-        else:
-            missing.append(what)
-    text = ", ".join(parts)
-    if missing:
-        text += f"; no key left for {' or '.join(missing)}: the fallback serves those frames"
-    return text
+def describe_keys(keys: list[tuple[str, str]]) -> str:
+    """``C++ fallback on K for writes, ...``: each key and what reaches the fallback there."""
+    return "C++ fallback on " + ", ".join(f"{key} for {sees}" for key, sees in keys)
 
 
 def sync(state: ThreadState) -> None:

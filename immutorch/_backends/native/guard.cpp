@@ -109,23 +109,23 @@ struct State {
   }
 };
 
-c10::DispatchKey g_key = c10::DispatchKey::Undefined;
-std::unique_ptr<torch::Library> g_library;
-// The lean keys: the same fallback, but the aten overloads a thread's frames need not see fall
-// through, at no cost (a boxed fallback costs ~0.3 us an op however little it does). A block
-// frame needs every op (births): it is served on g_key. Otherwise a clone-mode frame needs the
-// writes and the views (a view of an alias joins its group): kViews lets every other overload
-// through. Without either, only writes matter: kWrites lets through every overload whose schema
-// writes nothing. A lean key is Undefined where no candidate key was left for it (g_key then
-// serves). Operators registered after install (custom ops, other namespaces) have no
-// fallthrough and reach the fallback: nothing is let through that was not known to need no look.
-enum Lean { kWrites = 0, kViews = 1 };
-struct LeanKey {
+// The keys the fallback is registered on. On each, the aten overloads that the frames it
+// serves need not see fall through, at no cost (a boxed fallback costs ~0.3 us an op however
+// little it does): what a frame needs is the writes (every frame), the fresh outputs (a block's
+// births) and the views (clone mode: a view of an alias joins its group). With three candidate
+// keys free: kBirths, kWrites and kViews, and a block in clone mode is served on kBirths and
+// kViews together. With two: kEvery (nothing falls through) and kWrites. With one: kEvery.
+// Operators registered after install (custom ops, other namespaces) have no fallthrough and
+// reach the fallback: nothing is let through that was not known to need no look.
+enum Sees { kEvery, kBirths, kWrites, kViews };
+struct Key {
   c10::DispatchKey key = c10::DispatchKey::Undefined;
+  Sees sees = kEvery;
   std::unique_ptr<torch::Library> fallback;  // on every namespace
   std::unique_ptr<torch::Library> aten;  // the fallthroughs
 };
-LeanKey g_lean[2];
+Key g_served[3];
+size_t g_nkeys = 0;
 c10::DispatchKeySet g_keys;  // all of them: what Python callbacks and facts run with excluded
 PyObject* g_facts_cb = nullptr;  // (name, overload) -> facts tuple or None
 PyObject* g_write_cb = nullptr;  // (state, name, overload, args) -> None; raises to refuse
@@ -389,6 +389,11 @@ bool returns_alias(const c10::FunctionSchema& schema) {
   return false;
 }
 
+// Whether every output is new memory (what _schema calls fresh_outputs).
+bool fresh_returns(const c10::FunctionSchema& schema) {
+  return !schema.returns().empty() && !returns_alias(schema);
+}
+
 Facts& facts_for(const c10::OperatorHandle& op) {
   const auto& schema = op.schema();
   Facts& f = t_facts[&schema];
@@ -481,10 +486,11 @@ void join_pending(State& st) {
 void fallback_on(
     c10::DispatchKey key, const c10::OperatorHandle& op, c10::DispatchKeySet ks,
     torch::jit::Stack* stack) {
-  const auto rest = ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, key);
+  // Below this key, and past the others: with two included, an op both see is this one's.
+  const auto rest = (ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, key)) - g_keys;
   const std::shared_ptr<State> st = current_state();
   if (st == nullptr || !op.hasSchema()) {
-    c10::impl::ExcludeDispatchKeyGuard off(key);
+    c10::impl::ExcludeDispatchKeyGuard off(g_keys);
     op.redispatchBoxed(rest, stack);
     return;
   }
@@ -553,7 +559,7 @@ void fallback_on(
     } else {
       // A kernel's own temporaries (CPU addmm copies into an output it allocated without
       // the dispatcher) are not the user's writes: only composite ops are seen decomposed.
-      c10::impl::ExcludeDispatchKeyGuard off(key);
+      c10::impl::ExcludeDispatchKeyGuard off(g_keys);
       op.redispatchBoxed(rest, stack);
     }
   } catch (const python_error&) {
@@ -585,32 +591,31 @@ void fallback_on(
   }
 }
 
-void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
-  fallback_on(g_key, op, ks, stack);
+template <int I>
+void fallback_at(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  fallback_on(g_served[I].key, op, ks, stack);
 }
 
-template <int L>
-void lean_fallback(
-    const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
-  fallback_on(g_lean[L].key, op, ks, stack);
+// The keys that serve `st`, as a bit per g_served index.
+unsigned wanted(const State& st) {
+  const bool block = st.block_start != 0;
+  if (g_nkeys == 3) {  // kBirths, kWrites, kViews
+    if (block) return st.clone ? 0b101u : 0b001u;
+    return st.clone ? 0b100u : 0b010u;
+  }
+  if (g_nkeys == 2 && !block && !st.clone) return 0b010u;  // kEvery, kWrites
+  return 0b001u;
 }
 
-// Put the key that serves `st` (Undefined: none) into this thread's TLS, and the others out.
-void include_only(c10::DispatchKey want) {
-  for (auto key : {g_key, g_lean[kWrites].key, g_lean[kViews].key}) {
-    if (key != c10::DispatchKey::Undefined) {
-      c10::impl::tls_set_dispatch_key_included(key, key == want);
-    }
+// Put the keys in `bits` into this thread's TLS, and the others out.
+void include_only(unsigned bits) {
+  for (size_t i = 0; i < g_nkeys; ++i) {
+    c10::impl::tls_set_dispatch_key_included(g_served[i].key, (bits >> i) & 1u);
   }
 }
 
 void include_key(const State& st) {
-  c10::DispatchKey want = g_key;
-  if (st.block_start == 0) {
-    const auto lean = g_lean[st.clone ? kViews : kWrites].key;
-    if (lean != c10::DispatchKey::Undefined) want = lean;
-  }
-  include_only(want);
+  include_only(wanted(st));
 }
 
 const c10::DispatchKey kCandidates[] = {
@@ -628,22 +633,38 @@ StorageImpl* unpack_storage(py::handle obj) {
 
 }  // namespace
 
-// Register the every-op fallback on the first candidate key nothing else has a fallback on,
-// and the lean ones (g_lean) on the next two, where every aten overload they need not see falls
-// through; `undeclared` names the schemas immutorch._schema knows to write without saying so.
-// Returns the keys' names (a lean one empty where no key was left for it), or raises (with the
-// names of the keys found taken) when all are taken.
-py::tuple install(
+bool lets_through(Sees sees, const c10::FunctionSchema& schema) {
+  if (sees == kEvery || declares_write(schema)) return false;
+  switch (sees) {
+    case kWrites:
+      return true;
+    case kViews:
+      return !returns_alias(schema);
+    case kBirths:  // lift_fresh wraps new memory made outside the dispatcher (torch.tensor)
+      return !fresh_returns(schema) && schema.name() != "aten::lift_fresh" &&
+             schema.name() != "aten::lift_fresh_copy";
+    default:
+      return false;
+  }
+}
+
+// Register the fallback on the candidate keys nothing else has a fallback on (see Sees), with
+// the fallthroughs of each; `undeclared` names the schemas immutorch._schema knows to write
+// without saying so, which never fall through. Returns (key name, what it sees) for each, or
+// raises (with the names of the keys found taken) when all are taken.
+py::list install(
     py::object facts_cb, py::object write_cb, py::object leaves_cb, py::object join_cb,
     const std::vector<std::string>& undeclared) {
-  auto name_of = [](c10::DispatchKey key) {
-    return key == c10::DispatchKey::Undefined ? std::string() : std::string(c10::toString(key));
+  auto names = [] {
+    static const char* kSees[] = {"every op", "writes and fresh outputs", "writes", "writes and views"};
+    py::list out;
+    for (size_t i = 0; i < g_nkeys; ++i) {
+      out.append(py::make_tuple(
+          std::string(c10::toString(g_served[i].key)), std::string(kSees[g_served[i].sees])));
+    }
+    return out;
   };
-  auto names = [&] {
-    return py::make_tuple(
-        name_of(g_key), name_of(g_lean[kWrites].key), name_of(g_lean[kViews].key));
-  };
-  if (g_library) {
+  if (g_nkeys != 0) {
     return names();
   }
   std::string taken;
@@ -662,43 +683,43 @@ py::tuple install(
   g_write_cb = write_cb.release().ptr();
   g_leaves_cb = leaves_cb.release().ptr();
   g_join_cb = join_cb.release().ptr();
-  g_key = free[0];
-  g_keys = c10::DispatchKeySet(g_key);
-  g_library =
-      std::make_unique<torch::Library>(torch::Library::IMPL, "_", g_key, __FILE__, __LINE__);
-  g_library->fallback(torch::CppFunction::makeFromBoxedFunction<&fallback>());
+  const std::vector<Sees> roles = free.size() >= 3 ? std::vector<Sees>{kBirths, kWrites, kViews}
+                                  : free.size() == 2 ? std::vector<Sees>{kEvery, kWrites}
+                                                     : std::vector<Sees>{kEvery};
   const std::unordered_set<std::string> writers(undeclared.begin(), undeclared.end());
   const auto ops = c10::Dispatcher::singleton().getAllOpNames();
-  for (int l = kWrites; l <= kViews && static_cast<size_t>(l + 1) < free.size(); ++l) {
-    LeanKey& lean = g_lean[l];
-    const auto key = free[l + 1];
-    lean.fallback =
-        std::make_unique<torch::Library>(torch::Library::IMPL, "_", key, __FILE__, __LINE__);
-    lean.fallback->fallback(
-        l == kWrites ? torch::CppFunction::makeFromBoxedFunction<&lean_fallback<kWrites>>()
-                     : torch::CppFunction::makeFromBoxedFunction<&lean_fallback<kViews>>());
-    lean.aten =
-        std::make_unique<torch::Library>(torch::Library::IMPL, "aten", key, __FILE__, __LINE__);
+  for (size_t i = 0; i < roles.size(); ++i) {
+    Key& k = g_served[i];
+    k.key = free[i];
+    k.sees = roles[i];
+    k.fallback =
+        std::make_unique<torch::Library>(torch::Library::IMPL, "_", k.key, __FILE__, __LINE__);
+    k.fallback->fallback(
+        i == 0   ? torch::CppFunction::makeFromBoxedFunction<&fallback_at<0>>()
+        : i == 1 ? torch::CppFunction::makeFromBoxedFunction<&fallback_at<1>>()
+                 : torch::CppFunction::makeFromBoxedFunction<&fallback_at<2>>());
+    g_keys = g_keys | c10::DispatchKeySet(k.key);
+    if (k.sees == kEvery) continue;
+    k.aten =
+        std::make_unique<torch::Library>(torch::Library::IMPL, "aten", k.key, __FILE__, __LINE__);
     for (const auto& name : ops) {
       if (name.name.rfind("aten::", 0) != 0 || writers.count(name.name) != 0) continue;
       auto op = c10::Dispatcher::singleton().findOp(name);
-      if (!op || !op->hasSchema() || declares_write(op->schema())) continue;
-      if (l == kViews && returns_alias(op->schema())) continue;
+      if (!op || !op->hasSchema() || !lets_through(k.sees, op->schema())) continue;
       // impl() takes the name without its namespace: "add.Tensor", "relu".
       std::string rest = name.name.substr(6);
       if (!name.overload_name.empty()) rest += "." + name.overload_name;
-      lean.aten->impl(rest.c_str(), torch::CppFunction::makeFallthrough());
+      k.aten->impl(rest.c_str(), torch::CppFunction::makeFallthrough());
     }
-    lean.key = key;
-    g_keys = g_keys | c10::DispatchKeySet(key);
   }
+  g_nkeys = roles.size();
   return names();
 }
 
 // Enter (py_state given) or leave (None) on this thread.
 void activate(py::object py_state) {
   if (py_state.is_none()) {
-    include_only(c10::DispatchKey::Undefined);
+    include_only(0);
     clear_thread_state();
     t_owned.reset();
     return;
@@ -767,15 +788,15 @@ void mark_readonly(py::object storage, bool on) {
   g_readonly_count.store(g_readonly.size(), std::memory_order_relaxed);
 }
 
-// The name of the key that serves this thread now, "" where none is in its TLS.
+// The names of the keys that serve this thread now ("A+B" for two), "" where none is in its TLS.
 std::string serving() {
-  if (!g_library) return "";
-  for (auto key : {g_key, g_lean[kWrites].key, g_lean[kViews].key}) {
-    if (key != c10::DispatchKey::Undefined && c10::impl::tls_is_dispatch_key_included(key)) {
-      return c10::toString(key);
+  std::string out;
+  for (size_t i = 0; i < g_nkeys; ++i) {
+    if (c10::impl::tls_is_dispatch_key_included(g_served[i].key)) {
+      out += (out.empty() ? "" : "+") + std::string(c10::toString(g_served[i].key));
     }
   }
-  return "";
+  return out;
 }
 
 bool enabled() {

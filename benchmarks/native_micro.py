@@ -7,16 +7,18 @@ and forward + backward, and the demo encoder ``[8, 80, 300]``
 (``MelSpectrogramEncoder.encode_mel_spectrogram``). Each runs unguarded and under
 ``guard(x)`` and ``guard()`` (scope "all") in raise and clone mode with ``IMMUTORCH_BACKEND``
 python, then native.
-Timing: ``torch.utils.benchmark.Timer.blocked_autorange`` (CPU time) on one thread, the variants
-interleaved over rounds and the median of the rounds' medians reported as a ratio to
-unguarded. ``--build-time`` also builds the native library from scratch into a temporary
-cache and reports the build time and size; the cached load's cost is always reported.
+Timing: ``torch.utils.benchmark.Timer`` (CPU time of the thread) on one thread; each round times
+every variant once (a sample of ~20 ms), in a new random order, and the median over 60 rounds
+is reported as a ratio to unguarded. ``--build-time`` also builds the native library from
+scratch into a temporary cache and reports the build time and size; the cached load's cost is
+always reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -88,32 +90,38 @@ def variants(fn: Callable[[torch.Tensor], Any]) -> dict[str, Callable[[torch.Ten
     return out
 
 
-def measure(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, min_time: float) -> float:
-    # CPU time of this thread: the machine these figures come from is shared, and wall-clock
-    # time there measures the neighbours.
-    timer = Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=1, timer=time.thread_time)
-    return timer.blocked_autorange(min_run_time=min_time).median
-
-
-def bench(rounds: int, min_time: float) -> None:
+def bench(rounds: int, sample_s: float) -> None:
+    """Every (backend, variant) of a workload timed once per round, in a new random order each
+    round, so that the machine's drift (clock, neighbours, the allocator's state) lands on all
+    of them alike; the median over rounds of each one's time, as a ratio to unguarded."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    rng = random.Random(0)
     for name, make in WORKLOADS.items():
         fn, x = make()
-        names = list(variants(fn))
-        times: dict[tuple[str, str], list[float]] = {}
+        rows: dict[tuple[str, str], tuple[Timer, int]] = {}
+        for backend in ("python", "native"):
+            os.environ["IMMUTORCH_BACKEND"] = backend
+            for variant, call in variants(fn).items():
+                if variant == "unguarded" and backend == "native":
+                    continue
+                # CPU time of this thread: the machine these figures come from is shared, and
+                # wall-clock time there measures the neighbours.
+                timer = Timer("fn(x)", globals={"fn": call, "x": x}, timer=time.thread_time)
+                once = timer.timeit(3).median  # warm up (and the first guard's setup)
+                rows[(backend, variant)] = (timer, max(1, round(sample_s / max(once, 1e-6))))
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in rows}
+        order = list(rows)
         for _ in range(rounds):
-            for backend in ("python", "native"):
-                os.environ["IMMUTORCH_BACKEND"] = backend
-                for variant, call in variants(fn).items():
-                    if variant == "unguarded" and backend == "native":
-                        continue
-                    t = measure(call, x, min_time)
-                    times.setdefault((backend, variant), []).append(t)
+            rng.shuffle(order)
+            for key in order:
+                os.environ["IMMUTORCH_BACKEND"] = key[0]
+                timer, number = rows[key]
+                times[key].append(timer.timeit(number).median)
         base = statistics.median(times[("python", "unguarded")])
         print(f"\n{name}: unguarded {base * 1e3:.2f} ms")
         print(f"  {'variant':28} {'python':>8} {'native':>8}")
-        for variant in names[1:]:
+        for variant in list(variants(fn))[1:]:
             py = statistics.median(times[("python", variant)]) / base
             nat = statistics.median(times[("native", variant)]) / base
             print(f"  {variant:28} {py:7.2f}x {nat:7.2f}x")
@@ -157,7 +165,7 @@ def main() -> None:
     if args.build_time:
         build_time()
     load_cost()
-    bench(rounds=1 if args.quick else 3, min_time=0.2 if args.quick else 0.5)
+    bench(rounds=3 if args.quick else 60, sample_s=0.005 if args.quick else 0.02)
 
 
 if __name__ == "__main__":

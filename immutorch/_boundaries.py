@@ -421,7 +421,7 @@ def _begin_boundary(
         state.scoped_guards and not state.scoped_calls
     ):
         return _hand_over_scoped(boundary, args, kwargs)
-    if state.clone_frames and _may_hand_over(args, kwargs):
+    if state.clone_frames:
         return _replace_arguments(args, kwargs, lambda t: _hand_over(t, boundary.aliased))
     return None
 
@@ -574,19 +574,17 @@ def _nested_in_scoped_call(module: torch.nn.Module) -> bool:
     return True
 
 
-def _only_noted(module: torch.nn.Module) -> bool:
-    """The common case, done here: block guards in raise or warn mode and nothing else that
-    needs the boundary (no clone frame, watch or scoped call; not a framework, TorchScript or
-    compiled module). The module is noted for its state (``Frame.add_module_state``) and
-    nothing goes on record: messages find the module path and the argument a refused tensor
+def _only_noted(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """The common case, done here: nothing needs the boundary on record (no watch or scoped
+    call; not a framework, TorchScript or compiled module; in clone mode, no argument to hand
+    over). Block guards note the module for its state (``Frame.add_module_state``), and
+    nothing goes on record: messages find the module path and the parameter a refused tensor
     came in as on the interpreter stack (``_naming``, ``ThreadState.outside_label``), as where
     no hooks are installed. The boundary's bookkeeping cost ~15 us a module call; this ~1 us.
     """
     state = STATE
     if (
-        not state.blocks
-        or state.clone_frames
-        or state.watchers
+        state.watchers
         or state.scoped_guards
         or state.scoped_calls
         or state.bypass
@@ -596,6 +594,7 @@ def _only_noted(module: torch.nn.Module) -> bool:
         # A recursive call of a module whose outer call is on record: its post-hook would
         # take this call for that one.
         or (state.boundaries and state.boundaries[-1].module is module)
+        or (state.clone_frames and _may_hand_over(args, kwargs))
     ):
         return False
     for block in state.blocks:
@@ -609,9 +608,9 @@ def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[
         return None
     if torch.compiler.is_compiling():
         return None  # Dynamo traces hooks: keep them out of compiled graphs
-    if _only_noted(module):
-        return None
     kwargs = _caller_kwargs() or {}
+    if _only_noted(module, args, kwargs):
+        return None
     replaced = _enter_boundary(module, args, kwargs)
     if replaced is None:
         return None
@@ -626,7 +625,7 @@ def _pre_hook_with_kwargs(
 ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
     if STATE.scoped_calls and _nested_in_scoped_call(module):
         return None
-    if torch.compiler.is_compiling() or _only_noted(module):
+    if torch.compiler.is_compiling() or _only_noted(module, args, kwargs):
         return None
     return _enter_boundary(module, args, kwargs)
 

@@ -180,10 +180,12 @@ def test_materialize_failure_midway_leaves_every_member_on_the_original(
 
 # -- module boundaries ------------------------------------------------------------------------
 def test_boundary_failure_before_it_is_on_record(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Clone mode: the boundary that goes on record (a raise block only notes the module).
+    # Clone mode with an argument from outside: the boundary goes on record (without one to
+    # hand over, a module call is only noted).
     monkeypatch.setattr(_arguments, "forward_param_names", _fail)
+    x = torch.ones(3)
     with pytest.raises(Injected), guard(mode="clone"):
-        torch.nn.ReLU()(torch.ones(3))
+        torch.nn.ReLU()(x)
     monkeypatch.undo()
 
 

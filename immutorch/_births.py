@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 
 from . import _registry
-from ._storage import BORN_ATTR, born_epoch, storage_of
+from ._storage import born_epoch, forget_births, set_born, storage_of
 
 _lock = threading.Lock()
 _users = 0
@@ -68,6 +68,7 @@ def release() -> None:
         if _users <= 0:
             _users = 0
             _uninstall()
+            forget_births()
 
 
 def installed() -> bool:
@@ -80,7 +81,7 @@ def _blocks_here() -> bool:
 
 def _tag_new(storage: Any) -> None:
     if storage is not None and born_epoch(storage) == 0:
-        setattr(storage, BORN_ATTR, _registry.current_epoch)
+        set_born(storage, _registry.current_epoch)
 
 
 def _inherit(storage: Any, source: Any) -> None:
@@ -89,12 +90,12 @@ def _inherit(storage: Any, source: Any) -> None:
         return
     owner = _owner(source)
     if owner is _NEW:
-        setattr(storage, BORN_ATTR, _registry.current_epoch)
+        set_born(storage, _registry.current_epoch)
     elif isinstance(owner, torch.Tensor):
         mine = storage_of(owner)
         born = born_epoch(mine) if mine is not None else 0
         if born:
-            setattr(storage, BORN_ATTR, born)
+            set_born(storage, born)
 
 
 def _owner(obj: Any) -> Any:
@@ -202,7 +203,7 @@ def _storage_getitem(original: Callable[..., Any]) -> Callable[..., Any]:
         if isinstance(out, torch.UntypedStorage) and _blocks_here():
             born = born_epoch(self)  # a slice shows its storage's bytes
             if born and born_epoch(out) == 0:
-                setattr(out, BORN_ATTR, born)
+                set_born(out, born)
         return out
 
     return __getitem__

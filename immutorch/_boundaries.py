@@ -41,7 +41,7 @@ from ._naming import display_path, is_compiled
 # Importing the policy also installs it as the dispatch mode's write handler.
 from ._policy import raise_original
 from ._registry import BLOCK, STATE, Frame, protection_of
-from ._storage import BORN_ATTR, born_epoch, storage_of, tensor_leaves
+from ._storage import born_epoch, set_born, storage_of, tensor_leaves
 
 _lock = threading.Lock()
 _users = 0
@@ -699,7 +699,7 @@ def _scoped_output(boundary: _Boundary, output: Any) -> Any:
         def tag(_label: str, t: torch.Tensor) -> None:
             storage = storage_of(t)
             if storage is not None and storage._cdata not in handed and born_epoch(storage) == 0:
-                setattr(storage, BORN_ATTR, epoch)
+                set_born(storage, epoch)
 
         _arguments.walk(new, "", tag)
     return None if new is output else new

@@ -26,7 +26,7 @@ from ._compat import (
     tracing_now,
 )
 from ._registry import STATE, TOTAL_STATS, CloneStats
-from ._storage import BORN_ATTR, PLAIN, PRIVATE_BORN, storage_of, tensor_leaves
+from ._storage import PLAIN, PRIVATE_BORN, set_born, storage_of, tensor_leaves
 
 GROUP_ATTR = "_immutorch_cow"
 
@@ -81,7 +81,7 @@ class CowGroup:
                     f"write while torch traces the function ({err}); torch.func.linearize "
                     'and make_fx do. Use mode="raise" or mode="warn" for this call.'
                 ) from err
-            setattr(copy, BORN_ATTR, PRIVATE_BORN)
+            set_born(copy, PRIVATE_BORN)
             live = [t for t in (ref() for ref in self.members) if t is not None]
             moved: list[tuple[torch.Tensor, int]] = []
             with torch.no_grad(), disable_torch_dispatch():
@@ -283,7 +283,7 @@ def _copy(x: torch.Tensor, stats: CloneStats) -> torch.Tensor:
     for leaf in tensor_leaves(copy):
         storage = storage_of(leaf)
         if storage is not None:
-            setattr(storage, BORN_ATTR, PRIVATE_BORN)
+            set_born(storage, PRIVATE_BORN)
     nbytes = x.numel() * x.element_size()
     stats.add(nbytes)
     TOTAL_STATS.add(nbytes)

@@ -14,7 +14,7 @@ from ._clone import group_of
 from ._compat import is_functorch_wrapped, storage_use_count
 from ._registry import ThreadState, strictest
 from ._schema import META, OpFacts, written_values
-from ._storage import BORN_ATTR, PLAIN, memory_leaves, storage_of
+from ._storage import PLAIN, memory_leaves, set_born, storage_of
 
 
 def never_type_error(fn: Any) -> Any:
@@ -130,7 +130,7 @@ def _tag_birth(t: torch.Tensor, epoch: int) -> None:
     if type(t) is torch.Tensor:
         storage = storage_of(t)
         if storage is not None:
-            setattr(storage, BORN_ATTR, epoch)
+            set_born(storage, epoch)
         return
 
     # A wrapper subclass (DTensor: FSDP2's parameters and optimizer state) holds its memory in
@@ -138,7 +138,7 @@ def _tag_birth(t: torch.Tensor, epoch: int) -> None:
     def tag(leaf: torch.Tensor) -> None:
         storage = storage_of(leaf)
         if storage is not None:
-            setattr(storage, BORN_ATTR, epoch)
+            set_born(storage, epoch)
 
     memory_leaves(t, tag)
 

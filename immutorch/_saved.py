@@ -43,7 +43,7 @@ from ._registry import (
     add_protection,
     remove_protection,
 )
-from ._storage import BORN_ATTR, PRIVATE_BORN, storage_of
+from ._storage import PRIVATE_BORN, set_born, storage_of
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -636,7 +636,7 @@ def _isolate(frame: SavedFrame, t: torch.Tensor) -> bool:
                 if copy is None:
                     with _compat.DisableTorchDispatch():
                         copy = storage.clone()  # type: ignore[no-untyped-call]
-                    setattr(copy, BORN_ATTR, PRIVATE_BORN)
+                    set_born(copy, PRIVATE_BORN)
                 record.copy = copy
                 if held is not None:
                     record.geometry = _geometry(held)

@@ -39,9 +39,33 @@ _readonly_hook: Optional[Callable[[Any, bool], None]] = None
 _marked: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
+# Births by StorageImpl address too, beside the attribute: torch 2.4 hands out a new Python
+# object for a storage that some paths reach anew (``Tensor.new(TypedStorage)`` in DataLoader's
+# collate, shared memory received from another process), and the attribute is not on it. A
+# record is believed only while the storage still shows the bytes it was born with (a storage
+# over older bytes at a reused address shows other bytes); the table is emptied when the
+# process's last block guard ends (``_births.release``), so an address is reused meanwhile only
+# by a storage made after the one recorded.
+_born_at: dict[int, tuple[int, int]] = {}
+
+
+def set_born(storage: Any, epoch: int) -> None:
+    """Record that ``storage`` was born at ``epoch`` (or is a private copy: PRIVATE_BORN)."""
+    setattr(storage, BORN_ATTR, epoch)
+    _born_at[storage._cdata] = (epoch, storage.data_ptr())
+
+
+def forget_births() -> None:
+    _born_at.clear()
+
+
 def born_epoch(storage: Any) -> int:
     """The epoch at which ``storage`` was born inside a block (0: before any, or unknown)."""
     born: int = getattr(storage, BORN_ATTR, 0)
+    if not born and _born_at:
+        record = _born_at.get(storage._cdata)
+        if record is not None and record[1] == storage.data_ptr():
+            born = record[0]
     if _native_born is not None:
         native = _native_born(storage)
         if native > born:

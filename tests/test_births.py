@@ -209,6 +209,8 @@ REACHED_AGAIN: dict[str, Callable[[Tensor], Any]] = {
 }
 
 
+# torch 2.4: np.from_dlpack gives a read-only array, and from_numpy warns of it.
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable:UserWarning")
 @pytest.mark.parametrize("name", list(REACHED_AGAIN))
 def test_memory_from_before_the_block_stays_refused(name: str) -> None:
     """A regression guard for the birth evidence above (these pass on main too): no way of

@@ -5,7 +5,7 @@ layer above decides what happens (``set_write_handler``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -116,20 +116,37 @@ def lifted_fresh(out: Any) -> bool:
 
 
 @never_type_error
-def tag_births(out: Any) -> None:
+def tag_births(
+    out: Any, args: tuple[Any, ...] = (), kwargs: Optional[dict[str, Any]] = None
+) -> None:
+    """Date the new memory an op with fresh outputs returned. An output over one of the op's
+    own inputs' storages is not new, whatever the schema says: ``aten::_unsafe_view`` declares
+    no alias and returns a view of its argument (found running kornia's suite under a block)."""
     epoch = _registry.current_epoch
-    if isinstance(out, torch.Tensor):
-        _tag_birth(out, epoch)
-    elif isinstance(out, (tuple, list)):
-        for item in out:
-            if isinstance(item, torch.Tensor):
-                _tag_birth(item, epoch)
+    outs = [out] if isinstance(out, torch.Tensor) else out if isinstance(out, (tuple, list)) else ()
+    taken: Optional[set[int]] = None
+    for item in outs:
+        if isinstance(item, torch.Tensor):
+            if taken is None:
+                taken = _input_storages(args, kwargs or {})
+            _tag_birth(item, epoch, taken)
 
 
-def _tag_birth(t: torch.Tensor, epoch: int) -> None:
+def _input_storages(args: tuple[Any, ...], kwargs: dict[str, Any]) -> set[int]:
+    found: set[int] = set()
+    for value in (*args, *kwargs.values()):
+        for t in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(t, torch.Tensor):
+                storage = storage_of(t)
+                if storage is not None:
+                    found.add(storage._cdata)
+    return found
+
+
+def _tag_birth(t: torch.Tensor, epoch: int, taken: set[int]) -> None:
     if type(t) is torch.Tensor:
         storage = storage_of(t)
-        if storage is not None:
+        if storage is not None and storage._cdata not in taken:
             set_born(storage, epoch)
         return
 

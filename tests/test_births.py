@@ -206,6 +206,10 @@ REACHED_AGAIN: dict[str, Callable[[Tensor], Any]] = {
     "as_tensor_storage": lambda x: torch.as_tensor(x.untyped_storage()).add_(1),
     "as_tensor_tensor": lambda x: torch.as_tensor(x).add_(1),
     "storage_slice": lambda x: torch.empty(0).set_(x.untyped_storage()[4:12]).add_(1),
+    # _unsafe_view declares no alias and returns a view of its argument: its output is not new
+    # memory, and x is not made the block's own by it (found in kornia's suite, both backends).
+    "unsafe_view": lambda x: torch.ops.aten._unsafe_view(x, [2, 2]).add_(1),
+    "after_unsafe_view": lambda x: (torch.ops.aten._unsafe_view(x, [2, 2]), x.add_(1)),
 }
 
 

@@ -24,6 +24,7 @@
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <mutex>
@@ -430,7 +431,24 @@ const at::Tensor& memory_leaf(const at::Tensor& t) {
 
 StorageImpl* unpack_storage(py::handle obj);
 
-void record_outputs(const torch::jit::Stack& stack, size_t n, int64_t epoch, bool lift) {
+// The storages of an op's tensor arguments, read before it runs (see record_outputs).
+using Inputs = std::vector<const StorageImpl*>;
+
+Inputs input_storages(const torch::jit::Stack& stack, size_t base, size_t nargs) {
+  Inputs found;
+  for (size_t i = base; i < base + nargs; ++i) {
+    each_tensor(stack[i], [&](const at::Tensor& t) {
+      if (StorageImpl* s = storage_of(t)) found.push_back(s);
+    });
+  }
+  return found;
+}
+
+// Date the new memory an op with fresh outputs returned. An output over one of the op's own
+// inputs' storages is not new, whatever the schema says: aten::_unsafe_view declares no alias
+// and returns a view of its argument (found running kornia's suite under a block).
+void record_outputs(
+    const torch::jit::Stack& stack, size_t n, int64_t epoch, bool lift, const Inputs& inputs) {
   std::vector<at::Tensor> wrapped;
   for (size_t i = stack.size() - n; i < stack.size(); ++i) {
     each_tensor(stack[i], [&](const at::Tensor& out) {
@@ -452,6 +470,7 @@ void record_outputs(const torch::jit::Stack& stack, size_t n, int64_t epoch, boo
       // tensor is held by it alone; more holders mean it was there before (as
       // _judge.lifted_fresh rules for the Python mode).
       if (lift && c10::raw::intrusive_ptr::use_count(s) > 1) return;
+      if (std::find(inputs.begin(), inputs.end(), s) != inputs.end()) return;
       record_birth(s, epoch);
     });
   }
@@ -544,6 +563,8 @@ void fallback_on(
   }
   const int64_t block_start = st->block_start;
   const int64_t epoch = st->epoch;
+  const Inputs inputs =
+      block_start != 0 && f.fresh ? input_storages(*stack, base, nargs) : Inputs();
   // Clone mode: a view of an alias joins the alias's group, so that the first write into it
   // moves the view onto the private copy with the rest (Python keeps the groups).
   c10::IValue view_source;
@@ -576,7 +597,7 @@ void fallback_on(
   }
   const size_t nret = schema.returns().size();
   if (block_start != 0 && f.fresh) {
-    record_outputs(*stack, nret, epoch, schema.name() == "aten::lift_fresh");
+    record_outputs(*stack, nret, epoch, schema.name() == "aten::lift_fresh", inputs);
   }
   if (view_source.isTensor()) {
     const at::Tensor& source = view_source.toTensor();

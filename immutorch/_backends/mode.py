@@ -62,7 +62,10 @@ class ImmutorchMode(TorchDispatchMode):
             and facts.fresh_outputs
             and (facts.name != "aten::lift_fresh" or lifted_fresh(out))
         ):
-            tag_births(out, args, kwargs)
+            if facts.name == "aten::lift_fresh":
+                tag_births(out)  # its argument: a constant made outside the dispatcher
+            else:
+                tag_births(out, args, kwargs)
         if state.clone_frames and facts.view_of is not None:
             source = args[facts.view_of] if facts.view_of < len(args) else None
             if isinstance(source, torch.Tensor):

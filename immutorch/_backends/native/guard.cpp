@@ -470,7 +470,8 @@ void record_outputs(
       // tensor is held by it alone; more holders mean it was there before (as
       // _judge.lifted_fresh rules for the Python mode).
       if (lift && c10::raw::intrusive_ptr::use_count(s) > 1) return;
-      if (std::find(inputs.begin(), inputs.end(), s) != inputs.end()) return;
+      // lift_fresh returns its argument, a constant made outside the dispatcher.
+      if (!lift && std::find(inputs.begin(), inputs.end(), s) != inputs.end()) return;
       record_birth(s, epoch);
     });
   }

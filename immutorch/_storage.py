@@ -52,7 +52,18 @@ _born_at: dict[int, tuple[int, int]] = {}
 def set_born(storage: Any, epoch: int) -> None:
     """Record that ``storage`` was born at ``epoch`` (or is a private copy: PRIVATE_BORN)."""
     setattr(storage, BORN_ATTR, epoch)
-    _born_at[storage._cdata] = (epoch, storage.data_ptr())
+    data = _data_ptr(storage)
+    if data is not None:
+        _born_at[storage._cdata] = (epoch, data)
+
+
+def _data_ptr(storage: Any) -> Optional[int]:
+    """The storage's bytes, or None where it has none to show (functionalize's and nested
+    tensors' bookkeeping storages raise on the question)."""
+    try:
+        return int(storage.data_ptr())
+    except RuntimeError:
+        return None
 
 
 def forget_births() -> None:
@@ -64,7 +75,7 @@ def born_epoch(storage: Any) -> int:
     born: int = getattr(storage, BORN_ATTR, 0)
     if not born and _born_at:
         record = _born_at.get(storage._cdata)
-        if record is not None and record[1] == storage.data_ptr():
+        if record is not None and record[1] == _data_ptr(storage):
             born = record[0]
     if _native_born is not None:
         native = _native_born(storage)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
+from collections.abc import Iterator
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -212,3 +214,18 @@ def label_call(
         walk(value, arg_label(names, i), visit)
     for key, value in kwargs.items():
         walk(value, key, visit)
+
+
+_CALL_IMPL = torch.nn.Module._call_impl.__code__
+
+
+def module_calls_on_stack() -> Iterator[dict[str, Any]]:
+    """The locals (``self``, ``args``, ``kwargs``) of each ``Module.__call__`` running on this
+    thread's interpreter stack, innermost first; for messages, never on a hot path."""
+    frame: Any = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _CALL_IMPL:
+            local = frame.f_locals
+            if isinstance(local.get("self"), torch.nn.Module):
+                yield local
+        frame = frame.f_back

@@ -13,7 +13,7 @@ from . import _registry
 from ._clone import group_of
 from ._compat import is_functorch_wrapped, storage_use_count
 from ._registry import ThreadState, strictest
-from ._schema import META, OpFacts, written_values
+from ._schema import META, OpFacts, iter_tensors, written_values
 from ._storage import PLAIN, memory_leaves, set_born, storage_of
 
 
@@ -134,12 +134,14 @@ def tag_births(
 
 def _input_storages(args: tuple[Any, ...], kwargs: dict[str, Any]) -> set[int]:
     found: set[int] = set()
+
+    def add(t: torch.Tensor) -> None:
+        storage = storage_of(t)
+        if storage is not None:
+            found.add(storage._cdata)
+
     for value in (*args, *kwargs.values()):
-        for t in value if isinstance(value, (list, tuple)) else (value,):
-            if isinstance(t, torch.Tensor):
-                storage = storage_of(t)
-                if storage is not None:
-                    found.add(storage._cdata)
+        iter_tensors(value, add)
     return found
 
 

@@ -6,12 +6,12 @@ on record (``STATE.modules``); without them the interpreter stack has them.
 
 from __future__ import annotations
 
-import sys
 import weakref
 from typing import Any, Optional
 
 import torch
 
+from . import _arguments
 from ._registry import STATE
 
 
@@ -74,15 +74,7 @@ def current_module_path() -> Optional[str]:
 
 
 def _modules_on_stack() -> list[torch.nn.Module]:
-    found: list[torch.nn.Module] = []
-    frame = sys._getframe(1)
-    call_impl = torch.nn.Module._call_impl.__code__
-    while frame is not None:
-        if frame.f_code is call_impl:
-            module = frame.f_locals.get("self")
-            if isinstance(module, torch.nn.Module):
-                found.append(module)
-        frame = frame.f_back  # type: ignore[assignment]
+    found = [local["self"] for local in _arguments.module_calls_on_stack()]
     found.reverse()  # outermost first
     return found
 

@@ -9,7 +9,6 @@ one). Read-only marks and births live on the storage objects themselves (see ``_
 from __future__ import annotations
 
 import itertools
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -264,19 +263,13 @@ class Frame:
                 self.state[storage._cdata] = storage
 
 
-_CALL_IMPL = torch.nn.Module._call_impl.__code__
-
-
 def _label_on_stack(cdata: int) -> Optional[str]:
     """The parameter a storage came in as, in the innermost ``Module.__call__`` on the
     interpreter stack that took it; called only to word a refusal."""
-    frame: Any = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _CALL_IMPL:
-            label = _label_in_call(frame.f_locals, cdata)
-            if label is not None:
-                return label
-        frame = frame.f_back
+    for local in _arguments.module_calls_on_stack():
+        label = _label_in_call(local, cdata)
+        if label is not None:
+            return label
     return None
 
 

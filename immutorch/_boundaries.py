@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.nn.modules import module as _module_mod
 
-from . import _arguments, _registry
+from . import _arguments, _module_state, _registry
 from ._backends import choice as _choice  # noqa: F401  (installs the backend choice)
 from ._backends import mode as _mode
 from ._backends.scoped import Protected, can_scope, to_plain, unwrap
@@ -34,7 +34,6 @@ from ._clone import alias, back_to_caller, group_of
 from ._compat import functional_mutations
 from ._compiled import CompiledBoundary, compile_in_use
 from ._config import Mode, Scope, check_mode, check_scope, resolve, resolve_scope
-from ._distributed import framework_state, is_framework
 from ._judge import check
 from ._naming import display_path, is_compiled
 
@@ -167,19 +166,17 @@ def hooks_installed() -> bool:
 def enter(frame: Frame) -> None:
     """Activate ``frame``: the front doors' way in. Installs the module hooks where a frame
     needs them, then activates it in the dispatch mode; all or nothing."""
-    # Module boundaries do work only for block guards (module state, argument names), clone
-    # mode (aliases) and torch.compile (compiled modules run outside the mode). Elsewhere the
-    # global hooks would only slow every module call (~6 us each, measured on the encoder);
-    # errors then find the module path by walking the stack.
+    # Module boundaries do work only for clone mode (aliases), scoped blocks and torch.compile
+    # (compiled modules run outside the mode). Elsewhere the global hooks would only slow
+    # every module call (torch's slow path and the hooks: ~2.5M instructions of the 3.2M a
+    # raise-mode block added to a TransformerEncoder forward); errors find the module path by
+    # walking the stack, and blocks find module state where a write needs it.
     # A decorator or watch in scope "arguments" hands over scoped aliases itself; they carry
     # their protection into every module the callee calls.
     scoped_call = frame.scope == "arguments" and not frame.modules_scoped
-    if (
-        frame.kind == BLOCK
-        or frame.modules_scoped
-        or (frame.mode == "clone" and not scoped_call)
-        or compile_in_use()
-    ):
+    if frame.kind == BLOCK and not frame.protect_state:
+        _module_state.add_framework_state(frame)
+    if frame.modules_scoped or (frame.mode == "clone" and not scoped_call) or compile_in_use():
         acquire_hooks()
         frame.hooked = True
     try:
@@ -377,21 +374,6 @@ def _begin_boundary(
         # Hooks held for another thread's guard, or immutorch stepping aside (tracing).
         return None
     state.modules.append(module)
-    # A ScriptModule calls its submodules inside TorchScript, where no hook sees them; DDP
-    # broadcasts the wrapped module's buffers before any submodule is called; a call that
-    # hands its arguments over as scoped aliases does no boundary work for its submodules
-    # (their gradients, accumulated in place by a later backward, are state too).
-    framework = is_framework(module)
-    whole = (
-        framework
-        or isinstance(module, torch.jit.ScriptModule)
-        or bool(state.scoped_guards and not state.scoped_calls)
-    )
-    for block in state.blocks:
-        if not block.protect_state:
-            block.add_module_state(module, recurse=whole)
-            if framework:
-                block.add_framework_state(module, framework_state)
     names = _arguments.forward_param_names(module)
     frame: Optional[Frame] = None
     for watch in state.watchers:
@@ -576,31 +558,24 @@ def _nested_in_scoped_call(module: torch.nn.Module) -> bool:
 
 def _only_noted(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """The common case, done here: nothing needs the boundary on record (no watch or scoped
-    call; not a framework, TorchScript or compiled module; in clone mode, no argument to hand
-    over). Block guards note the module for its state (``Frame.add_module_state``), and
-    nothing goes on record: messages find the module path and the parameter a refused tensor
-    came in as on the interpreter stack (``_naming``, ``ThreadState.outside_label``), as where
-    no hooks are installed. The boundary's bookkeeping cost ~15 us a module call; this ~1 us.
+    call; not a compiled module; in clone mode, no argument to hand over). Nothing goes on
+    record: messages find the module path and the parameter a refused tensor came in as on
+    the interpreter stack (``_naming``, ``ThreadState.outside_label``), as where no hooks are
+    installed, and block guards find module state where a write needs it (``_module_state``).
+    The boundary's bookkeeping cost ~15 us a module call; this ~1 us.
     """
     state = STATE
-    if (
+    return not (
         state.watchers
         or state.scoped_guards
         or state.scoped_calls
         or state.bypass
-        or is_framework(module)
-        or isinstance(module, torch.jit.ScriptModule)
         or is_compiled(module)
         # A recursive call of a module whose outer call is on record: its post-hook would
         # take this call for that one.
         or (state.boundaries and state.boundaries[-1].module is module)
         or (state.clone_frames and _may_hand_over(args, kwargs))
-    ):
-        return False
-    for block in state.blocks:
-        if not block.protect_state:
-            block.add_module_state(module, recurse=False)
-    return True
+    )
 
 
 def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:

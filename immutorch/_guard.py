@@ -133,8 +133,9 @@ def guard(
 
     ``guard(x, y)`` protects ``x`` and ``y`` (every view of them included); ``guard()`` with no
     tensors protects every tensor that existed before the block, so the block may write only
-    into memory it allocated itself. Module parameters and buffers are state, not data, and
-    stay writable unless ``protect_state=True``; ``allow=`` exempts tensors, modules (their
+    into memory it allocated itself. Module parameters, buffers and gradients (of any module,
+    called in the block or not) are state, not data, and stay writable unless
+    ``protect_state=True``; ``allow=`` exempts tensors, modules (their
     parameters, buffers and gradients) and optimizers (their state).
 
     ``scope="all"`` (the default) intercepts every op in the block. ``scope="arguments"``

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
+from . import _arguments
 from ._distributed import framework_state, is_ddp, is_framework
 from ._registry import STATE
 from ._storage import storage_of
@@ -72,9 +73,8 @@ def _candidates(user: Optional[FrameType]) -> list[tuple[Optional[str], Any]]:
         depth += 1
     for module in STATE.modules:
         add(None, module)
-    for block in STATE.blocks:
-        for module in block.seen_modules.values():
-            add(None, module)
+    for local in _arguments.module_calls_on_stack():
+        add(None, local["self"])
     return out
 
 
@@ -107,7 +107,7 @@ def _search(name: Optional[str], obj: Any, target: int) -> Optional[Provenance]:
                     kind = "DistributedDataParallel" if is_ddp(sub) else "FSDP"
                     return Provenance(
                         f"a communication buffer of {kind} `{where}` (framework state; "
-                        "immutorch exempts it when that module is called inside the block)",
+                        "immutorch exempts it unless the block protects module state)",
                         allow,
                     )
     return None

@@ -63,6 +63,21 @@ def next_epoch() -> int:
     return current_epoch
 
 
+def _no_state(frame: Frame, cdata: int, t: Optional[torch.Tensor]) -> bool:
+    return False
+
+
+# Whether a storage is module state (a parameter, buffer or gradient of a live module, or a
+# framework module's buffers): installed by ``_module_state``, a layer above this one, which
+# needs the stack and the frameworks to answer.
+_state_lookup: Callable[[Frame, int, Optional[torch.Tensor]], bool] = _no_state
+
+
+def install_state_lookup(lookup: Callable[[Frame, int, Optional[torch.Tensor]], bool]) -> None:
+    global _state_lookup
+    _state_lookup = lookup
+
+
 class Protection:
     """One protected tensor in one frame."""
 
@@ -109,14 +124,14 @@ class Frame:
         "mode",
         "module_root",
         "modules_scoped",
-        "modules_unread",
         "needs_mode",
         "protect_state",
         "protections",
         "scope",
-        "seen_modules",
         "start",
         "state",
+        "state_rebuilt",
+        "state_walked",
         "stats",
         "where",
     )
@@ -151,25 +166,31 @@ class Frame:
         # functionalize applies a callee's writes to the real tensor only after the callee
         # has returned (see _boundaries.finish).
         self.deferred: list[tuple[Protection, int]] = []
-        # Storages this frame does not protect: allow= and, for block frames, module state.
+        # Storages this frame does not protect: allow=. A block frame also exempts module
+        # state, looked up where a write needs it (_module_state): the modules on the stack
+        # it has walked, and whether it has had its one rebuild of the state index.
         self.allow: dict[int, Any] = {}
-        self.state: dict[int, Any] = {}
+        self.state: dict[int, Any] = {}  # framework modules' buffers (_module_state)
         self.protect_state = protect_state
         self.stats = stats if stats is not None else CloneStats()
         self.module_root = module_root
         self.boundary = False
         self.hooked = False  # holds a reference on the module hooks
-        self.seen_modules: dict[tuple[int, object], torch.nn.Module] = {}
-        # Modules called in the block whose parameters and buffers are not in `state` yet:
-        # read when a write first needs the answer (see add_module_state).
-        self.modules_unread: list[tuple[torch.nn.Module, bool]] = []
+        self.state_walked: set[int] = set()
+        self.state_rebuilt = False
 
-    def exempt(self, cdata: int) -> bool:
-        if cdata in self.allow:
+    def exempt(self, cdata: int, t: Optional[torch.Tensor] = None) -> bool:
+        """Whether this frame lets a write into storage ``cdata`` (reached through ``t``) go
+        ahead: ``allow=``, and for a block frame that does not protect state, module state."""
+        if cdata in self.allow or cdata in self.state:
             return True
-        if self.modules_unread:
-            self._read_module_state()
-        return cdata in self.state
+        return self.kind == BLOCK and not self.protect_state and _state_lookup(self, cdata, t)
+
+    def add_state(self, t: torch.Tensor) -> None:
+        for leaf in tensor_leaves(t):
+            storage = storage_of(leaf)
+            if storage is not None:
+                self.state[storage._cdata] = storage
 
     # Hooks for frames whose protections come and go with autograd's saved tensors
     # (``_saved.SavedFrame``); a guard's frame keeps these defaults.
@@ -211,56 +232,6 @@ class Frame:
             storage = storage_of(leaf)
             if storage is not None:
                 self.allow[storage._cdata] = storage
-
-    def add_module_state(self, module: torch.nn.Module, *, recurse: bool) -> None:
-        """Exempt ``module``'s parameters, buffers and gradients (its submodules' too if
-        ``recurse``), once per module per frame: gradients that appear later in the block are
-        the block's own memory anyway.
-
-        The module is only noted here; its tensors are read when a write into memory from
-        before the block is judged (``exempt``), so that a block in which nothing writes
-        outside memory never walks them (~10 us a module, at every guard entry). What counts
-        is the module's state as it is at that write."""
-        key = (id(module), recurse)
-        if key in self.seen_modules:
-            return
-        self.seen_modules[key] = module
-        self.modules_unread.append((module, recurse))
-
-    def _read_module_state(self) -> None:
-        unread, self.modules_unread = self.modules_unread, []
-        for module, recurse in unread:
-            try:
-                params = list(module.parameters(recurse))
-                buffers = list(module.buffers(recurse))
-            except Exception:  # a module whose tree cannot be walked: its own tensors at least
-                params = list(getattr(module, "_parameters", {}).values())
-                buffers = list(getattr(module, "_buffers", {}).values())
-            for p in params:
-                if p is None:
-                    continue
-                self._add_state(p)
-                if p.grad is not None:
-                    self._add_state(p.grad)
-            for b in buffers:
-                if b is not None:
-                    self._add_state(b)
-
-    def add_framework_state(self, owner: torch.nn.Module, find: Any) -> None:
-        """Exempt memory a framework module owns beyond its parameters (DDP's gradient
-        buckets), found by ``find(owner)``, once per module per frame."""
-        key = (id(owner), "framework")
-        if key in self.seen_modules:
-            return
-        self.seen_modules[key] = owner
-        for t in find(owner):
-            self._add_state(t)
-
-    def _add_state(self, t: torch.Tensor) -> None:
-        for leaf in tensor_leaves(t):
-            storage = storage_of(leaf)
-            if storage is not None:
-                self.state[storage._cdata] = storage
 
 
 def _label_on_stack(cdata: int) -> Optional[str]:
@@ -405,9 +376,7 @@ class ThreadState(threading.local):
             born = born_epoch(storage)
             if born or self.older_than_blocks(cdata):
                 for f in self.blocks:
-                    if born < f.start and not f.exempt(cdata):
-                        if not f.protect_state and isinstance(t, torch.nn.Parameter):
-                            continue
+                    if born < f.start and not _state_kept(f, t) and not f.exempt(cdata, t):
                         hits.append(Hit(f, self.outside_label(cdata), f.mode, (), None))
         mark = getattr(storage, READONLY_ATTR, None)
         if mark is not None and self.frames:
@@ -462,11 +431,14 @@ class ThreadState(threading.local):
             born = born_epoch(storage) if storage is not None else 0
             if storage is not None and (born or self.older_than_blocks(storage._cdata)):
                 for f in self.blocks:
-                    if born < f.start and not f.exempt(storage._cdata):
-                        if not f.protect_state and isinstance(t, torch.nn.Parameter):
-                            continue
+                    if born < f.start and not _state_kept(f, t) and not f.exempt(storage._cdata, t):
                         hits.append(Hit(f, OUTSIDE, f.mode, (), None))
         return hits
+
+
+def _state_kept(frame: Frame, t: torch.Tensor) -> bool:
+    """A parameter is module state wherever it is written from (checked before any lookup)."""
+    return not frame.protect_state and isinstance(t, torch.nn.Parameter)
 
 
 def _holds(module: torch.nn.Module, cdata: int) -> bool:

@@ -175,16 +175,27 @@ def test_watch_in_warn_mode_collects_every_write():
     assert len(found) == 3 and all(w.where == "RowNormalizer" for w in found)
 
 
-def test_hooks_come_off_as_the_last_guard_ends():
+def test_hooks_come_off_as_the_last_guard_ends(monkeypatch, scope):
+    from immutorch import _boundaries
     from immutorch._boundaries import hooks_installed
     from immutorch._registry import STATE
 
     if STATE.watchers:
         pytest.skip("a watch (pytest --immutorch-modules) holds the hooks for the whole test")
+    # Once torch.compile has been used in the process (an earlier test), every guard hooks
+    # module calls, for the compiled modules among them.
+    monkeypatch.setattr(_boundaries, "compile_in_use", lambda: False)
     lin = torch.nn.Linear(1, 1)
-    # A block guard: a named raise-mode guard needs no module hooks, and installs none (the
-    # test passed only after a test that had left them in place).
-    with immutorch.guard():
+    # Raise and warn mode need no module hooks, and install none, in a block too: it finds
+    # module state where a write needs it (_module_state). Scope "arguments" hands scoped
+    # aliases over at module calls.
+    for mode in ("raise", "warn"):
+        with immutorch.guard(mode=mode):
+            assert hooks_installed() == (scope == "arguments")
+            lin(torch.zeros(1))
+    # A clone-mode block hands its arguments over at module calls (the test passed only after
+    # a test that had left them in place).
+    with immutorch.guard(mode="clone"):
         assert hooks_installed()
         lin(torch.zeros(1))
     # Nothing outlives the last guard (torch.export's strict mode fails with any global hook).

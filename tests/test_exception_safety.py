@@ -17,12 +17,20 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 import immutorch
-from immutorch import ImmutableTensorError, _arguments, _boundaries, _clone, _compiled, guard
+from immutorch import (
+    ImmutableTensorError,
+    _arguments,
+    _boundaries,
+    _clone,
+    _compiled,
+    _module_state,
+    guard,
+)
 from immutorch import immutable_inputs as immutable_inputs
 from immutorch._backends import mode as _mode
 from immutorch._backends import native as _native
 from immutorch._backends.native import NativeHandle
-from immutorch._registry import STATE, Frame
+from immutorch._registry import STATE
 
 pytestmark = pytest.mark.both_backends
 
@@ -189,12 +197,16 @@ def test_boundary_failure_before_it_is_on_record(monkeypatch: pytest.MonkeyPatch
     monkeypatch.undo()
 
 
-def test_a_failure_noting_a_module_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A raise block notes each module called, with nothing on record to undo.
-    monkeypatch.setattr(Frame, "add_module_state", _fail)
+def test_a_failure_looking_up_module_state_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A block looks module state up at a write into memory from before it, before the write.
+    monkeypatch.setattr(_module_state, "_rebuild", _fail)
+    x = torch.ones(3)
     with pytest.raises(Injected), guard():
-        torch.nn.ReLU()(torch.ones(3))
+        x.add_(1)
     monkeypatch.undo()
+    assert torch.equal(x, torch.ones(3))
 
 
 def test_boundary_failure_after_it_is_on_record(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -227,7 +239,7 @@ def test_a_watch_frame_that_fails_to_enter(monkeypatch: pytest.MonkeyPatch) -> N
 # -- mode entry -------------------------------------------------------------------------------
 def test_mode_entry_failure_in_the_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_boundaries, "acquire_hooks", _fail)
-    with pytest.raises(Injected), guard():
+    with pytest.raises(Injected), guard(mode="clone"):  # clone mode hooks module calls
         pass
     monkeypatch.undo()
 

@@ -37,7 +37,7 @@ from torch.nn.modules import module as _module_mod
 
 from . import _arguments, _registry
 from ._distributed import framework_state, is_framework
-from ._storage import storage_of, tensor_leaves
+from ._storage import leaf_storages, storage_of
 
 # Where a storage sits: (the module, how it is held, the attribute name). Kinds: "p" a
 # parameter, "g" a parameter's gradient, "b" a buffer.
@@ -122,7 +122,7 @@ def _storages_at(place: _Place) -> set[int]:
     else:
         p = _entry(module._parameters, name)
         tensors = [p if kind == "p" else _grad(p)]
-    return {cdata for t in tensors if t is not None for cdata in _leaf_storages(t)}
+    return {cdata for t in tensors if t is not None for cdata in _cdatas(t)}
 
 
 def _entry(table: Any, name: str) -> Optional[torch.Tensor]:
@@ -141,13 +141,8 @@ def _grad(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return p.grad
 
 
-def _leaf_storages(t: torch.Tensor) -> list[int]:
-    found = []
-    for leaf in tensor_leaves(t):
-        storage = storage_of(leaf)
-        if storage is not None:
-            found.append(storage._cdata)
-    return found
+def _cdatas(t: torch.Tensor) -> list[int]:
+    return [storage._cdata for storage in leaf_storages(t)]
 
 
 def _modules_of(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -175,7 +170,7 @@ def _index_module(module: torch.nn.Module) -> None:
     for t, place in places:
         if t is None:
             continue
-        for cdata in _leaf_storages(t):
+        for cdata in _cdatas(t):
             entries = _index.setdefault(cdata, [])
             if place not in entries:
                 entries.append(place)
@@ -211,7 +206,7 @@ def add_framework_state(frame: _registry.Frame) -> None:
     for module in modules:
         if is_framework(module):
             for t in framework_state(module):
-                frame.add_state(t)
+                frame.allow_tensor(t)
 
 
 def _registered(module: torch.nn.Module, _name: str, value: Any) -> None:

@@ -10,7 +10,7 @@ from typing import Union
 
 import torch
 
-from ._storage import READONLY_ATTR, describe, note_readonly, storage_of, tensor_leaves
+from ._storage import READONLY_ATTR, describe, leaf_storages, note_readonly
 
 Markable = Union[torch.Tensor, torch.nn.Module]
 
@@ -29,10 +29,7 @@ def _storages(items: tuple[Markable, ...], fn: str) -> list[tuple[str, torch.Unt
                 f"{type(item).__name__}"
             )
         for label, t in tensors:
-            for leaf in tensor_leaves(t):
-                storage = storage_of(leaf)
-                if storage is not None:
-                    out.append((label, storage))
+            out += [(label, storage) for storage in leaf_storages(t)]
     return out
 
 

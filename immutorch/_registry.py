@@ -24,6 +24,7 @@ from ._storage import (
     STANDS_FOR_ATTR,
     born_epoch,
     byte_range,
+    leaf_storages,
     shape_of,
     storage_of,
     tensor_leaves,
@@ -129,7 +130,6 @@ class Frame:
         "protections",
         "scope",
         "start",
-        "state",
         "state_rebuilt",
         "state_walked",
         "stats",
@@ -166,11 +166,11 @@ class Frame:
         # functionalize applies a callee's writes to the real tensor only after the callee
         # has returned (see _boundaries.finish).
         self.deferred: list[tuple[Protection, int]] = []
-        # Storages this frame does not protect: allow=. A block frame also exempts module
+        # Storages this frame does not protect: allow= (and, for a block, the buffers of DDP
+        # and FSDP2 modules, read as it starts). A block frame also exempts module
         # state, looked up where a write needs it (_module_state): the modules on the stack
         # it has walked, and whether it has had its one rebuild of the state index.
         self.allow: dict[int, Any] = {}
-        self.state: dict[int, Any] = {}  # framework modules' buffers (_module_state)
         self.protect_state = protect_state
         self.stats = stats if stats is not None else CloneStats()
         self.module_root = module_root
@@ -182,15 +182,9 @@ class Frame:
     def exempt(self, cdata: int, t: Optional[torch.Tensor] = None) -> bool:
         """Whether this frame lets a write into storage ``cdata`` (reached through ``t``) go
         ahead: ``allow=``, and for a block frame that does not protect state, module state."""
-        if cdata in self.allow or cdata in self.state:
+        if cdata in self.allow:
             return True
         return self.kind == BLOCK and not self.protect_state and _state_lookup(self, cdata, t)
-
-    def add_state(self, t: torch.Tensor) -> None:
-        for leaf in tensor_leaves(t):
-            storage = storage_of(leaf)
-            if storage is not None:
-                self.state[storage._cdata] = storage
 
     # Hooks for frames whose protections come and go with autograd's saved tensors
     # (``_saved.SavedFrame``); a guard's frame keeps these defaults.
@@ -228,10 +222,8 @@ class Frame:
                 self.protections.append(Protection(self, label, t, storage, holder))
 
     def allow_tensor(self, t: torch.Tensor) -> None:
-        for leaf in tensor_leaves(t):
-            storage = storage_of(leaf)
-            if storage is not None:
-                self.allow[storage._cdata] = storage
+        for storage in leaf_storages(t):
+            self.allow[storage._cdata] = storage
 
 
 def _label_on_stack(cdata: int) -> Optional[str]:

@@ -178,6 +178,16 @@ def tensor_leaves(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def leaf_storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
+    """The storages that hold ``t``'s memory (its own, or its leaves' for a wrapper)."""
+    found = []
+    for leaf in tensor_leaves(t):
+        storage = storage_of(leaf)
+        if storage is not None:
+            found.append(storage)
+    return found
+
+
 def shape_of(t: torch.Tensor) -> tuple[int, ...]:
     """``t.shape`` for reports. A strided nested tensor has ragged sizes and raises on
     ``.shape``; it reports its outer size, so a write into one is refused, not a crash."""

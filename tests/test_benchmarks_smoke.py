@@ -345,3 +345,26 @@ def test_two_backends_run_side_by_side(monkeypatch: pytest.MonkeyPatch, tmp_path
     if importlib.util.find_spec("matplotlib") is not None:
         assert report.write_plot([block], tmp_path / "plot.svg") is None
         assert "[native]" in (tmp_path / "plot.svg").read_text(encoding="utf-8")
+
+
+def test_instruction_counts_are_read_per_variant_from_the_dumps(tmp_path: Path) -> None:
+    """benchmarks/instructions.py: the measured dump of each variant is the one between its
+    two getppid() calls (dumps 2, 4, 6, ...), divided by the calls measured."""
+    instructions = _bench("instructions")
+    n = len(instructions.VARIANTS)
+    # start-up, then (measured, next warm-up) per variant, then the rest of the process
+    totals = [10_000]
+    for i in range(n):
+        totals += [3 * (1000 + 10 * i), 77]
+    totals[-1] = 5
+    for number, total in enumerate(totals, start=1):
+        (tmp_path / f"cg.out.{number}").write_text(f"events: Ir\nsummary: {total}\n")
+    (tmp_path / "cg.out").write_text("not a numbered dump")
+    read = instructions.dump_totals(tmp_path, "cg.out")
+    assert read == totals
+    counts = instructions.per_call(read, n, 3)
+    assert counts == [1000 + 10 * i for i in range(n)]
+    table = instructions.table("w", counts)
+    assert "+10" in table.splitlines()[3] and "1.010" in table.splitlines()[3]
+    with pytest.raises(RuntimeError, match="dumps"):
+        instructions.per_call(read[:3], n, 3)

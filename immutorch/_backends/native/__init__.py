@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -33,6 +33,9 @@ _not_loaded: Optional[NativeUnavailable] = None
 # The keys the fallback is on, each with what reaches it there ("every op", "writes", ...).
 _keys: Optional[list[tuple[str, str]]] = None
 _ops: dict[tuple[str, str], Any] = {}
+# Clone mode's module-call check in C++ once loaded: (args, kwargs) -> whether any argument may
+# have to be handed over (False: none can; True: ask Python). See may_hand_over in guard.cpp.
+hand_over_filter: Optional[Callable[[tuple[Any, ...], Optional[dict[str, Any]]], bool]] = None
 
 
 def _resolve(name: str, overload: str) -> Any:
@@ -108,7 +111,7 @@ def _born(storage: Any) -> int:
 def available(*, build: bool = True) -> bool:
     """Whether the native backend can serve; builds it the first time if ``build``, else only
     loads a build the cache holds for this installation."""
-    global _module, _reason, _keys, _not_loaded
+    global _module, _reason, _keys, _not_loaded, hand_over_filter
     if _module is not None:
         return True
     if _reason is not None or (not build and _not_loaded is not None):
@@ -127,6 +130,7 @@ def available(*, build: bool = True) -> bool:
         _reason = f"the native backend's dispatch key is taken ({err})"
         return False
     _module = module
+    hand_over_filter = module.may_hand_over
     _storage.install_native_hooks(_born, _readonly)
     return True
 

@@ -790,6 +790,55 @@ void sync_state(py::list storages, int64_t block_start, int64_t epoch, bool clon
   include_key(*st);
 }
 
+// Clone mode at a module call: whether any argument may have to cross as a copy-on-write alias
+// (true: Python decides, as it would without this check). False only where the thread is served
+// here and every argument is a scalar, None, a string, or a plain tensor whose memory C++ sees
+// and knows to be unprotected: most module calls take the block's own activations, and asking
+// Python about each cost ~4 us a call.
+bool may_hand_over_one(const State& st, PyObject* v) {
+  if (v == Py_None || PyBool_Check(v) || PyLong_CheckExact(v) || PyFloat_CheckExact(v) ||
+      PyUnicode_CheckExact(v)) {
+    return false;
+  }
+  if (THPVariable_CheckExact(v)) {
+    const at::Tensor& t = THPVariable_Unpack(v);
+    constexpr c10::DispatchKeySet wrappers({
+        c10::DispatchKey::FuncTorchBatched,
+        c10::DispatchKey::FuncTorchGradWrapper,
+        c10::DispatchKey::Functionalize,
+    });
+    if (t.defined() && t.unsafeGetTensorImpl()->key_set().has_any(wrappers)) {
+      return true;  // a torch.func wrapper: Python finds the memory under it
+    }
+    return may_be_protected(st, t);
+  }
+  if (THPVariable_Check(v) || PyList_Check(v) || PyTuple_Check(v) || PyDict_Check(v)) {
+    return true;  // a subclass, or a container Python rebuilds
+  }
+  // dataclasses.is_dataclass: Python rebuilds dataclass instances too
+  PyObject* cls = PyType_Check(v) ? v : reinterpret_cast<PyObject*>(Py_TYPE(v));
+  return PyObject_HasAttrString(cls, "__dataclass_fields__") != 0;
+}
+
+bool may_hand_over(py::handle args, py::handle kwargs) {
+  std::shared_ptr<State> st = current_state();
+  if (!st || !PyTuple_Check(args.ptr())) {
+    return true;  // not served here: Python knows
+  }
+  for (Py_ssize_t i = 0, n = PyTuple_GET_SIZE(args.ptr()); i < n; ++i) {
+    if (may_hand_over_one(*st, PyTuple_GET_ITEM(args.ptr(), i))) return true;
+  }
+  if (kwargs.is_none()) return false;
+  if (!PyDict_Check(kwargs.ptr())) return true;
+  PyObject* key = nullptr;
+  PyObject* value = nullptr;
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(kwargs.ptr(), &pos, &key, &value)) {
+    if (may_hand_over_one(*st, value)) return true;
+  }
+  return false;
+}
+
 int64_t born(py::object storage) {
   return born_of(unpack_storage(storage));
 }
@@ -830,6 +879,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("activate", &activate);
   m.def("sync", &sync_state);
   m.def("born", &born);
+  m.def("may_hand_over", &may_hand_over);
   m.def("mark_readonly", &mark_readonly);
   m.def("enabled", &enabled);
   m.def("serving", &serving);

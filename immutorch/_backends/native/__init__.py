@@ -171,9 +171,20 @@ def sync(state: ThreadState) -> None:
     for protections in state.by_storage.values():
         for p in protections:
             storages[p.cdata] = p.storage
+    # The protected objects, for writes of size or strides (ThreadState.object_hits).
+    objects: dict[int, torch.Tensor] = {}
+    for protections in state.by_object.values():
+        for p in protections:
+            objects[id(p.obj)] = p.obj
+            if p.holder is not None:
+                objects[id(p.holder)] = p.holder
     block_start = max((f.start for f in state.blocks), default=0)
     module.sync(
-        list(storages.values()), block_start, _registry.current_epoch, state.clone_frames > 0
+        list(storages.values()),
+        list(objects.values()),
+        block_start,
+        _registry.current_epoch,
+        state.clone_frames > 0,
     )
 
 

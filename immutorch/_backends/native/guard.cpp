@@ -90,6 +90,9 @@ void count_block(bool on);
 struct State {
   std::unordered_map<const StorageImpl*, c10::intrusive_ptr<StorageImpl>> protected_;
   std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  // The protected tensor objects themselves (and the tensors holding a torch.func wrapper's
+  // memory), pinned: what a write of size or strides is judged by (ThreadState.object_hits).
+  std::unordered_map<const c10::TensorImpl*, c10::intrusive_ptr<c10::TensorImpl>> objects;
   int64_t block_start = 0;  // the latest start epoch of an active block frame, 0 for none
   int64_t epoch = 0;
   bool clone = false;  // a clone-mode frame is active: views of aliases join their groups
@@ -263,6 +266,29 @@ bool may_be_protected(const State& st, const at::Tensor& t) {
     return true;
   }
   return false;
+}
+
+// Whether Python must judge a write of t's size or strides: t is a protected tensor object,
+// or one whose memory C++ cannot see, or (in a block) memory from outside it. A view of
+// protected memory may change its own shape: only the protected object itself is refused.
+bool may_be_protected_object(const State& st, const at::Tensor& t) {
+  if (!t.defined()) {
+    return false;
+  }
+  auto* impl = t.unsafeGetTensorImpl();
+  if (!st.objects.empty() && st.objects.count(impl) != 0) {
+    return true;
+  }
+  StorageImpl* s = storage_of(t);
+  constexpr c10::DispatchKeySet wrappers({
+      c10::DispatchKey::FuncTorchBatched,
+      c10::DispatchKey::FuncTorchGradWrapper,
+      c10::DispatchKey::Functionalize,
+  });
+  if (s == nullptr || impl->key_set().has_any(wrappers)) {
+    return true;
+  }
+  return st.block_start != 0 && born_of(s) < st.block_start;
 }
 
 template <typename F>
@@ -527,12 +553,10 @@ void fallback_on(
       if (judge) break;
       if (static_cast<size_t>(w.position) >= nargs) continue;
       if (w.when >= 0 && !truthy((*stack)[base + w.when])) continue;
-      if (w.meta) {
-        judge = !(*stack)[base + w.position].isNone();
-        continue;
-      }
       each_tensor((*stack)[base + w.position], [&](const at::Tensor& t) {
-        if (!judge && may_be_protected(*st, t)) judge = true;
+        if (!judge && (w.meta ? may_be_protected_object(*st, t) : may_be_protected(*st, t))) {
+          judge = true;
+        }
       });
     }
     if (judge) {
@@ -766,7 +790,8 @@ void activate(py::object py_state) {
 }
 
 // Mirror this thread's protections (see immutorch._backends.native.sync).
-void sync_state(py::list storages, int64_t block_start, int64_t epoch, bool clone) {
+void sync_state(
+    py::list storages, py::list objects, int64_t block_start, int64_t epoch, bool clone) {
   State* st = t_owned.get();
   if (st == nullptr) return;
   if (!st->pending.empty()) {
@@ -775,6 +800,16 @@ void sync_state(py::list storages, int64_t block_start, int64_t epoch, bool clon
   }
   st->protected_.clear();
   st->ranges.clear();
+  st->objects.clear();
+  for (auto obj : objects) {
+    if (!THPVariable_Check(obj.ptr())) {
+      throw py::type_error("immutorch native: expected a torch.Tensor");
+    }
+    const at::Tensor& t = THPVariable_Unpack(obj.ptr());
+    if (t.defined()) {
+      st->objects.emplace(t.unsafeGetTensorImpl(), t.getIntrusivePtr());
+    }
+  }
   for (auto obj : storages) {
     StorageImpl* s = unpack_storage(obj);
     st->protected_.emplace(s, c10::intrusive_ptr<StorageImpl>::reclaim_copy(s));

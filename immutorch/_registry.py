@@ -131,7 +131,6 @@ class Frame:
         "scope",
         "start",
         "state_rebuilt",
-        "state_walked",
         "stats",
         "where",
     )
@@ -168,15 +167,14 @@ class Frame:
         self.deferred: list[tuple[Protection, int]] = []
         # Storages this frame does not protect: allow= (and, for a block, the buffers of DDP
         # and FSDP2 modules, read as it starts). A block frame also exempts module
-        # state, looked up where a write needs it (_module_state): the modules on the stack
-        # it has walked, and whether it has had its one rebuild of the state index.
+        # state, looked up where a write needs it (_module_state): whether it has had its
+        # one rebuild of the state index.
         self.allow: dict[int, Any] = {}
         self.protect_state = protect_state
         self.stats = stats if stats is not None else CloneStats()
         self.module_root = module_root
         self.boundary = False
         self.hooked = False  # holds a reference on the module hooks
-        self.state_walked: set[int] = set()
         self.state_rebuilt = False
 
     def exempt(self, cdata: int, t: Optional[torch.Tensor] = None) -> bool:

@@ -7,6 +7,7 @@ copy."""
 from __future__ import annotations
 
 import copy
+import gc
 import subprocess
 import sys
 import textwrap
@@ -110,6 +111,54 @@ def test_a_swapped_parameter_storage_is_followed():
     with immutorch.guard(scope="all"):
         new_grad.add_(1)
     assert torch.equal(lin.weight.grad, torch.ones(2, 2))
+
+
+def test_a_callers_input_reaching_modules_as_new_views_is_looked_up_once(monkeypatch):
+    """A clone block asks about the caller's input at every module call that takes it, often
+    through a new view each call (``x.transpose(1, 2)``): the answer "not state" is kept for
+    the storage, so a block neither rebuilds the index nor walks the modules on the stack
+    again, while no registration happened. Each call still computes what it would have."""
+    from immutorch import _module_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    x = torch.randn(2, 3, 4)
+    rebuilds, walks = [], []
+    rebuild, index_module = _module_state._rebuild, _module_state._index_module
+    monkeypatch.setattr(_module_state, "_rebuild", lambda: rebuilds.append(1) or rebuild())
+    monkeypatch.setattr(
+        _module_state, "_index_module", lambda m: walks.append(m) or index_module(m)
+    )
+    for i in range(4):
+        if i == 1:
+            rebuilds.clear()
+            walks.clear()
+        with immutorch.guard(mode="clone", scope="all"):
+            got = model(x.transpose(0, 1))
+        assert torch.equal(got, model(x.clone().transpose(0, 1)))
+    assert rebuilds == [] and walks == []
+    model.register_buffer("stat", torch.zeros(1))  # a registration: look again, once
+    for _ in range(2):
+        with immutorch.guard(mode="clone", scope="all"):
+            model(x.transpose(0, 1))
+    assert len(rebuilds) == 1
+
+
+def test_a_not_state_answer_ends_with_its_storage():
+    """The answer is kept with a weak reference to the storage: once the storage is gone,
+    its address may hold a module's new state, and the answer no longer applies."""
+    from immutorch import _module_state
+
+    def refused_once() -> int:
+        x = torch.zeros(3)
+        with pytest.raises(immutorch.ImmutableTensorError), immutorch.guard(scope="all"):
+            x.add_(1)
+        cdata: int = x.untyped_storage()._cdata
+        assert _module_state._known_not_state(cdata)
+        return cdata
+
+    cdata = refused_once()
+    gc.collect()  # the refusal's traceback and its frames held the tensor
+    assert not _module_state._known_not_state(cdata)
 
 
 @pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated")

@@ -582,7 +582,7 @@ def _only_noted(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str
         or state.scoped_guards
         or state.scoped_calls
         or state.bypass
-        or is_compiled(module)
+        or (type(module) not in _plain_module_types and _compiled_or_note(module))
         # A recursive call of a module whose outer call is on record: its post-hook would
         # take this call for that one.
         or (state.boundaries and state.boundaries[-1].module is module)
@@ -590,10 +590,25 @@ def _only_noted(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str
     )
 
 
+# Module types seen not to be torch.compile's OptimizedModule: asked at every module call.
+_plain_module_types: set[type] = set()
+
+
+def _compiled_or_note(module: torch.nn.Module) -> bool:
+    if is_compiled(module):
+        return True
+    if type(module).__name__ != "OptimizedModule":
+        _plain_module_types.add(type(module))
+    return False
+
+
+_is_compiling = torch.compiler.is_compiling
+
+
 def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
     if STATE.scoped_calls and _nested_in_scoped_call(module):
         return None
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return None  # Dynamo traces hooks: keep them out of compiled graphs
     kwargs = _caller_kwargs() or {}
     if _only_noted(module, args, kwargs):
@@ -612,7 +627,7 @@ def _pre_hook_with_kwargs(
 ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
     if STATE.scoped_calls and _nested_in_scoped_call(module):
         return None
-    if torch.compiler.is_compiling() or _only_noted(module, args, kwargs):
+    if _is_compiling() or _only_noted(module, args, kwargs):
         return None
     return _enter_boundary(module, args, kwargs)
 
@@ -622,7 +637,7 @@ def _post_hook_with_kwargs(module: torch.nn.Module, args: Any, kwargs: Any, outp
 
 
 def _post_hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return None
     state = STATE
     if not state.boundaries or state.boundaries[-1].module is not module:

@@ -223,6 +223,14 @@ std::shared_ptr<State> current_state() {
   return *static_cast<std::shared_ptr<State>*>(PyCapsule_GetContext(capsule));
 }
 
+// The torch.func wrappers (vmap's, grad's, functionalize's): their memory is under them, where
+// Python finds it (immutorch._storage.memory_leaves).
+const c10::DispatchKeySet kWrapperKeys({
+    c10::DispatchKey::FuncTorchBatched,
+    c10::DispatchKey::FuncTorchGradWrapper,
+    c10::DispatchKey::Functionalize,
+});
+
 StorageImpl* storage_of(const at::Tensor& t) {
   if (!t.defined()) {
     return nullptr;
@@ -280,12 +288,7 @@ bool may_be_protected_object(const State& st, const at::Tensor& t) {
     return true;
   }
   StorageImpl* s = storage_of(t);
-  constexpr c10::DispatchKeySet wrappers({
-      c10::DispatchKey::FuncTorchBatched,
-      c10::DispatchKey::FuncTorchGradWrapper,
-      c10::DispatchKey::Functionalize,
-  });
-  if (s == nullptr || impl->key_set().has_any(wrappers)) {
+  if (s == nullptr || impl->key_set().has_any(kWrapperKeys)) {
     return true;
   }
   return st.block_start != 0 && born_of(s) < st.block_start;
@@ -837,12 +840,7 @@ bool may_hand_over_one(const State& st, PyObject* v) {
   }
   if (THPVariable_CheckExact(v)) {
     const at::Tensor& t = THPVariable_Unpack(v);
-    constexpr c10::DispatchKeySet wrappers({
-        c10::DispatchKey::FuncTorchBatched,
-        c10::DispatchKey::FuncTorchGradWrapper,
-        c10::DispatchKey::Functionalize,
-    });
-    if (t.defined() && t.unsafeGetTensorImpl()->key_set().has_any(wrappers)) {
+    if (t.defined() && t.unsafeGetTensorImpl()->key_set().has_any(kWrapperKeys)) {
       return true;  // a torch.func wrapper: Python finds the memory under it
     }
     return may_be_protected(st, t);

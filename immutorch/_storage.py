@@ -13,6 +13,7 @@ import weakref
 from typing import Any, Callable, Optional
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ._compat import TORCH_FLOOR, functorch_unwrapped, is_functorch_wrapped
 
@@ -46,7 +47,15 @@ _marked: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 # over older bytes at a reused address shows other bytes); the table is emptied when the
 # process's last block guard ends (``_births.release``), so an address is reused meanwhile only
 # by a storage made after the one recorded.
-_born_at: dict[int, tuple[int, int]] = {}
+#
+# A private copy (PRIVATE_BORN, whose writes are free) is also made outside any block, by
+# named clone-mode guards, so its record can outlive it until some block ends: a storage made
+# later at the same address over the same bytes (the allocator hands both back for a tensor of
+# the same size) would pass for private, and a write into it go ahead unisolated (seen once in
+# the suite: a caller's tensor written in place in a clone block). Its record holds a weak
+# reference to the storage, which keeps the address from being reused while it lasts and tells
+# when the storage is gone.
+_born_at: dict[int, tuple[int, int, Optional[StorageWeakRef]]] = {}
 
 
 def set_born(storage: Any, epoch: int) -> None:
@@ -54,7 +63,25 @@ def set_born(storage: Any, epoch: int) -> None:
     setattr(storage, BORN_ATTR, epoch)
     data = _data_ptr(storage)
     if data is not None:
-        _born_at[storage._cdata] = (epoch, data)
+        ref = None
+        if epoch == PRIVATE_BORN:
+            ref = StorageWeakRef(storage)
+            if len(_born_at) >= 4096:  # records of copies gone since: drop them
+                for key in [k for k, r in _born_at.items() if r[2] is not None and r[2].expired()]:
+                    del _born_at[key]
+        _born_at[storage._cdata] = (epoch, data, ref)
+
+
+def recorded_birth(cdata: int, data: Optional[int]) -> int:
+    """The birth recorded for the storage at ``cdata`` showing bytes ``data`` (0: none, or a
+    record of a storage gone since)."""
+    record = _born_at.get(cdata)
+    if record is None or record[1] != data:
+        return 0
+    if record[2] is not None and record[2].expired():
+        del _born_at[cdata]
+        return 0
+    return record[0]
 
 
 def _data_ptr(storage: Any) -> Optional[int]:
@@ -74,9 +101,7 @@ def born_epoch(storage: Any) -> int:
     """The epoch at which ``storage`` was born inside a block (0: before any, or unknown)."""
     born: int = getattr(storage, BORN_ATTR, 0)
     if not born and _born_at:
-        record = _born_at.get(storage._cdata)
-        if record is not None and record[1] == _data_ptr(storage):
-            born = record[0]
+        born = recorded_birth(storage._cdata, _data_ptr(storage))
     if _native_born is not None:
         native = _native_born(storage)
         if native > born:

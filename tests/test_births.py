@@ -352,3 +352,28 @@ def test_a_tensor_received_from_another_process_is_the_blocks_own() -> None:
         done.set()
         child.join(timeout=60)
     assert_same(received, torch.arange(4.0) + 1)
+
+
+def test_a_private_copys_record_ends_with_the_copy() -> None:
+    """Clone mode records the private copies it makes as writable (PRIVATE_BORN), also in
+    named guards, outside any block, where the record outlives the guard. Once the copy is
+    gone, a storage made later at its address over the same bytes (the allocator hands both
+    back for a tensor of the same size) must not pass for it: a write into it would go
+    ahead unisolated (seen once in the suite, a caller's tensor written in place)."""
+    from immutorch import _storage
+
+    class Doubles(torch.nn.Module):
+        def forward(self, t: Tensor) -> Tensor:
+            return t.mul_(2)
+
+    def private_copy() -> tuple[int, int]:
+        x = torch.arange(3.0)
+        with immutorch.guard(x, mode="clone", scope="all"):
+            y = Doubles()(x)  # the callee's alias, moved onto its private copy
+        storage = y.untyped_storage()
+        key = (storage._cdata, storage.data_ptr())
+        assert _storage.recorded_birth(*key) == _storage.PRIVATE_BORN
+        return key
+
+    key = private_copy()
+    assert _storage.recorded_birth(*key) == 0

@@ -91,8 +91,11 @@ struct State {
   std::unordered_map<const StorageImpl*, c10::intrusive_ptr<StorageImpl>> protected_;
   std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
   // The protected tensor objects themselves (and the tensors holding a torch.func wrapper's
-  // memory), pinned: what a write of size or strides is judged by (ThreadState.object_hits).
-  std::unordered_map<const c10::TensorImpl*, c10::intrusive_ptr<c10::TensorImpl>> objects;
+  // memory): what a write of size or strides is judged by (ThreadState.object_hits). Not
+  // pinned: an address reused by another tensor only sends its size writes to Python, which
+  // judges by the Python object. (Pinning would let the State's last owner, which may be a
+  // thread without the GIL, free a tensor whose Python object it owns.)
+  std::unordered_set<const c10::TensorImpl*> objects;
   int64_t block_start = 0;  // the latest start epoch of an active block frame, 0 for none
   int64_t epoch = 0;
   bool clone = false;  // a clone-mode frame is active: views of aliases join their groups
@@ -810,7 +813,7 @@ void sync_state(
     }
     const at::Tensor& t = THPVariable_Unpack(obj.ptr());
     if (t.defined()) {
-      st->objects.emplace(t.unsafeGetTensorImpl(), t.getIntrusivePtr());
+      st->objects.insert(t.unsafeGetTensorImpl());
     }
   }
   for (auto obj : storages) {

@@ -21,6 +21,9 @@ from immutorch._backends import native
 pytestmark = pytest.mark.both_backends
 
 
+TORCH_BEFORE_2_5 = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 5)
+
+
 class Sub(torch.Tensor):
     pass
 
@@ -30,22 +33,24 @@ class Batch:
     x: torch.Tensor
 
 
-# What reaches the module call, made from the caller's tensor `x` (made before the guard) and
-# its view `xv`, inside the block: (args, kwargs) of the call.
-CASES: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[tuple[Any, ...], dict[str, Any]]]] = {
-    "the protected tensor": lambda x, xv: ((x,), {}),
-    "a view made before the guard": lambda x, xv: ((xv,), {}),
-    "a view made in the block": lambda x, xv: ((x[1:],), {}),
-    "by keyword": lambda x, xv: ((), {"input": x}),
-    "after scalars": lambda x, xv: ((1, 2.0, None, "s", True, x), {}),
-    "in a tuple": lambda x, xv: (((x, 1),), {}),
-    "in a list": lambda x, xv: (([x],), {}),
-    "in a dict": lambda x, xv: (({"k": x},), {}),
-    "in a dataclass": lambda x, xv: ((Batch(x),), {}),
-    "as a subclass": lambda x, xv: ((x.as_subclass(Sub),), {}),
-    "another storage over its bytes": lambda x, xv: ((torch.from_numpy(x.numpy()),), {}),
-    "fresh memory": lambda x, xv: ((x + 1,), {"other": torch.zeros(2)}),
-    "nothing": lambda x, xv: ((), {}),
+# What reaches the module call, made inside the block from the caller's tensor `x`, its view
+# `xv` and its subclass view `xs` (both made before the guard: torch 2.4 cannot make a
+# subclass view under a dispatch mode): (args, kwargs) of the call.
+Made = tuple[tuple[Any, ...], dict[str, Any]]
+CASES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Made]] = {
+    "the protected tensor": lambda x, xv, xs: ((x,), {}),
+    "a view made before the guard": lambda x, xv, xs: ((xv,), {}),
+    "a view made in the block": lambda x, xv, xs: ((x[1:],), {}),
+    "by keyword": lambda x, xv, xs: ((), {"input": x}),
+    "after scalars": lambda x, xv, xs: ((1, 2.0, None, "s", True, x), {}),
+    "in a tuple": lambda x, xv, xs: (((x, 1),), {}),
+    "in a list": lambda x, xv, xs: (([x],), {}),
+    "in a dict": lambda x, xv, xs: (({"k": x},), {}),
+    "in a dataclass": lambda x, xv, xs: ((Batch(x),), {}),
+    "as a subclass": lambda x, xv, xs: ((xs,), {}),
+    "another storage over its bytes": lambda x, xv, xs: ((torch.from_numpy(x.numpy()),), {}),
+    "fresh memory": lambda x, xv, xs: ((x + 1,), {"other": torch.zeros(2)}),
+    "nothing": lambda x, xv, xs: ((), {}),
 }
 
 
@@ -80,9 +85,9 @@ GUARDS = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_filter_never_says_no_where_python_says_yes(case: str, guard: str) -> None:
     x = torch.arange(6.0)
-    xv = x[2:]
+    xv, xs = x[2:], x.as_subclass(Sub)
     with GUARDS[guard](x):
-        args, kwargs = CASES[case](x, xv)
+        args, kwargs = CASES[case](x, xv, xs)
         python = _boundaries.arguments_may_hand_over(args, kwargs)
         fast = native.hand_over_filter
         if fast is not None and immutorch_native_serves():
@@ -93,15 +98,23 @@ def test_filter_never_says_no_where_python_says_yes(case: str, guard: str) -> No
 
 @pytest.mark.parametrize("guard", list(GUARDS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_clone_isolates_each_case_like_the_unguarded_call(case: str, guard: str) -> None:
+def test_clone_isolates_each_case_like_the_unguarded_call(
+    case: str, guard: str, every_op_backend: str
+) -> None:
+    if case == "as a subclass" and every_op_backend == "python" and TORCH_BEFORE_2_5:
+        pytest.xfail(
+            "torch 2.4 cannot make a tensor subclass's copy under a dispatch mode (the mode "
+            "wraps the copy first: 'already associated to a python object'); the Python mode "
+            "is one"
+        )
     x = torch.arange(6.0)
-    xv = x[2:]
+    xv, xs = x[2:], x.as_subclass(Sub)
     before = x.clone()
     oracle_x = x.clone()
-    oracle_args, oracle_kwargs = CASES[case](oracle_x, oracle_x[2:])
+    oracle_args, oracle_kwargs = CASES[case](oracle_x, oracle_x[2:], oracle_x.as_subclass(Sub))
     want = WritesAll()(*oracle_args, **oracle_kwargs)
     with GUARDS[guard](x):
-        args, kwargs = CASES[case](x, xv)
+        args, kwargs = CASES[case](x, xv, xs)
         got = WritesAll()(*args, **kwargs)
     assert torch.equal(got, want)
     assert torch.equal(x, before)

@@ -2,7 +2,8 @@
 
     python benchmarks/native_micro.py [--quick] [--build-time]
 
-Workloads: 1000 small ops ``h = tanh(h @ W)`` (64x64), a TransformerEncoder 6 x d128 forward
+Workloads: 1000 small ops ``h = tanh(h @ W)`` (64x64), 200 calls of a module doing one tiny
+op (the cost per ``Module.__call__``), a TransformerEncoder 6 x d128 forward
 and forward + backward, and the demo encoder ``[8, 80, 300]``
 (``MelSpectrogramEncoder.encode_mel_spectrogram``). Each runs unguarded and under
 ``guard(x)`` and ``guard()`` (scope "all") in raise and clone mode with ``IMMUTORCH_BACKEND``
@@ -45,6 +46,23 @@ def small_ops() -> tuple[Callable[[torch.Tensor], Any], torch.Tensor]:
     return run, torch.randn(64, 64)
 
 
+class _AddOne(nn.Module):
+    def forward(self, x: torch.Tensor, scale: Any = None) -> torch.Tensor:
+        return x + 1
+
+
+def module_calls() -> tuple[Callable[[torch.Tensor], Any], torch.Tensor]:
+    """What a guard costs per ``Module.__call__``: 200 calls of a module doing one tiny op."""
+    mods = nn.ModuleList(_AddOne() for _ in range(200))
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        for m in mods:
+            h = m(h, scale=None)
+        return h
+
+    return run, torch.randn(4)
+
+
 def transformer(backward: bool) -> tuple[Callable[[torch.Tensor], Any], torch.Tensor]:
     layer = nn.TransformerEncoderLayer(128, 4, 256, dropout=0.0, batch_first=True)
     model = nn.TransformerEncoder(layer, 6, enable_nested_tensor=False)
@@ -68,6 +86,7 @@ def encoder() -> tuple[Callable[[torch.Tensor], Any], torch.Tensor]:
 
 WORKLOADS = {
     "1000 small ops": small_ops,
+    "200 module calls": module_calls,
     "TransformerEncoder fwd": lambda: transformer(False),
     "TransformerEncoder fwd+bwd": lambda: transformer(True),
     "encoder [8,80,300]": encoder,

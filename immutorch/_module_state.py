@@ -229,12 +229,15 @@ def add_framework_state(frame: _registry.Frame) -> None:
 
 def _registered(module: torch.nn.Module, _name: str, value: Any) -> None:
     global _generation
-    _generation += 1
-    _walked.clear()  # every entry is stale now: let go of the dead modules' ids too
-    _not_state.clear()
-    _known.add(module)
-    if isinstance(value, torch.nn.Module):
-        _known.add(value)
+    # Under the lock: another thread's is_state may be reading the caches (a registration runs
+    # on whichever thread builds a module).
+    with _lock:
+        _generation += 1
+        _walked.clear()  # every entry is stale now: let go of the dead modules' ids too
+        _not_state.clear()
+        _known.add(module)
+        if isinstance(value, torch.nn.Module):
+            _known.add(value)
 
 
 def _install() -> None:

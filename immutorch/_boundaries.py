@@ -582,24 +582,13 @@ def _only_noted(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str
         or state.scoped_guards
         or state.scoped_calls
         or state.bypass
-        or (type(module) not in _plain_module_types and _compiled_or_note(module))
+        # is_compiled's own test, its cheap half first (this runs at every module call)
+        or (type(module).__name__ == "OptimizedModule" and is_compiled(module))
         # A recursive call of a module whose outer call is on record: its post-hook would
         # take this call for that one.
         or (state.boundaries and state.boundaries[-1].module is module)
         or (state.clone_frames and _may_hand_over(args, kwargs))
     )
-
-
-# Module types seen not to be torch.compile's OptimizedModule: asked at every module call.
-_plain_module_types: set[type] = set()
-
-
-def _compiled_or_note(module: torch.nn.Module) -> bool:
-    if is_compiled(module):
-        return True
-    if type(module).__name__ != "OptimizedModule":
-        _plain_module_types.add(type(module))
-    return False
 
 
 _is_compiling = torch.compiler.is_compiling

@@ -26,7 +26,7 @@ from ._compat import (
     tracing_now,
 )
 from ._registry import STATE, TOTAL_STATS, CloneStats
-from ._storage import PLAIN, PRIVATE_BORN, set_born, storage_of, tensor_leaves
+from ._storage import PLAIN, PRIVATE_BORN, leaf_storages, set_born, storage_of
 
 GROUP_ATTR = "_immutorch_cow"
 
@@ -280,10 +280,8 @@ def _copy(x: torch.Tensor, stats: CloneStats) -> torch.Tensor:
     copy's tangent, which an in-place op on the copy then writes); the copy itself is marked
     private for the guards that are off the stack."""
     copy = x.clone()
-    for leaf in tensor_leaves(copy):
-        storage = storage_of(leaf)
-        if storage is not None:
-            set_born(storage, PRIVATE_BORN)
+    for storage in leaf_storages(copy):
+        set_born(storage, PRIVATE_BORN)
     nbytes = x.numel() * x.element_size()
     stats.add(nbytes)
     TOTAL_STATS.add(nbytes)

@@ -14,7 +14,7 @@ from ._clone import group_of
 from ._compat import is_functorch_wrapped, storage_use_count
 from ._registry import ThreadState, strictest
 from ._schema import META, OpFacts, iter_tensors, written_values
-from ._storage import PLAIN, memory_leaves, set_born, storage_of
+from ._storage import PLAIN, leaf_storages, memory_leaves, set_born, storage_of
 
 
 def never_type_error(fn: Any) -> Any:
@@ -154,12 +154,8 @@ def _tag_birth(t: torch.Tensor, epoch: int, taken: set[int]) -> None:
 
     # A wrapper subclass (DTensor: FSDP2's parameters and optimizer state) holds its memory in
     # inner tensors allocated past this mode; they are as new as the wrapper.
-    def tag(leaf: torch.Tensor) -> None:
-        storage = storage_of(leaf)
-        if storage is not None:
-            set_born(storage, epoch)
-
-    memory_leaves(t, tag)
+    for storage in leaf_storages(t):
+        set_born(storage, epoch)
 
 
 @never_type_error

@@ -86,13 +86,6 @@ def _write(
     check_writes(state, facts, args, {})
 
 
-def _leaf_storages(t: torch.Tensor) -> list[Any]:
-    """The storages holding a functorch wrapper's memory (a fresh output the fallback saw
-    wrapped, whose birth belongs to them)."""
-    storages = (_storage.storage_of(leaf) for leaf in _storage.tensor_leaves(t))
-    return [s for s in storages if s is not None]
-
-
 def _join(source: torch.Tensor, out: Any) -> None:
     """Clone mode: ``out``, a view of ``source``, joins source's copy-on-write group."""
     if not _registry.STATE.bypass:
@@ -118,7 +111,11 @@ def available(*, build: bool = True) -> bool:
         return False
     try:
         module = load(build_if_missing=build)
-        installed = module.install(_facts, _write, _leaf_storages, _join, undeclared_writers())
+        # leaf_storages: where a fresh output the fallback saw wrapped by torch.func has its
+        # memory (the birth belongs to those storages).
+        installed = module.install(
+            _facts, _write, _storage.leaf_storages, _join, undeclared_writers()
+        )
         _keys = [(str(key), str(sees)) for key, sees in installed]
     except NativeUnavailable as err:
         if build:

@@ -91,7 +91,7 @@ def test_filter_never_says_no_where_python_says_yes(case: str, guard: str) -> No
         args, kwargs = CASES[case](x, xv, xs)
         python = _boundaries.arguments_may_hand_over(args, kwargs)
         fast = native.hand_over_filter
-        if fast is not None and immutorch_native_serves():
+        if fast is not None and native.enabled():
             assert fast(args, kwargs) or not python
         if case not in ("fresh memory", "nothing"):
             assert python  # each case but those two does take protected memory
@@ -119,10 +119,6 @@ def test_clone_isolates_each_case_like_the_unguarded_call(
         got = WritesAll()(*args, **kwargs)
     assert torch.equal(got, want)
     assert torch.equal(x, before)
-
-
-def immutorch_native_serves() -> bool:
-    return bool(native.enabled())
 
 
 def test_filter_answers_no_for_the_blocks_own_memory() -> None:

@@ -40,7 +40,7 @@ from ._naming import display_path, is_compiled
 
 # Importing the policy also installs it as the dispatch mode's write handler.
 from ._policy import raise_original
-from ._registry import BLOCK, STATE, Frame, protection_of
+from ._registry import BLOCK, STATE, Frame, Hit, protection_of
 from ._storage import born_epoch, set_born, storage_of, tensor_leaves
 
 _lock = threading.Lock()
@@ -345,9 +345,13 @@ class _Boundary:
 
 
 def _enter_boundary(
-    module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    hits: Optional[_Hits] = None,
 ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
     """A module call begins: returns replacement (args, kwargs), or None to keep them.
+    ``hits``: the protections :func:`_only_noted` found on the call's tensor arguments.
 
     If it raises, it leaves nothing behind on the thread: once the boundary is on record,
     the ``always_call`` post hook (which torch runs when a pre hook raises) takes it off with
@@ -356,7 +360,7 @@ def _enter_boundary(
     state = STATE
     n_modules, n_boundaries, n_frames = len(state.modules), len(state.boundaries), len(state.frames)
     try:
-        return _begin_boundary(module, args, kwargs)
+        return _begin_boundary(module, args, kwargs, hits)
     except BaseException:
         if len(state.boundaries) == n_boundaries:
             try:
@@ -368,7 +372,10 @@ def _enter_boundary(
 
 
 def _begin_boundary(
-    module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    hits: Optional[_Hits] = None,
 ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
     state = STATE
     if state.bypass or _users == 0 or not (state.frames or state.watchers):
@@ -405,11 +412,20 @@ def _begin_boundary(
     ):
         return _hand_over_scoped(boundary, args, kwargs)
     if state.clone_frames:
-        return _replace_arguments(args, kwargs, lambda t: _hand_over(t, boundary.aliased))
+        # A watch's frame entered above protects the arguments anew: what was found is stale.
+        known = hits if frame is None else None
+        return _replace_arguments(args, kwargs, lambda t: _hand_over(t, boundary.aliased, known))
     return None
 
 
-def _may_hand_over(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+# id(tensor argument) -> its protection, as _only_noted found it: _hand_over, in the same hook
+# call, need not ask again (a block's answer looks for module state: ~5 us a tensor).
+_Hits = dict[int, Optional[Hit]]
+
+
+def _may_hand_over(
+    args: tuple[Any, ...], kwargs: dict[str, Any], hits: Optional[_Hits] = None
+) -> bool:
     """Whether clone mode may hand any argument over (False only where every argument is a
     tensor that crosses as it is, or not a container): most module calls take the block's own
     activations, and rebuilding their arguments to find nothing cost ~5 us a call. Where the
@@ -419,14 +435,22 @@ def _may_hand_over(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     fast = _native.hand_over_filter
     if fast is not None and not fast(args, kwargs):
         return False
-    return arguments_may_hand_over(args, kwargs)
+    return arguments_may_hand_over(args, kwargs, hits)
 
 
-def arguments_may_hand_over(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """``_may_hand_over``'s answer in Python, the one the C++ filter must never contradict."""
+def arguments_may_hand_over(
+    args: tuple[Any, ...], kwargs: dict[str, Any], hits: Optional[_Hits] = None
+) -> bool:
+    """``_may_hand_over``'s answer in Python, the one the C++ filter must never contradict.
+    Records in ``hits`` the protection found on each tensor argument it asked about."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
-            if group_of(value) is None and protection_of(value) is not None:
+            if group_of(value) is not None:
+                continue
+            hit = protection_of(value)
+            if hits is not None:
+                hits[id(value)] = hit
+            if hit is not None:
                 return True
         elif isinstance(value, (list, tuple, dict)) or dataclasses.is_dataclass(value):
             return True
@@ -528,16 +552,7 @@ def _replace_arguments(
     return new_args, new_kwargs
 
 
-# The frames that call global hooks: Module._call_impl, or (2.x) the ``inner`` closure it
-# defines, which shares ``kwargs`` with it as a cell.
-_CALL_IMPL_CODES = (
-    torch.nn.Module._call_impl.__code__,
-    *(
-        c
-        for c in torch.nn.Module._call_impl.__code__.co_consts
-        if isinstance(c, types.CodeType) and c.co_name == "inner"
-    ),
-)
+_CALL_IMPL_CODES = _arguments.CALL_IMPL_CODES
 
 
 def _caller_kwargs() -> Optional[dict[str, Any]]:
@@ -568,7 +583,12 @@ def _nested_in_scoped_call(module: torch.nn.Module) -> bool:
     return True
 
 
-def _only_noted(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+def _only_noted(
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    hits: Optional[_Hits] = None,
+) -> bool:
     """The common case, done here: nothing needs the boundary on record (no watch or scoped
     call; not a compiled module; in clone mode, no argument to hand over). Nothing goes on
     record: messages find the module path and the parameter a refused tensor came in as on
@@ -587,7 +607,7 @@ def _only_noted(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str
         # A recursive call of a module whose outer call is on record: its post-hook would
         # take this call for that one.
         or (state.boundaries and state.boundaries[-1].module is module)
-        or (state.clone_frames and _may_hand_over(args, kwargs))
+        or (state.clone_frames and _may_hand_over(args, kwargs, hits))
     )
 
 
@@ -595,14 +615,18 @@ _is_compiling = torch.compiler.is_compiling
 
 
 def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
-    if STATE.scoped_calls and _nested_in_scoped_call(module):
-        return None
     if _is_compiling():
         return None  # Dynamo traces hooks: keep them out of compiled graphs
-    kwargs = _caller_kwargs() or {}
-    if _only_noted(module, args, kwargs):
+    quiet = _native.quiet_call
+    if quiet is not None and quiet(module, args, None):
+        return None  # the common case, answered in C++ (kwargs read from the calling frame)
+    if STATE.scoped_calls and _nested_in_scoped_call(module):
         return None
-    replaced = _enter_boundary(module, args, kwargs)
+    kwargs = _caller_kwargs() or {}
+    hits: _Hits = {}
+    if _only_noted(module, args, kwargs, hits):
+        return None
+    replaced = _enter_boundary(module, args, kwargs, hits)
     if replaced is None:
         return None
     new_args, new_kwargs = replaced
@@ -614,11 +638,17 @@ def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[
 def _pre_hook_with_kwargs(
     module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
+    if _is_compiling():
+        return None
+    quiet = _native.quiet_call
+    if quiet is not None and quiet(module, args, kwargs):
+        return None
     if STATE.scoped_calls and _nested_in_scoped_call(module):
         return None
-    if _is_compiling() or _only_noted(module, args, kwargs):
+    hits: _Hits = {}
+    if _only_noted(module, args, kwargs, hits):
         return None
-    return _enter_boundary(module, args, kwargs)
+    return _enter_boundary(module, args, kwargs, hits)
 
 
 def _post_hook_with_kwargs(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
@@ -710,12 +740,14 @@ def _hand_over_compiled(t: torch.Tensor, compiled: CompiledBoundary) -> torch.Te
     return compiled.hand_over(to_plain(t), hit.mode, hit.label, hit.frame.stats)
 
 
-def _hand_over(t: torch.Tensor, aliased: dict[int, torch.Tensor]) -> torch.Tensor:
+def _hand_over(
+    t: torch.Tensor, aliased: dict[int, torch.Tensor], hits: Optional[_Hits] = None
+) -> torch.Tensor:
     """In clone mode, a protected tensor crosses a boundary as a copy-on-write alias (recorded
-    in ``aliased``: the alias's id -> ``t``)."""
+    in ``aliased``: the alias's id -> ``t``). ``hits``: protections already found, by id."""
     if group_of(t) is not None:
         return t  # already an alias from an outer boundary: its writes are isolated
-    hit = protection_of(t)
+    hit = hits[id(t)] if hits is not None and id(t) in hits else protection_of(t)
     if hit is None or hit.mode != "clone":
         return t
     new = alias(t, hit.frame.stats)

@@ -67,8 +67,7 @@ def is_state(frame: _registry.Frame, cdata: int, t: Optional[torch.Tensor] = Non
     with _lock:
         if _indexed(cdata):
             return True
-        for local in _arguments.module_calls_on_stack():
-            module = local["self"]
+        for module in _arguments.modules_on_stack():
             seen = _walked.get(id(module))
             if seen is not None and seen[1] == _generation and seen[0]() is module:
                 continue

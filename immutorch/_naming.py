@@ -65,18 +65,13 @@ def current_module_path() -> Optional[str]:
     # Inside a scoped call nested module calls skip the hooks, and block guards alone note
     # module calls without putting them on record (_boundaries._only_noted): there the stack
     # has more of them. The record has the calls TorchScript makes, which the stack lacks.
-    stack = _modules_on_stack()
+    stack = _arguments.modules_on_stack()
+    stack.reverse()  # outermost first
     recorded = STATE.modules if not STATE.scoped_calls else []
     modules = recorded if len(recorded) > len(stack) else stack
     if not modules:
         return None
     return display_path(modules[-1], modules[0])
-
-
-def _modules_on_stack() -> list[torch.nn.Module]:
-    found = [local["self"] for local in _arguments.module_calls_on_stack()]
-    found.reverse()  # outermost first
-    return found
 
 
 def _roots(outermost: Optional[torch.nn.Module]) -> list[torch.nn.Module]:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ... import _registry, _storage
+from ..._arguments import CALL_IMPL_CODES, install_stack_reader
 from ..._judge import check_writes, join_view
 from ..._registry import ThreadState
 from ..._schema import DATA, META, OpFacts, WrittenArg, op_facts, undeclared_writers
@@ -36,6 +37,13 @@ _ops: dict[tuple[str, str], Any] = {}
 # Clone mode's module-call check in C++ once loaded: (args, kwargs) -> whether any argument may
 # have to be handed over (False: none can; True: ask Python). See may_hand_over in guard.cpp.
 hand_over_filter: Optional[Callable[[tuple[Any, ...], Optional[dict[str, Any]]], bool]] = None
+# The module pre-hook's common case in C++ once loaded: (module, args, kwargs or None) -> True
+# where the call needs no boundary work (_boundaries._only_noted's answer), False: ask Python.
+# With kwargs None it reads them from the frame that called the hook. See quiet_call in
+# guard.cpp.
+quiet_call: Optional[
+    Callable[[torch.nn.Module, tuple[Any, ...], Optional[dict[str, Any]]], bool]
+] = None
 
 
 def _resolve(name: str, overload: str) -> Any:
@@ -104,7 +112,7 @@ def _born(storage: Any) -> int:
 def available(*, build: bool = True) -> bool:
     """Whether the native backend can serve; builds it the first time if ``build``, else only
     loads a build the cache holds for this installation."""
-    global _module, _reason, _keys, _not_loaded, hand_over_filter
+    global _module, _reason, _keys, _not_loaded, hand_over_filter, quiet_call
     if _module is not None:
         return True
     if _reason is not None or (not build and _not_loaded is not None):
@@ -128,6 +136,9 @@ def available(*, build: bool = True) -> bool:
         return False
     _module = module
     hand_over_filter = module.may_hand_over
+    module.install_hooks(_registry.STATE, CALL_IMPL_CODES)
+    quiet_call = module.quiet_call
+    install_stack_reader(module.modules_on_stack)
     _storage.install_native_hooks(_born, _readonly)
     return True
 

@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <atomic>
 #include <memory>
 #include <mutex>
@@ -875,6 +876,161 @@ bool may_hand_over(py::handle args, py::handle kwargs) {
   return false;
 }
 
+// -- module calls --------------------------------------------------------------------------
+// Clone mode (and any guard that hooks module calls) runs the global module pre-hook at every
+// Module.__call__, and most calls need nothing of it: quiet_call answers that common case in
+// one call from the hook, as immutorch._boundaries._only_noted does in Python (~22,000
+// instructions a module call there: STATE's attributes, the keyword arguments read from the
+// calling frame, the hand-over question). It answers true only where that function would; on
+// anything it cannot read, false, and Python decides.
+PyObject* immutorch_hook_caller_local(PyObject* const* codes, size_t ncodes, PyObject* name);
+int immutorch_locals_on_stack(PyObject* code, PyObject* name, PyObject* out);
+
+namespace {
+
+PyObject* g_thread_state = nullptr;  // immutorch._registry.STATE, a threading.local
+std::vector<PyObject*> g_call_impl_codes;  // Module._call_impl's code and its `inner`'s
+PyObject* s_dict = nullptr;
+PyObject* s_kwargs = nullptr;
+PyObject* s_module = nullptr;
+PyObject* s_self = nullptr;
+// ThreadState's attributes, in the order quiet_call reads them: any true one needs Python.
+PyObject* s_busy[4] = {nullptr, nullptr, nullptr, nullptr};
+PyObject* s_boundaries = nullptr;
+PyObject* s_clone_frames = nullptr;
+
+void install_hooks(py::object thread_state, py::sequence call_impl_codes) {
+  auto intern = [](const char* text) {
+    PyObject* s = PyUnicode_InternFromString(text);
+    if (s == nullptr) throw py::error_already_set();
+    return s;
+  };
+  if (s_dict == nullptr) {
+    s_dict = intern("__dict__");
+    s_kwargs = intern("kwargs");
+    s_module = intern("module");
+    s_self = intern("self");
+    const char* busy[4] = {"watchers", "scoped_guards", "scoped_calls", "bypass"};
+    for (int i = 0; i < 4; ++i) s_busy[i] = intern(busy[i]);
+    s_boundaries = intern("boundaries");
+    s_clone_frames = intern("clone_frames");
+  }
+  Py_XDECREF(g_thread_state);
+  g_thread_state = thread_state.release().ptr();
+  for (PyObject* code : g_call_impl_codes) Py_DECREF(code);
+  g_call_impl_codes.clear();
+  for (py::handle code : call_impl_codes) {
+    g_call_impl_codes.push_back(code.inc_ref().ptr());
+  }
+}
+
+// One of the thread state's attributes, true or false; -1 where it is not there.
+int truth_of(PyObject* dict, PyObject* name) {
+  PyObject* value = PyDict_GetItemWithError(dict, name);
+  if (value == nullptr) {
+    PyErr_Clear();
+    return -1;
+  }
+  int truth = PyObject_IsTrue(value);
+  if (truth < 0) PyErr_Clear();
+  return truth;
+}
+
+bool quiet_call_in(PyObject* dict, py::handle module, py::handle args, py::handle kwargs) {
+  for (PyObject* name : s_busy) {
+    if (truth_of(dict, name) != 0) return false;  // a watch, a scoped call, immutorch aside
+  }
+  // torch.compile's wrapper module: is_compiled's cheap half, as _only_noted tests it
+  if (std::strcmp(Py_TYPE(module.ptr())->tp_name, "OptimizedModule") == 0) return false;
+  PyObject* boundaries = PyDict_GetItemWithError(dict, s_boundaries);
+  if (boundaries == nullptr || !PyList_Check(boundaries)) {
+    PyErr_Clear();
+    return false;
+  }
+  Py_ssize_t n = PyList_GET_SIZE(boundaries);
+  if (n > 0) {
+    // the same module called within its own call on record: its post-hook must tell them apart
+    PyObject* top = PyObject_GetAttr(PyList_GET_ITEM(boundaries, n - 1), s_module);
+    if (top == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    Py_DECREF(top);  // compared by identity only
+    if (top == module.ptr()) return false;
+  }
+  int clone = truth_of(dict, s_clone_frames);
+  if (clone != 0) {
+    if (clone < 0) return false;
+    PyObject* kw = kwargs.ptr();
+    if (kw == Py_None) {  // the hook is not given them: they are its caller's local
+      kw = immutorch_hook_caller_local(
+          g_call_impl_codes.data(), g_call_impl_codes.size(), s_kwargs);
+      if (kw == nullptr || !PyDict_Check(kw)) return false;
+    }
+    if (may_hand_over(args, py::handle(kw))) return false;
+  }
+  return true;
+}
+
+// kwargs: the call's keyword arguments, or None where the hook is not given them (read from
+// the frame that called the hook).
+bool quiet_call(py::handle module, py::handle args, py::handle kwargs) {
+  if (g_thread_state == nullptr) return false;
+  PyObject* dict = PyObject_GetAttr(g_thread_state, s_dict);  // this thread's attributes
+  if (dict == nullptr) {
+    throw py::error_already_set();  // ThreadState() failed on a new thread: say so
+  }
+  bool quiet = PyDict_Check(dict) && quiet_call_in(dict, module, args, kwargs);
+  Py_DECREF(dict);
+  return quiet;
+}
+
+// quiet_call as a plain CPython function: pybind11's argument dispatch cost ~1,600
+// instructions a call, more than the answer itself.
+PyObject* quiet_call_py(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  if (argc != 3) {
+    PyErr_SetString(PyExc_TypeError, "quiet_call(module, args, kwargs) takes 3 arguments");
+    return nullptr;
+  }
+  try {
+    return PyBool_FromLong(quiet_call(argv[0], argv[1], argv[2]));
+  } catch (py::error_already_set& err) {
+    err.restore();
+  } catch (const std::exception& err) {
+    PyErr_SetString(PyExc_RuntimeError, err.what());
+  }
+  return nullptr;
+}
+
+// The `self` of each Module._call_impl running on this thread's stack, innermost first (the
+// modules in call, for module state: immutorch._arguments.modules_on_stack), read without
+// building each frame's f_locals; None where frames.cpp cannot read this Python's frames.
+PyObject* modules_on_stack_py(PyObject*, PyObject* const*, Py_ssize_t argc) {
+  if (argc != 0) {
+    PyErr_SetString(PyExc_TypeError, "modules_on_stack() takes no arguments");
+    return nullptr;
+  }
+  if (g_call_impl_codes.empty()) Py_RETURN_NONE;
+  PyObject* out = PyList_New(0);
+  if (out == nullptr) return nullptr;
+  int done = immutorch_locals_on_stack(g_call_impl_codes[0], s_self, out);
+  if (done == 0) return out;
+  Py_DECREF(out);
+  if (done == -1) Py_RETURN_NONE;
+  return nullptr;
+}
+
+PyMethodDef modules_on_stack_def = {
+    "modules_on_stack",
+    reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&modules_on_stack_py)), METH_FASTCALL,
+    "() -> the modules whose Module.__call__ runs on this thread, innermost first, or None"};
+
+PyMethodDef quiet_call_def = {
+    "quiet_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&quiet_call_py)),
+    METH_FASTCALL, "(module, args, kwargs or None) -> True where the module call needs no boundary"};
+
+}  // namespace
+
 int64_t born(py::object storage) {
   return born_of(unpack_storage(storage));
 }
@@ -916,6 +1072,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sync", &sync_state);
   m.def("born", &born);
   m.def("may_hand_over", &may_hand_over);
+  m.def("install_hooks", &install_hooks);
+  m.add_object("quiet_call", py::reinterpret_steal<py::object>(PyCFunction_New(&quiet_call_def, nullptr)));
+  m.add_object("modules_on_stack",
+               py::reinterpret_steal<py::object>(PyCFunction_New(&modules_on_stack_def, nullptr)));
   m.def("mark_readonly", &mark_readonly);
   m.def("enabled", &enabled);
   m.def("serving", &serving);

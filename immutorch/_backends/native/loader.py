@@ -1,5 +1,5 @@
-"""Building and loading ``guard.cpp``: once per torch, Python and immutorch version and source,
-into a private per-user cache.
+"""Building and loading the native backend (``guard.cpp``, ``frames.cpp``): once per torch,
+Python and immutorch version and source, into a private per-user cache.
 
 Loading compiled code is a way in, so a library is loaded only from a directory this user owns
 that no one else can write (the cache is created 0700), and only if the stamp written beside it
@@ -28,7 +28,8 @@ from typing import Iterator, Optional
 
 import torch
 
-SOURCE = Path(__file__).with_name("guard.cpp")
+# guard.cpp: the fallback and its Python entry points; frames.cpp: reading a frame's local.
+SOURCES = (Path(__file__).with_name("guard.cpp"), Path(__file__).with_name("frames.cpp"))
 STAMP = "stamp.json"
 
 
@@ -53,7 +54,10 @@ def _immutorch_version() -> str:
 
 
 def source_hash() -> str:
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def build_key() -> str:
@@ -165,13 +169,13 @@ def _compile(into: Path, verbose: bool) -> Path:
     try:
         cpp_extension.load(
             name=module_name(),
-            sources=[str(SOURCE)],
+            sources=[str(s) for s in SOURCES],
             build_directory=str(into),
             extra_cflags=["-O2"],
             verbose=verbose,
         )
     except Exception as err:
-        raise NativeUnavailable(f"building {SOURCE.name} failed: {err}") from err
+        raise NativeUnavailable(f"building {SOURCES[0].name} failed: {err}") from err
     library = _library_in(into)
     if library is None:
         raise NativeUnavailable(f"the build in {into} produced no library")

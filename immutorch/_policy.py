@@ -45,14 +45,30 @@ _USER_LEVEL = tuple(
 )
 
 
+# co_filename -> whether its frames are the user's: every guard asks for its own line, and
+# os.path.abspath on each frame's file cost ~1 us a frame. Bounded: a process running code
+# from ever new files (exec'd strings name theirs) starts the cache over.
+_is_user_file: dict[str, bool] = {}
+
+
+def _user_file(name: str) -> bool:
+    known = _is_user_file.get(name)
+    if known is None:
+        filename = os.path.abspath(name)
+        known = filename.startswith(_USER_LEVEL) or (
+            not filename.startswith(_SKIP_DIRS) and not filename.startswith("<frozen")
+        )
+        if len(_is_user_file) >= 4096:
+            _is_user_file.clear()
+        _is_user_file[name] = known
+    return known
+
+
 def user_frame() -> Optional[FrameType]:
     """The innermost frame outside immutorch's machinery, torch and wrapt: the user's line."""
     frame: Optional[FrameType] = sys._getframe(1)
     while frame is not None:
-        filename = os.path.abspath(frame.f_code.co_filename)
-        if filename.startswith(_USER_LEVEL) or (
-            not filename.startswith(_SKIP_DIRS) and not filename.startswith("<frozen")
-        ):
+        if _user_file(frame.f_code.co_filename):
             return frame
         frame = frame.f_back
     return None

@@ -253,21 +253,38 @@ def _label_in_call(local: dict[str, Any], cdata: int) -> Optional[str]:
 class Hit:
     """A protection that covers a written storage, as the mode reports it."""
 
-    __slots__ = ("dtype", "frame", "label", "mode", "shape")
+    __slots__ = ("_label", "_outside", "dtype", "frame", "mode", "shape")
 
     def __init__(
         self,
         frame: Frame,
-        label: str,
+        label: Optional[str],
         mode: Mode,
         shape: tuple[int, ...],
         dtype: Optional[torch.dtype],
+        outside: Optional[tuple[ThreadState, int]] = None,
     ) -> None:
         self.frame = frame
-        self.label = label
+        self._label = label
+        # A block's hit on memory from outside it: (the thread's state, the storage), named
+        # by `label` only when asked. Naming walks the module calls on the interpreter stack
+        # (~8 us), and most hits are never named: clone mode's hand-over asks only whether
+        # and how an argument is protected.
+        self._outside = outside
         self.mode = mode
         self.shape = shape
         self.dtype = dtype
+
+    @property
+    def label(self) -> str:
+        """What the message calls the protected tensor (``x``, ``guard argument 0``)."""
+        label = self._label
+        if label is None:
+            if self._outside is None:  # pragma: no cover - every Hit has one or the other
+                return OUTSIDE
+            state, cdata = self._outside
+            label = self._label = state.outside_label(cdata)
+        return label
 
 
 class ThreadState(threading.local):
@@ -367,7 +384,7 @@ class ThreadState(threading.local):
             if born or self.older_than_blocks(cdata):
                 for f in self.blocks:
                     if born < f.start and not _state_kept(f, t) and not f.exempt(cdata, t):
-                        hits.append(Hit(f, self.outside_label(cdata), f.mode, (), None))
+                        hits.append(Hit(f, None, f.mode, (), None, (self, cdata)))
         mark = getattr(storage, READONLY_ATTR, None)
         if mark is not None and self.frames:
             inner = self.frames[-1]

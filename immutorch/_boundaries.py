@@ -134,14 +134,45 @@ _GLOBAL_HOOKS_TAKE_KWARGS = (
 
 
 def _install() -> None:
-    """Register the hooks: ``_handles`` is [pre-hook handle, post-hook handle]."""
-    register_post: Any = _module_mod.register_module_forward_hook
-    _handles.append(None)
+    """Register the pre-hook: ``_handles`` is [pre-hook handle, post-hook handle or None]."""
+    _handles.extend((None, None))
     _register_pre()
-    if _GLOBAL_HOOKS_TAKE_KWARGS:
-        _handles.append(register_post(_post_hook_with_kwargs, with_kwargs=True, always_call=True))
-    else:
-        _handles.append(register_post(_post_hook, always_call=True))
+
+
+# Module calls on record (boundaries), all threads together: the post-hook, which ends them,
+# is registered only while there is one. A global forward hook costs every module call ~6,000
+# instructions of torch's bookkeeping and a Python call, and most calls in a clone block take
+# only the block's own memory and go on no record.
+_on_record = 0
+
+
+def _hold_post_hook() -> None:
+    """A module call goes on record: its post-hook must run when it returns. Registered from
+    the call's pre-hook, it does: torch reads the forward hooks after ``forward``."""
+    global _on_record
+    with _lock:
+        _on_record += 1
+        if _handles and _handles[1] is None:
+            register_post: Any = _module_mod.register_module_forward_hook
+            if _GLOBAL_HOOKS_TAKE_KWARGS:
+                _handles[1] = register_post(
+                    _post_hook_with_kwargs, with_kwargs=True, always_call=True
+                )
+            else:
+                _handles[1] = register_post(_post_hook, always_call=True)
+
+
+def _release_post_hook(failed: bool) -> None:
+    """A call on record ended. The post-hook comes off with the last one, but not while an
+    exception unwinds: then torch calls it from a loop over the live hooks dict (always_call
+    hooks, ``Module._call_impl``), which must not change under it. It comes off at the next
+    call that ends normally, or with the hooks."""
+    global _on_record
+    with _lock:
+        _on_record = max(_on_record - 1, 0)
+        if not _on_record and not failed and _handles and _handles[1] is not None:
+            _handles[1].remove()
+            _handles[1] = None
 
 
 def _register_pre() -> None:
@@ -153,10 +184,12 @@ def _register_pre() -> None:
 
 
 def _remove_locked() -> None:
+    global _on_record
     for h in _handles:
         if h is not None:
             h.remove()
     _handles.clear()
+    _on_record = 0
 
 
 def hooks_installed() -> bool:
@@ -397,11 +430,14 @@ def _begin_boundary(
             break
     if is_compiled(module):
         compiled = CompiledBoundary(display_path(module, state.modules[0]))
-        state.boundaries.append(_Boundary(module, frame, compiled))
+        boundary = _Boundary(module, frame, compiled)
+        _hold_post_hook()
+        state.boundaries.append(boundary)
         replaced = _replace_arguments(args, kwargs, lambda t: _hand_over_compiled(t, compiled))
         compiled.__enter__()
         return replaced
     boundary = _Boundary(module, frame, None)
+    _hold_post_hook()
     state.boundaries.append(boundary)
     if state.blocks:
         # Read only if a write is refused in the call: walking the arguments at every call
@@ -678,6 +714,7 @@ def _finish_boundary(module: torch.nn.Module, output: Any) -> Any:
     boundary = state.boundaries.pop()
     # always_call hooks also run while an exception unwinds: then only restore state.
     failed = sys.exc_info()[0] is not None
+    _release_post_hook(failed)
     try:
         if boundary.compiled is not None:
             boundary.compiled.__exit__(RuntimeError if failed else None, None, None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import threading
 import weakref
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -47,6 +47,27 @@ def _groups() -> weakref.WeakValueDictionary[tuple[int, int], CowGroup]:
     return groups
 
 
+# Told of each tensor that joins a group (the native backend's mark_member, installed when
+# it loads): views are handed to Python to join a group only where their source is a member.
+_member_hook: Optional[Callable[[torch.Tensor], None]] = None
+
+
+def install_member_hook(hook: Callable[[torch.Tensor], None]) -> None:
+    """Install ``hook`` and tell it of every member of the groups already open (a group made
+    while the Python mode served can meet the native backend in a later guard)."""
+    global _member_hook
+    _member_hook = hook
+    for group in list(_live_groups):
+        for ref in list(group.members):
+            t = ref()
+            if t is not None:
+                hook(t)
+
+
+# Every group not copied yet, in any thread (weak): what install_member_hook catches up on.
+_live_groups: weakref.WeakSet[CowGroup] = weakref.WeakSet()
+
+
 class CowGroup:
     """The alias of one protected storage handed across one boundary, and its views."""
 
@@ -57,9 +78,13 @@ class CowGroup:
         self.members: list[weakref.ref[torch.Tensor]] = []
         self.copied = False
         self.stats = stats
+        if _member_hook is None:
+            _live_groups.add(self)
 
     def add(self, t: torch.Tensor) -> None:
         t.__dict__[GROUP_ATTR] = self
+        if _member_hook is not None:
+            _member_hook(t)  # the native backend joins views only to members' groups
         ref = weakref.ref(t)
         self.members.append(ref)
         if type(t) is torch.Tensor:

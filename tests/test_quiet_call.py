@@ -215,3 +215,39 @@ def test_modules_on_stack_read_natively_match_the_python_walk(quiet: Any) -> Non
             assert native_answer is not None
             assert [id(m) for m in native_answer] == [id(m) for m in walked]
     assert _arguments.modules_on_stack() == []  # none in call here
+
+
+def test_only_views_of_group_members_are_handed_to_python(
+    quiet: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clone mode: a view joins its source's copy-on-write group, so C++ hands Python the views
+    of a group's members, and no others (a parameter's ``weight.t()`` inside ``F.linear``, in
+    a block: memory from before it, but no member of any group). The views that do join still
+    move with their group at its first write, as unguarded code would see them."""
+    joined: list[Any] = []
+    join_view = native.join_view
+
+    def counting(source: torch.Tensor, out: Any) -> None:
+        joined.append(source)
+        join_view(source, out)
+
+    monkeypatch.setattr(native, "join_view", counting)
+    weight = torch.randn(4, 3)
+
+    class ViewsAndWrites(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            first, second = t[0], t.t()  # views of the alias: they join its group
+            first.add_(1)  # the first write: the group moves onto its private copy
+            return second.sum() + torch.nn.functional.linear(t, weight).sum()
+
+    x = torch.ones(2, 3)
+    want = ViewsAndWrites()(x.clone())
+    with immutorch.guard(mode="clone", scope="all"):
+        served = native.enabled()
+        torch.nn.functional.linear(torch.ones(2, 3), weight)  # weight.t(): no group, no call
+        assert joined == []
+        got = ViewsAndWrites()(x)
+    assert torch.equal(got, want)
+    assert torch.equal(x, torch.ones(2, 3))
+    if served:
+        assert 1 <= len(joined) <= 2  # the alias's two views (one per join), never weight's

@@ -19,6 +19,7 @@ import torch
 
 from ... import _registry, _storage
 from ..._arguments import CALL_IMPL_CODES, install_stack_reader
+from ..._clone import install_member_hook
 from ..._judge import check_writes, join_view
 from ..._registry import ThreadState
 from ..._schema import DATA, META, OpFacts, WrittenArg, op_facts, undeclared_writers
@@ -139,6 +140,7 @@ def available(*, build: bool = True) -> bool:
     module.install_hooks(_registry.STATE, CALL_IMPL_CODES)
     quiet_call = module.quiet_call
     install_stack_reader(module.modules_on_stack)
+    install_member_hook(module.mark_member)
     _storage.install_native_hooks(_born, _readonly)
     return True
 

@@ -161,6 +161,22 @@ std::mutex g_births_mutex;
 std::unordered_map<const StorageImpl*, Birth> g_births;
 int64_t g_active_blocks = 0;  // threads with an active block frame (under g_births_mutex)
 
+// The tensors that are members of a clone-mode copy-on-write group (an alias and the views
+// that joined it), marked by immutorch._clone as each joins: a view joins its source's group
+// only if the source is one, and a view of memory that may be protected but is no member's
+// (a parameter's `weight.t()` inside F.linear, in a block) cost a Python call that found no
+// group. Weak: an entry keeps its TensorImpl's address from being reused, never the tensor;
+// all threads' groups in one table, since a member can outlive the frame that made it.
+std::mutex g_members_mutex;
+std::unordered_map<const c10::TensorImpl*, c10::weak_intrusive_ptr<c10::TensorImpl>> g_members;
+size_t g_members_prune_at = 64;
+
+bool is_member(const at::Tensor& t) {
+  std::lock_guard<std::mutex> lock(g_members_mutex);
+  auto it = g_members.find(t.unsafeGetTensorImpl());
+  return it != g_members.end() && !it->second.expired();
+}
+
 std::mutex g_readonly_mutex;
 std::unordered_map<const StorageImpl*, c10::weak_intrusive_ptr<StorageImpl>> g_readonly;
 std::atomic<size_t> g_readonly_count{0};
@@ -602,7 +618,8 @@ void fallback_on(
   c10::IValue view_source;
   if (st->clone && f.view_of >= 0 && static_cast<size_t>(f.view_of) < nargs) {
     const c10::IValue& source = (*stack)[base + f.view_of];
-    if (source.isTensor() && may_be_protected(*st, source.toTensor())) {
+    if (source.isTensor() && may_be_protected(*st, source.toTensor()) &&
+        is_member(source.toTensor())) {
       view_source = source;
     }
   }
@@ -1031,6 +1048,24 @@ PyMethodDef quiet_call_def = {
 
 }  // namespace
 
+// A tensor joins a copy-on-write group (see g_members).
+void mark_member(py::handle obj) {
+  if (!THPVariable_Check(obj.ptr())) {
+    throw py::type_error("immutorch native: expected a torch.Tensor");
+  }
+  const at::Tensor& t = THPVariable_Unpack(obj.ptr());
+  if (!t.defined()) return;
+  std::lock_guard<std::mutex> lock(g_members_mutex);
+  g_members.insert_or_assign(
+      t.unsafeGetTensorImpl(), c10::weak_intrusive_ptr<c10::TensorImpl>(t.getIntrusivePtr()));
+  if (g_members.size() >= g_members_prune_at) {
+    for (auto i = g_members.begin(); i != g_members.end();) {
+      i = i->second.expired() ? g_members.erase(i) : std::next(i);
+    }
+    g_members_prune_at = std::max<size_t>(64, 2 * g_members.size());
+  }
+}
+
 int64_t born(py::object storage) {
   return born_of(unpack_storage(storage));
 }
@@ -1071,6 +1106,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("activate", &activate);
   m.def("sync", &sync_state);
   m.def("born", &born);
+  m.def("mark_member", &mark_member);
   m.def("may_hand_over", &may_hand_over);
   m.def("install_hooks", &install_hooks);
   m.add_object("quiet_call", py::reinterpret_steal<py::object>(PyCFunction_New(&quiet_call_def, nullptr)));

@@ -2,6 +2,7 @@
 machine move by 5-20% between runs.
 
     python benchmarks/instructions.py [--workload NAME] [--iterations K] [--backend B]
+                                      [--hook-floor]
 
 Runs itself under ``valgrind --tool=callgrind --dump-before=getppid``: one process times every
 variant of one workload (``native_micro``'s workloads), each after two warm-up calls, and calls
@@ -34,6 +35,9 @@ VARIANTS = [
     "guard(x) clone",
     "guard() clone",
 ]
+# With --hook-floor: what torch's slow path for a hooked Module.__call__ costs by itself, with
+# empty global hooks and no guard (the floor under clone mode's module hooks).
+HOOK_FLOOR = ["unguarded, empty pre-hook", "unguarded, empty pre- and post-hook"]
 
 
 def _variants(fn: Callable[[Any], Any]) -> dict[str, Callable[[Any], Any]]:
@@ -46,7 +50,26 @@ def _variants(fn: Callable[[Any], Any]) -> dict[str, Callable[[Any], Any]]:
 
         return run
 
+    def hooked(post: bool) -> Callable[[Any], Any]:
+        from torch.nn.modules import module as module_mod
+
+        def run(x: Any) -> Any:
+            handles = [module_mod.register_module_forward_pre_hook(lambda m, a: None)]
+            if post:
+                handles.append(
+                    module_mod.register_module_forward_hook(lambda m, a, o: None, always_call=True)
+                )
+            try:
+                return fn(x)
+            finally:
+                for h in handles:
+                    h.remove()
+
+        return run
+
     return {
+        "unguarded, empty pre-hook": hooked(False),
+        "unguarded, empty pre- and post-hook": hooked(True),
         "unguarded": fn,
         "guard(x) raise": guarded("raise", True),
         "guard() raise": guarded("raise", False),
@@ -56,7 +79,11 @@ def _variants(fn: Callable[[Any], Any]) -> dict[str, Callable[[Any], Any]]:
     }
 
 
-def child(workload: str, iterations: int) -> None:
+def _names(hook_floor: bool) -> list[str]:
+    return VARIANTS + (HOOK_FLOOR if hook_floor else [])
+
+
+def child(workload: str, iterations: int, hook_floor: bool) -> None:
     """Under callgrind: each variant's measured calls between two getppid() calls."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
@@ -68,7 +95,7 @@ def child(workload: str, iterations: int) -> None:
     variants = _variants(fn)
     gc.collect()
     gc.disable()  # a collection would land on whichever variant runs then
-    for name in VARIANTS:
+    for name in _names(hook_floor):
         f = variants[name]
         for _ in range(2):
             f(x)
@@ -101,13 +128,13 @@ def per_call(totals: list[int], n_variants: int, iterations: int) -> list[float]
     return [totals[1 + 2 * i] / iterations for i in range(n_variants)]
 
 
-def table(workload: str, counts: list[float]) -> str:
+def table(workload: str, counts: list[float], names: list[str] = VARIANTS) -> str:
     base = counts[0]
     lines = [
         f"{workload}: instructions per call (callgrind)",
         f"{'variant':24} {'per call':>14} {'added':>12} {'ratio':>7}",
     ]
-    for name, n in zip(VARIANTS, counts):
+    for name, n in zip(names, counts):
         lines.append(f"{name:24} {n:14,.0f} {n - base:+12,.0f} {n / base:7.3f}")
     return "\n".join(lines)
 
@@ -116,11 +143,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", default="TransformerEncoder fwd")
     parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument(
+        "--hook-floor",
+        action="store_true",
+        help="also count unguarded calls with empty global module hooks (torch's slow path)",
+    )
     parser.add_argument("--backend", default="native", choices=["native", "python"])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.workload, args.iterations)
+        child(args.workload, args.iterations, args.hook_floor)
         return
     valgrind = shutil.which("valgrind")
     if valgrind is None:
@@ -140,13 +172,15 @@ def main() -> None:
             args.workload,
             "--iterations",
             str(args.iterations),
+            *(["--hook-floor"] if args.hook_floor else []),
         ]
         env = {**os.environ, "IMMUTORCH_BACKEND": args.backend}
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(done.stderr[-3000:])
-        counts = per_call(dump_totals(out, "cg.out"), len(VARIANTS), args.iterations)
-    print(table(f"{args.workload} ({args.backend})", counts))
+        names = _names(args.hook_floor)
+        counts = per_call(dump_totals(out, "cg.out"), len(names), args.iterations)
+    print(table(f"{args.workload} ({args.backend})", counts, names))
 
 
 if __name__ == "__main__":

@@ -565,6 +565,19 @@ def _reattach() -> None:
             _register_pre()
 
 
+def _unwinding() -> bool:
+    """Whether the post-hook runs because the module call raised. torch calls always-call
+    hooks from ``Module._call_impl``'s except clause then, and every post-hook from its
+    ``inner`` otherwise. ``sys.exc_info()`` cannot tell: a module called inside the caller's
+    own ``except`` block sees the caller's exception there (and clone mode handed the caller
+    the alias instead of its own tensor back)."""
+    inner = _CALL_IMPL_CODES[1:]
+    frame = _call_impl_frame() if inner else None
+    if frame is None:  # a torch that calls hooks from _call_impl alone
+        return sys.exc_info()[0] is not None
+    return frame.f_code not in inner
+
+
 def _call_impl_frame() -> Optional[types.FrameType]:
     """The ``Module.__call__`` frame (``_call_impl`` or its ``inner``) running the hooks."""
     frame: Optional[types.FrameType] = sys._getframe(1)
@@ -713,7 +726,7 @@ def _finish_boundary(module: torch.nn.Module, output: Any) -> Any:
     state = STATE
     boundary = state.boundaries.pop()
     # always_call hooks also run while an exception unwinds: then only restore state.
-    failed = sys.exc_info()[0] is not None
+    failed = _unwinding()
     _release_post_hook(failed)
     try:
         if boundary.compiled is not None:

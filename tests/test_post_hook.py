@@ -153,3 +153,21 @@ def test_other_global_forward_hooks_run_as_before() -> None:
     finally:
         handle.remove()
     assert calls == ["Probe", "Probe"]
+
+
+def test_a_call_inside_the_callers_except_block_ends_normally() -> None:
+    """The caller's own exception being handled is no failure of the module call: the module
+    returning its argument still gives the caller its own tensor back."""
+
+    class Same(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return t
+
+    x = torch.ones(2)
+    with immutorch.guard(mode="clone", scope="all"):
+        try:
+            raise KeyError("the caller's")
+        except KeyError:
+            assert Same()(x) is x
+            assert STATE.boundaries == []
+        assert not _ours_registered()

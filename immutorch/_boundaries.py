@@ -571,11 +571,10 @@ def _unwinding() -> bool:
     ``inner`` otherwise. ``sys.exc_info()`` cannot tell: a module called inside the caller's
     own ``except`` block sees the caller's exception there (and clone mode handed the caller
     the alias instead of its own tensor back)."""
-    inner = _CALL_IMPL_CODES[1:]
-    frame = _call_impl_frame() if inner else None
+    frame = _call_impl_frame() if _INNER_CODES else None
     if frame is None:  # a torch that calls hooks from _call_impl alone
         return sys.exc_info()[0] is not None
-    return frame.f_code not in inner
+    return frame.f_code not in _INNER_CODES
 
 
 def _call_impl_frame() -> Optional[types.FrameType]:
@@ -602,6 +601,7 @@ def _replace_arguments(
 
 
 _CALL_IMPL_CODES = _arguments.CALL_IMPL_CODES
+_INNER_CODES = _CALL_IMPL_CODES[1:]  # Module._call_impl's inner(), where torch has one
 
 
 def _caller_kwargs() -> Optional[dict[str, Any]]:

@@ -52,6 +52,10 @@ def _groups() -> weakref.WeakValueDictionary[tuple[int, int], CowGroup]:
 _member_hook: Optional[Callable[[torch.Tensor], None]] = None
 
 
+# Every group not copied yet, in any thread (weak): what install_member_hook catches up on.
+_live_groups: weakref.WeakSet[CowGroup] = weakref.WeakSet()
+
+
 def install_member_hook(hook: Callable[[torch.Tensor], None]) -> None:
     """Install ``hook`` and tell it of every member of the groups already open (a group made
     while the Python mode served can meet the native backend in a later guard)."""
@@ -62,10 +66,6 @@ def install_member_hook(hook: Callable[[torch.Tensor], None]) -> None:
             t = ref()
             if t is not None:
                 hook(t)
-
-
-# Every group not copied yet, in any thread (weak): what install_member_hook catches up on.
-_live_groups: weakref.WeakSet[CowGroup] = weakref.WeakSet()
 
 
 class CowGroup:

@@ -137,7 +137,7 @@ def available(*, build: bool = True) -> bool:
         return False
     _module = module
     hand_over_filter = module.may_hand_over
-    module.install_hooks(_registry.STATE, CALL_IMPL_CODES)
+    module.install_call_check(_registry.STATE, CALL_IMPL_CODES)
     quiet_call = module.quiet_call
     install_stack_reader(module.modules_on_stack)
     install_member_hook(module.mark_member)

@@ -25,8 +25,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <atomic>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -916,7 +916,8 @@ PyObject* s_busy[4] = {nullptr, nullptr, nullptr, nullptr};
 PyObject* s_boundaries = nullptr;
 PyObject* s_clone_frames = nullptr;
 
-void install_hooks(py::object thread_state, py::sequence call_impl_codes) {
+// What quiet_call reads: the Python ThreadState and the codes of the frames calling hooks.
+void install_call_check(py::object thread_state, py::sequence call_impl_codes) {
   auto intern = [](const char* text) {
     PyObject* s = PyUnicode_InternFromString(text);
     if (s == nullptr) throw py::error_already_set();
@@ -1108,8 +1109,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("born", &born);
   m.def("mark_member", &mark_member);
   m.def("may_hand_over", &may_hand_over);
-  m.def("install_hooks", &install_hooks);
-  m.add_object("quiet_call", py::reinterpret_steal<py::object>(PyCFunction_New(&quiet_call_def, nullptr)));
+  m.def("install_call_check", &install_call_check);
+  m.add_object("quiet_call",
+               py::reinterpret_steal<py::object>(PyCFunction_New(&quiet_call_def, nullptr)));
   m.add_object("modules_on_stack",
                py::reinterpret_steal<py::object>(PyCFunction_New(&modules_on_stack_def, nullptr)));
   m.def("mark_readonly", &mark_readonly);

@@ -1,29 +1,25 @@
 """Module boundaries: inside any guard, every ``nn.Module`` call is a boundary.
 
-PyTorch's global module hooks see each ``Module.__call__`` (not direct ``.forward()`` calls).
-At a boundary immutorch records the module's path for messages, exempts the module's own
-state from block guards, hands protected arguments over as copy-on-write aliases in clone
-mode, and, under :func:`watch_modules` (the pytest plugin's ``--immutorch-modules``), protects
-the arguments of the modules it watches for the duration of their call.
+While a guard needs them, ``Module._call_impl`` is immutorch's shell around torch's own, which
+sees each ``Module.__call__`` (not direct ``.forward()`` calls). At a boundary immutorch
+records the module's path for messages, exempts the module's own state from block guards,
+hands protected arguments over as copy-on-write aliases in clone mode, and, under
+:func:`watch_modules` (the pytest plugin's ``--immutorch-modules``), protects the arguments
+of the modules it watches for the duration of their call.
 
-The hooks are installed only while some thread has a guard active or a watch open, and
-come off as the last of those ends.
-"""
+The shell is installed only while some thread has a guard that needs it or a watch open, and
+comes off as the last of those ends."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import sys
 import threading
-import types
-import warnings
 from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import torch
-from torch.nn.modules import module as _module_mod
 
 from . import _arguments, _module_state, _registry
 from ._backends import choice as _choice  # noqa: F401  (installs the backend choice)
@@ -45,32 +41,29 @@ from ._storage import born_epoch, set_born, storage_of, tensor_leaves
 
 _lock = threading.Lock()
 _users = 0
-_handles: list[Any] = []
+# Whether Module._call_impl is immutorch's while it has users; False also while it is taken
+# off for a scoped call (_detach_calls).
+_installed = False
+
+# torch's Module._call_impl, as it was when immutorch was imported: what every module call
+# runs, with or without immutorch's shell around it.
+_torch_call_impl: Callable[..., Any] = torch.nn.Module.__dict__["_call_impl"]
 
 
 def acquire_hooks() -> None:
-    """Count one more user of the module hooks (a thread's first frame, or a watch)."""
+    """Count one more user of the module-call shell (a thread's first frame, or a watch)."""
     global _users
     with _lock:
         _users += 1
-        if not _handles:
-            _install()
-        elif _handles[0] is None:
-            _register_pre()  # taken off for another thread's scoped call: back for everyone
-    # Also before torch.compile is first used: a watch opened at the start of a test is
-    # already there when the test compiles a module (found in kornia's suite, where the
-    # warning failed `-W error` runs).
-    _hush_compile_hook_warning()
+        if not _installed:
+            _install_locked()
 
 
 def release_hooks() -> None:
-    """Count one user less; the last one takes the hooks off at once.
+    """Count one user less; the last one takes the shell off at once.
 
-    Nothing may outlive the last guard: any global module hook sends ``Module.__call__`` down
-    its slow path for the whole process and makes ``torch.export.export(strict=True)`` fail
-    ("Attempted to inline function marked as skipped", torch 2.13, with any global hook at
-    all). A clone-mode decorated forward called in a loop re-registers the two hooks per call
-    (~8 us, measured: ``tests/test_export_and_leftovers.py`` pins only the behaviour).
+    Nothing may outlive the last guard: off, every module call runs torch's own
+    ``_call_impl`` with nothing of immutorch's around it.
     """
     global _users
     with _lock:
@@ -80,131 +73,47 @@ def release_hooks() -> None:
             _remove_locked()
 
 
-_COMPILE_HOOK_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks"
-_COMPILE_HOOK_TEXT = "Using `torch.compile(module)` when there are global hooks on modules"
+def _install_locked() -> None:
+    """Put immutorch's shell in ``Module._call_impl``'s place.
 
-
-def _hush_compile_hook_warning() -> None:
-    """torch warns that global hooks also fire for torch.compile's wrapper module. The hooks
-    are immutorch's and it handles that wrapper (see _compiled), so the warning is noise.
-
-    Checked on each thread's first frame, since catch_warnings (pytest, per test) resets
-    filters; a filter is added only when ours is not already the one that applies, because
-    every change to the filters also resets each module's once-per-line warning registry.
+    Not a global forward hook: any global hook sends every ``Module.__call__`` down torch's
+    slow path (~11,000 instructions a call with one empty pre-hook, ~17,000 with a post-hook
+    too, and a Python call for each hook), and global pre-hooks are given no keyword arguments
+    on torch 2.13 and older. ``Module.__call__`` (``_wrapped_call_impl``) looks ``_call_impl``
+    up on the module at each call, so a class attribute reaches every module whose class does
+    not define its own; setting it costs ~0.2 us (``__call__``, a type slot, would cost ~50 us:
+    CPython updates the slot in every subclass).
     """
-    for action, regex, category, _module, _lineno in warnings.filters:
-        if issubclass(UserWarning, category) and (regex is None or regex.match(_COMPILE_HOOK_TEXT)):
-            if action == "ignore" and regex is not None and regex.pattern == _COMPILE_HOOK_WARNING:
-                return
-            break
-    warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING, category=UserWarning)
-
-
-def compile_hook_warning_hushed() -> bool:
-    """Whether the filter :func:`_hush_compile_hook_warning` adds is on."""
-    return any(_is_hush_filter(f) for f in warnings.filters)
-
-
-def unhush_compile_hook_warning() -> None:
-    """Take that filter off again (the pytest plugin, at the end of a test whose watch put it
-    on: the suite's warnings filters as the test found them)."""
-    filters: list[Any] = warnings.filters  # type: ignore[assignment]  # a list at run time
-    for f in filters:
-        if _is_hush_filter(f):
-            filters.remove(f)
-            return
-
-
-def _is_hush_filter(f: Any) -> bool:
-    action, regex, category, module, lineno = f
-    return (
-        action == "ignore"
-        and regex is not None
-        and regex.pattern == _COMPILE_HOOK_WARNING
-        and category is UserWarning
-        and module is None
-        and not lineno
-    )
-
-
-# Global hooks see keyword arguments only in newer torch (not 2.13): use them where they exist.
-_GLOBAL_HOOKS_TAKE_KWARGS = (
-    "with_kwargs" in inspect.signature(_module_mod.register_module_forward_pre_hook).parameters
-)
-
-
-def _install() -> None:
-    """Register the pre-hook: ``_handles`` is [pre-hook handle, post-hook handle or None]."""
-    _handles.extend((None, None))
-    _register_pre()
-
-
-# Module calls on record (boundaries), all threads together: the post-hook, which ends them,
-# is registered only while there is one. A global forward hook costs every module call ~6,000
-# instructions of torch's bookkeeping and a Python call, and most calls in a clone block take
-# only the block's own memory and go on no record.
-_on_record = 0
-
-
-def _hold_post_hook() -> None:
-    """A module call goes on record: its post-hook must run when it returns. Registered from
-    the call's pre-hook, it does: torch reads the forward hooks after ``forward``."""
-    global _on_record
-    with _lock:
-        _on_record += 1
-        if _handles and _handles[1] is None:
-            register_post: Any = _module_mod.register_module_forward_hook
-            if _GLOBAL_HOOKS_TAKE_KWARGS:
-                _handles[1] = register_post(
-                    _post_hook_with_kwargs, with_kwargs=True, always_call=True
-                )
-            else:
-                _handles[1] = register_post(_post_hook, always_call=True)
-
-
-def _release_post_hook(failed: bool) -> None:
-    """A call on record ended. The post-hook comes off with the last one, but not while an
-    exception unwinds: then torch calls it from a loop over the live hooks dict (always_call
-    hooks, ``Module._call_impl``), which must not change under it. It comes off at the next
-    call that ends normally, or with the hooks."""
-    global _on_record
-    with _lock:
-        _on_record = max(_on_record - 1, 0)
-        if not _on_record and not failed and _handles and _handles[1] is not None:
-            _handles[1].remove()
-            _handles[1] = None
-
-
-def _register_pre() -> None:
-    register_pre: Any = _module_mod.register_module_forward_pre_hook
-    if _GLOBAL_HOOKS_TAKE_KWARGS:
-        _handles[0] = register_pre(_pre_hook_with_kwargs, with_kwargs=True)
-    else:
-        _handles[0] = register_pre(_pre_hook)
+    global _installed
+    torch.nn.Module._call_impl = _module_call  # type: ignore[method-assign]
+    _installed = True
 
 
 def _remove_locked() -> None:
-    global _on_record
-    for h in _handles:
-        if h is not None:
-            h.remove()
-    _handles.clear()
-    _on_record = 0
+    global _installed
+    if torch.nn.Module.__dict__.get("_call_impl") is _module_call:
+        torch.nn.Module._call_impl = _torch_call_impl  # type: ignore[method-assign]
+    _installed = False
+    # Dynamo, first imported while the shell was on, took it for torch's own _call_impl (the
+    # one whose calls it may shorten to ``forward``): give it torch's.
+    for name in ("torch._dynamo.utils", "torch._dynamo.variables.nn_module"):
+        dynamo = sys.modules.get(name)
+        if getattr(dynamo, "unpatched_nn_module_call_impl", None) is _module_call:
+            dynamo.unpatched_nn_module_call_impl = _torch_call_impl  # type: ignore[union-attr]
 
 
 def hooks_installed() -> bool:
-    """Whether the pre-hook, which does the boundary work, is installed."""
-    return bool(_handles) and _handles[0] is not None
+    """Whether module calls run immutorch's shell, which does the boundary work."""
+    return torch.nn.Module.__dict__.get("_call_impl") is _module_call
 
 
 def enter(frame: Frame) -> None:
-    """Activate ``frame``: the front doors' way in. Installs the module hooks where a frame
-    needs them, then activates it in the dispatch mode; all or nothing."""
+    """Activate ``frame``: the front doors' way in. Installs the module-call shell where a
+    frame needs it, then activates it in the dispatch mode; all or nothing."""
     # Module boundaries do work only for clone mode (aliases), scoped blocks and torch.compile
-    # (compiled modules run outside the mode). Elsewhere the global hooks would only slow
-    # every module call (torch's slow path and the hooks: ~2.5M instructions of the 3.2M a
-    # raise-mode block added to a TransformerEncoder forward); errors find the module path by
-    # walking the stack, and blocks find module state where a write needs it.
+    # (compiled modules run outside the mode). Elsewhere the shell would only slow every module
+    # call; errors find the module path by walking the stack, and blocks find module state
+    # where a write needs it.
     # A decorator or watch in scope "arguments" hands over scoped aliases itself; they carry
     # their protection into every module the callee calls.
     scoped_call = frame.scope == "arguments" and not frame.modules_scoped
@@ -312,7 +221,7 @@ def watch_modules(
         release_hooks()
 
 
-# -- the hooks --------------------------------------------------------------------------------
+# -- the boundaries ---------------------------------------------------------------------------
 class _Boundary:
     __slots__ = (
         "aliased",
@@ -324,7 +233,6 @@ class _Boundary:
         "module",
         "originals",
         "rebuilt",
-        "recursion",
         "required",
         "storages",
         "suspended",
@@ -345,8 +253,7 @@ class _Boundary:
         self.labels_found: Optional[dict[int, str]] = None
         # Scoped hand-over: alias id -> the caller's tensor, None where this call handed
         # nothing over; the storages handed over; what _mode.suspend took off the stack;
-        # whether the call needed the every-op mode instead; calls of this same module nested
-        # in it (recursion), which skip the hooks.
+        # whether the call needed the every-op mode instead.
         self.originals: Optional[dict[int, torch.Tensor]] = None
         # Clone mode's plain copy-on-write aliases: alias id -> the caller's tensor, so that a
         # module returning its argument gives the caller its own tensor back.
@@ -354,11 +261,9 @@ class _Boundary:
         self.storages: set[int] = set()
         self.suspended: Optional[tuple[int, int]] = None
         self.required = False
-        self.recursion = 0
         self.rebuilt: list[_arguments.Rebuilt] = []
-        # The Module.__call__ frame of this call while the global pre-hook is off for it
-        # (_detach_hooks): what tells its post-hook from a recursive call's.
-        self.detached: Optional[tuple[types.FrameType, Optional[types.FrameType]]] = None
+        # Whether the module-call shell is off for the rest of this call (_detach_calls).
+        self.detached = False
 
     @property
     def labels(self) -> dict[int, str]:
@@ -387,8 +292,8 @@ def _enter_boundary(
     ``hits``: the protections :func:`_only_noted` found on the call's tensor arguments.
 
     If it raises, it leaves nothing behind on the thread: once the boundary is on record,
-    the ``always_call`` post hook (which torch runs when a pre hook raises) takes it off with
-    its module and frame; before that, it is undone here.
+    :func:`_boundary_call` takes it off with its module and frame; before that, it is undone
+    here.
     """
     state = STATE
     n_modules, n_boundaries, n_frames = len(state.modules), len(state.boundaries), len(state.frames)
@@ -431,13 +336,11 @@ def _begin_boundary(
     if is_compiled(module):
         compiled = CompiledBoundary(display_path(module, state.modules[0]))
         boundary = _Boundary(module, frame, compiled)
-        _hold_post_hook()
         state.boundaries.append(boundary)
         replaced = _replace_arguments(args, kwargs, lambda t: _hand_over_compiled(t, compiled))
         compiled.__enter__()
         return replaced
     boundary = _Boundary(module, frame, None)
-    _hold_post_hook()
     state.boundaries.append(boundary)
     if state.blocks:
         # Read only if a write is refused in the call: walking the arguments at every call
@@ -529,60 +432,32 @@ def _hand_over_scoped(
         boundary.required = True
     else:
         boundary.suspended = _mode.suspend()
-        _detach_hooks(boundary)
+        _detach_calls(boundary)
     return replaced
 
 
-def _detach_hooks(boundary: _Boundary) -> None:
-    """Take the global pre-hook off for the rest of a scoped call, so that its nested module
-    calls do no boundary work (the pre-hook's Python call and ``Module.__call__``'s slow path
-    cost a few microseconds a call: ~3% on the encoder). The post-hook stays, to end this
-    call; it returns at once for the nested ones. No hook goes on the module itself: modules
-    such as ``nn.TransformerEncoderLayer`` leave their fused fast path when they have one.
+def _detach_calls(boundary: _Boundary) -> None:
+    """Take the module-call shell off for the rest of a scoped call, so that its nested module
+    calls do no boundary work (the shell's Python call and C++ check cost ~1 us a call). No
+    hook goes on the module itself: modules such as ``nn.TransformerEncoderLayer`` leave their
+    fused fast path when they have one.
 
-    Only where nothing else needs the pre-hook during the call: no other user of the hooks (a
-    guard on another thread), no watch, and torch.compile not in use (a compiled submodule
-    must get plain tensors at its own boundary)."""
-    module = boundary.module
-    if STATE.watchers or compile_in_use() or isinstance(module, torch.jit.ScriptModule):
-        return
-    frame = _call_impl_frame()
-    if frame is None:
+    Only where nothing else needs the shell during the call: no other user of it (a guard on
+    another thread), no watch, and torch.compile not in use (a compiled submodule must get
+    plain tensors at its own boundary)."""
+    if STATE.watchers or compile_in_use() or isinstance(boundary.module, torch.jit.ScriptModule):
         return
     with _lock:
-        if _users != 1 or not _handles or _handles[0] is None:
+        if _users != 1 or not _installed:
             return
-        _handles[0].remove()
-        _handles[0] = None
-    # Hooks run in ``inner``, but always-called ones run in ``_call_impl`` when the call
-    # raises: either frame is this call's.
-    boundary.detached = (frame, frame.f_back)
+        _remove_locked()
+    boundary.detached = True
 
 
 def _reattach() -> None:
     with _lock:
-        if _handles and _handles[0] is None:
-            _register_pre()
-
-
-def _unwinding() -> bool:
-    """Whether the post-hook runs because the module call raised. torch calls always-call
-    hooks from ``Module._call_impl``'s except clause then, and every post-hook from its
-    ``inner`` otherwise. ``sys.exc_info()`` cannot tell: a module called inside the caller's
-    own ``except`` block sees the caller's exception there (and clone mode handed the caller
-    the alias instead of its own tensor back)."""
-    frame = _call_impl_frame() if _INNER_CODES else None
-    if frame is None:  # a torch that calls hooks from _call_impl alone
-        return sys.exc_info()[0] is not None
-    return frame.f_code not in _INNER_CODES
-
-
-def _call_impl_frame() -> Optional[types.FrameType]:
-    """The ``Module.__call__`` frame (``_call_impl`` or its ``inner``) running the hooks."""
-    frame: Optional[types.FrameType] = sys._getframe(1)
-    while frame is not None and frame.f_code not in _CALL_IMPL_CODES:
-        frame = frame.f_back
-    return frame
+        if _users and not _installed:
+            _install_locked()
 
 
 def _replace_arguments(
@@ -600,36 +475,12 @@ def _replace_arguments(
     return new_args, new_kwargs
 
 
-_CALL_IMPL_CODES = _arguments.CALL_IMPL_CODES
-_INNER_CODES = _CALL_IMPL_CODES[1:]  # Module._call_impl's inner(), where torch has one
-
-
-def _caller_kwargs() -> Optional[dict[str, Any]]:
-    """The keyword arguments of the module call whose pre-hook is running.
-
-    Where global pre-hooks cannot take keyword arguments (torch 2.13 and older), they are the
-    ``kwargs`` dict of ``Module._call_impl``, the frame that calls the hook. That dict is built
-    afresh for each call and is the one ``forward`` is called with, so replacing values in it
-    (clone mode) reaches ``forward`` and never the caller's own dict.
-    """
-    frame = sys._getframe(2)  # _caller_kwargs <- _pre_hook <- Module._call_impl
-    if frame.f_code not in _CALL_IMPL_CODES:
-        return None
-    kwargs = frame.f_locals.get("kwargs")
-    return kwargs if isinstance(kwargs, dict) else None
-
-
 def _nested_in_scoped_call(module: torch.nn.Module) -> bool:
     """Inside a module call that handed its protected arguments over as scoped aliases, the
     aliases carry their protection into nested calls, which need nothing more (bar compiled
     modules, which must get plain tensors, and watches)."""
     state = STATE
-    if not state.scoped_calls or state.watchers or is_compiled(module):
-        return False
-    top = state.boundaries[-1]
-    if top.module is module:
-        top.recursion += 1  # the same module called within itself: its post hook is not ours
-    return True
+    return bool(state.scoped_calls) and not state.watchers and not is_compiled(module)
 
 
 def _only_noted(
@@ -653,9 +504,6 @@ def _only_noted(
         or state.bypass
         # is_compiled's own test, its cheap half first (this runs at every module call)
         or (type(module).__name__ == "OptimizedModule" and is_compiled(module))
-        # A recursive call of a module whose outer call is on record: its post-hook would
-        # take this call for that one.
-        or (state.boundaries and state.boundaries[-1].module is module)
         or (state.clone_frames and _may_hand_over(args, kwargs, hits))
     )
 
@@ -663,72 +511,53 @@ def _only_noted(
 _is_compiling = torch.compiler.is_compiling
 
 
-def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> Optional[tuple[Any, ...]]:
+def _module_call(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``Module._call_impl`` while a guard or watch is active: torch's own, with the boundary
+    work around it where a call needs any."""
     if _is_compiling():
-        return None  # Dynamo traces hooks: keep them out of compiled graphs
+        # Dynamo inlines this: keep immutorch out of compiled graphs (it folds the test).
+        return _torch_call_impl(self, *args, **kwargs)
     quiet = _native.quiet_call
-    if quiet is not None and quiet(module, args, None):
-        return None  # the common case, answered in C++ (kwargs read from the calling frame)
-    if STATE.scoped_calls and _nested_in_scoped_call(module):
-        return None
-    kwargs = _caller_kwargs() or {}
-    hits: _Hits = {}
-    if _only_noted(module, args, kwargs, hits):
-        return None
-    replaced = _enter_boundary(module, args, kwargs, hits)
-    if replaced is None:
-        return None
-    new_args, new_kwargs = replaced
-    if new_kwargs is not kwargs:
-        kwargs.update(new_kwargs)
-    return new_args
+    if quiet is not None and quiet(self, args, kwargs):
+        return _torch_call_impl(self, *args, **kwargs)  # the common case, answered in C++
+    return _boundary_call(self, args, kwargs)
 
 
-def _pre_hook_with_kwargs(
-    module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
-    if _is_compiling():
-        return None
-    quiet = _native.quiet_call
-    if quiet is not None and quiet(module, args, kwargs):
-        return None
-    if STATE.scoped_calls and _nested_in_scoped_call(module):
-        return None
-    hits: _Hits = {}
-    if _only_noted(module, args, kwargs, hits):
-        return None
-    return _enter_boundary(module, args, kwargs, hits)
-
-
-def _post_hook_with_kwargs(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
-    return _post_hook(module, args, output)
-
-
-def _post_hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
-    if _is_compiling():
-        return None
+def _boundary_call(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     state = STATE
-    if not state.boundaries or state.boundaries[-1].module is not module:
-        return None
-    top = state.boundaries[-1]
-    if top.detached is not None:
-        if _call_impl_frame() not in top.detached:
-            return None  # the same module, called again within its own scoped call
-        top.detached = None
-        _reattach()
-    elif top.recursion:
-        top.recursion -= 1
-        return None
-    return _finish_boundary(module, output)
+    if state.scoped_calls and _nested_in_scoped_call(module):
+        return _torch_call_impl(module, *args, **kwargs)
+    hits: _Hits = {}
+    if _only_noted(module, args, kwargs, hits):
+        return _torch_call_impl(module, *args, **kwargs)
+    n_boundaries = len(state.boundaries)
+    try:
+        replaced = _enter_boundary(module, args, kwargs, hits)
+    except BaseException:
+        if len(state.boundaries) > n_boundaries:  # on record: take it off with the rest
+            _end_boundary(failed=True)
+        raise
+    if len(state.boundaries) == n_boundaries:  # nothing went on record
+        return _torch_call_impl(module, *args, **kwargs)
+    if replaced is not None:
+        args, kwargs = replaced
+    try:
+        output = _torch_call_impl(module, *args, **kwargs)
+    except BaseException:
+        _end_boundary(failed=True)
+        raise
+    return _end_boundary(output)
 
 
-def _finish_boundary(module: torch.nn.Module, output: Any) -> Any:
+def _end_boundary(output: Any = None, failed: bool = False) -> Any:
+    """The call on top of the record ended: restore the thread's state, and return what the
+    caller gets (its own tensors back where the module returned an alias of one). On
+    ``failed``, only restore: the exception the call raised propagates."""
     state = STATE
     boundary = state.boundaries.pop()
-    # always_call hooks also run while an exception unwinds: then only restore state.
-    failed = _unwinding()
-    _release_post_hook(failed)
     try:
+        if boundary.detached:
+            _reattach()
         if boundary.compiled is not None:
             boundary.compiled.__exit__(RuntimeError if failed else None, None, None)
     finally:
@@ -750,9 +579,8 @@ def _finish_boundary(module: torch.nn.Module, output: Any) -> Any:
         return None
     if boundary.originals is None:
         if not boundary.aliased:
-            return None
-        new = back_to_caller(output, boundary.aliased)
-        return None if new is output else new
+            return output
+        return back_to_caller(output, boundary.aliased)
     return _scoped_output(boundary, output)
 
 
@@ -773,7 +601,7 @@ def _scoped_output(boundary: _Boundary, output: Any) -> Any:
                 set_born(storage, epoch)
 
         _arguments.walk(new, "", tag)
-    return None if new is output else new
+    return new
 
 
 def _protected_leaves(t: torch.Tensor) -> bool:

@@ -598,23 +598,15 @@ def _watch(settings: _Settings, include_inplace: bool = False) -> Iterator[None]
         return
     from . import _boundaries
 
-    hooked_before = _boundaries.hooks_installed()
-    hushed_before = _boundaries.compile_hook_warning_hushed()
     # The watch is the plugin's own: complete ("all") unless a scope was configured, as in
     # strict mode; an override, if any, still wins inside watch_modules.
-    try:
-        with _boundaries.watch_modules(
-            _class_in(settings.modules),
-            settings.mode,
-            include_inplace=include_inplace,
-            scope=settings.scope or "all",
-        ):
-            yield
-    finally:
-        # The warnings filters as the test found them (the watch's module hooks came off as
-        # it ended, when nothing else uses them: _boundaries.release_hooks).
-        if not hooked_before and not hushed_before:
-            _boundaries.unhush_compile_hook_warning()
+    with _boundaries.watch_modules(
+        _class_in(settings.modules),
+        settings.mode,
+        include_inplace=include_inplace,
+        scope=settings.scope or "all",
+    ):
+        yield
 
 
 def _class_in(packages: tuple[str, ...]) -> Callable[[torch.nn.Module], bool]:

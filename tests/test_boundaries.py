@@ -257,21 +257,17 @@ def test_decorated_compiled_function_is_not_run_under_the_mode():
     assert counters["frames"]["ok"] >= 1
 
 
-def test_keyword_arguments_are_handed_over_where_hooks_see_them():
-    # torch 2.13's global hooks take no kwargs; newer torch's do. Drive the kwargs hook directly.
-    from immutorch import _boundaries
-
+def test_a_keyword_argument_is_handed_over_in_clone_mode():
+    # The module-call shell is given keyword arguments on every torch (global pre-hooks on
+    # 2.13 and older were not).
     norm = RowNormalizer()
     x = torch.randn(3, 4)
     before = x.clone()
+    want = RowNormalizer()(x=before.clone())
     with immutorch.guard(x, mode="clone"):
-        replaced = _boundaries._pre_hook_with_kwargs(norm, (), {"x": x})
-        assert replaced is not None
-        args, kwargs = replaced
-        out = norm.forward(*args, **kwargs)
-        _boundaries._post_hook_with_kwargs(norm, args, kwargs, out)
+        out = norm(x=x)
     assert torch.equal(x, before)
-    assert torch.equal(out, RowNormalizer()(before.clone()))
+    assert torch.equal(out, want)
 
 
 class KeywordScaler(torch.nn.Module):
@@ -299,7 +295,6 @@ def _keyword_door(door: str, mode: str):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("door", ["watch", "guard()"])
 def test_keyword_tensor_write_is_refused_on_this_torch(door):
-    # Global pre-hooks on torch 2.13 take no kwargs: immutorch reads them from the module call.
     x, scale = torch.ones(3), torch.arange(3.0)
     before = scale.clone()
     with pytest.raises(immutorch.ImmutableTensorError, match="`scale`") as info:

@@ -1,9 +1,8 @@
-"""The module pre-hook's common case in C++ (``_native.quiet_call``): where it says a module
-call needs no boundary work, Python's own answer (``_boundaries._only_noted``) must agree, or
-a call that must be on record (a watch, a scoped call, a recursion, a compiled module, a
-protected argument in clone mode) would go by unseen. Each state is set up for real and both
-answers are asked with the same arguments; the keyword arguments, which torch 2.13 does not
-give global pre-hooks, are also read from the calling frame, as the hook reads them."""
+"""The module-call shell's common case in C++ (``_native.quiet_call``): where it says a
+module call needs no boundary work, Python's own answer (``_boundaries._only_noted``) must
+agree, or a call that must be on record (a watch, a scoped call, a compiled module, a
+protected argument in clone mode, by position or by keyword) would go by unseen. Each state is
+set up for real and both answers are asked with the same arguments."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ from immutorch import _arguments, _boundaries
 from immutorch._backends import native
 from immutorch._registry import STATE
 
-FRAME_LOCALS = sys.version_info[:2] == (3, 11)  # frames.cpp reads kwargs on CPython 3.11 only
+FRAME_LOCALS = sys.version_info[:2] == (3, 11)  # frames.cpp reads frames on CPython 3.11 only
 
 
 class Plain(torch.nn.Module):
@@ -93,23 +92,6 @@ def test_quiet_never_says_so_where_python_would_record(quiet: Any, kind: str) ->
             assert not said
 
 
-def test_a_call_of_the_module_on_record_goes_to_python(quiet: Any) -> None:
-    x = torch.arange(3.0)
-    inner_answers: list[bool] = []
-
-    class Outer(torch.nn.Module):
-        def forward(self, t: torch.Tensor) -> torch.Tensor:
-            # this call is on record (it took protected x): the same module again is a recursion
-            inner_answers.append(_agree(quiet, self, (t,), {}))
-            return t
-
-    with immutorch.guard(mode="clone", scope="all"):
-        outer = Outer()
-        assert not _agree(quiet, outer, (x,), {})  # protected: handed over, on record
-        outer(x)
-    assert inner_answers == [False]
-
-
 def test_torch_compiles_wrapper_goes_to_python(quiet: Any) -> None:
     with immutorch.guard(mode="clone", scope="all"):
         h = torch.ones(2)
@@ -117,32 +99,13 @@ def test_torch_compiles_wrapper_goes_to_python(quiet: Any) -> None:
         assert quiet(Plain(), (h,), {})
 
 
-def test_keyword_arguments_are_read_from_the_calling_frame(quiet: Any) -> None:
-    """What the hook does on torch 2.13: no kwargs given, they are Module._call_impl's."""
-    answers: list[bool] = []
-
-    def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        answers.append(quiet(module, args, None))
-
+def test_keyword_arguments_are_judged_as_positional_ones(quiet: Any) -> None:
     x = torch.arange(3.0)
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
-    try:
-        with immutorch.guard(mode="clone", scope="all"):
-            h = torch.ones(2)
-            Plain()(h, k=h + 1)  # fresh memory only: quiet, where the frame can be read
-            Plain()(h, k=x)  # protected, by keyword only: never quiet
-            Plain()(h, k=[h])  # a container Python rebuilds
-    finally:
-        handle.remove()
-    assert answers[1:] == [False, False]
-    assert answers[0] is FRAME_LOCALS
-
-
-def test_not_called_from_a_module_call_it_leaves_kwargs_to_python(quiet: Any) -> None:
     with immutorch.guard(mode="clone", scope="all"):
         h = torch.ones(2)
-        assert not quiet(Plain(), (h,), None)  # this frame is no Module.__call__
-        assert quiet(Plain(), (h,), {})
+        assert _agree(quiet, Plain(), (h,), {"k": h + 1})  # fresh memory only
+        assert not _agree(quiet, Plain(), (h,), {"k": x})  # protected, by keyword only
+        assert not _agree(quiet, Plain(), (h,), {"k": [h]})  # a container Python rebuilds
 
 
 def test_a_new_thread_gets_its_own_state(quiet: Any) -> None:

@@ -38,13 +38,10 @@ _ops: dict[tuple[str, str], Any] = {}
 # Clone mode's module-call check in C++ once loaded: (args, kwargs) -> whether any argument may
 # have to be handed over (False: none can; True: ask Python). See may_hand_over in guard.cpp.
 hand_over_filter: Optional[Callable[[tuple[Any, ...], Optional[dict[str, Any]]], bool]] = None
-# The module pre-hook's common case in C++ once loaded: (module, args, kwargs or None) -> True
-# where the call needs no boundary work (_boundaries._only_noted's answer), False: ask Python.
-# With kwargs None it reads them from the frame that called the hook. See quiet_call in
-# guard.cpp.
-quiet_call: Optional[
-    Callable[[torch.nn.Module, tuple[Any, ...], Optional[dict[str, Any]]], bool]
-] = None
+# The module-call shell's common case in C++ once loaded: (module, args, kwargs) -> True where
+# the call needs no boundary work (_boundaries._only_noted's answer), False: ask Python. See
+# quiet_call in guard.cpp.
+quiet_call: Optional[Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any]], bool]] = None
 
 
 def _resolve(name: str, overload: str) -> Any:

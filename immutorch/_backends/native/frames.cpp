@@ -1,11 +1,11 @@
-// Reading one local variable of a running Python frame without building its f_locals dict.
+// Reading one local variable of running Python frames without building their f_locals dicts.
 //
-// The global module pre-hook cannot be given a call's keyword arguments on torch 2.13 and
-// older; they are the `kwargs` local of Module._call_impl (or its `inner` closure), the frame
-// that calls the hook. `frame.f_locals` copies every local of that frame into a dict: ~9,000
-// instructions a module call, as much as the rest of the hook's common case. Here the one
-// slot is read from the interpreter's own frame record, which only CPython 3.11's internal
-// headers describe; on any other version the answer is "unknown" and Python reads f_locals.
+// The modules in call are the `self` local of each Module._call_impl frame on the stack, read
+// where a block is about to refuse a write into memory from before it (is it module state?)
+// and where clone mode asks whether an argument may be handed over. `frame.f_locals` copies
+// every local of a frame into a dict: ~1 us a frame. Here the one slot is read from the
+// interpreter's own frame record, which only CPython 3.11's internal headers describe; on any
+// other version the answer is "unknown" and Python reads f_locals.
 // A translation unit of its own: Py_BUILD_CORE must not reach the torch headers.
 #define Py_BUILD_CORE
 #include <Python.h>
@@ -66,27 +66,6 @@ PyObject* local_of(_PyInterpreterFrame* frame, PyObject* name) {
 
 }  // namespace
 #endif
-
-// The value (borrowed) of local `name` in the Python frame that called the Python function
-// now calling into C, if that frame runs one of `codes`; nullptr, with no error set, where it
-// does not, where the local is unbound, or on a Python whose frames this does not know.
-// Called with the GIL.
-PyObject* immutorch_hook_caller_local(PyObject* const* codes, size_t ncodes, PyObject* name) {
-#ifdef IMMUTORCH_FRAME_LOCALS
-  _PyInterpreterFrame* hook = PyThreadState_Get()->cframe->current_frame;
-  _PyInterpreterFrame* caller = hook == nullptr ? nullptr : hook->previous;
-  if (caller == nullptr || _PyFrame_IsIncomplete(caller)) return nullptr;
-  for (size_t c = 0; c < ncodes; ++c) {
-    if (reinterpret_cast<PyObject*>(caller->f_code) == codes[c]) return local_of(caller, name);
-  }
-  return nullptr;
-#else
-  (void)codes;
-  (void)ncodes;
-  (void)name;
-  return nullptr;
-#endif
-}
 
 // Appends to the list `out` the value of local `name` in each frame of this thread's Python
 // stack that runs `code`, innermost first (unbound ones left out). 0 on success; -1, with

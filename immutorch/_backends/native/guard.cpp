@@ -894,13 +894,11 @@ bool may_hand_over(py::handle args, py::handle kwargs) {
 }
 
 // -- module calls --------------------------------------------------------------------------
-// Clone mode (and any guard that hooks module calls) runs the global module pre-hook at every
-// Module.__call__, and most calls need nothing of it: quiet_call answers that common case in
-// one call from the hook, as immutorch._boundaries._only_noted does in Python (~22,000
-// instructions a module call there: STATE's attributes, the keyword arguments read from the
-// calling frame, the hand-over question). It answers true only where that function would; on
-// anything it cannot read, false, and Python decides.
-PyObject* immutorch_hook_caller_local(PyObject* const* codes, size_t ncodes, PyObject* name);
+// Clone mode (and any guard that needs module boundaries) runs immutorch's shell around
+// Module._call_impl at every module call, and most calls need nothing of it: quiet_call
+// answers that common case in one call from the shell, as immutorch._boundaries._only_noted
+// does in Python (STATE's attributes, the hand-over question). It answers true only where
+// that function would; on anything it cannot read, false, and Python decides.
 int immutorch_locals_on_stack(PyObject* code, PyObject* name, PyObject* out);
 
 namespace {
@@ -908,15 +906,13 @@ namespace {
 PyObject* g_thread_state = nullptr;  // immutorch._registry.STATE, a threading.local
 std::vector<PyObject*> g_call_impl_codes;  // Module._call_impl's code and its `inner`'s
 PyObject* s_dict = nullptr;
-PyObject* s_kwargs = nullptr;
-PyObject* s_module = nullptr;
 PyObject* s_self = nullptr;
 // ThreadState's attributes, in the order quiet_call reads them: any true one needs Python.
 PyObject* s_busy[4] = {nullptr, nullptr, nullptr, nullptr};
-PyObject* s_boundaries = nullptr;
 PyObject* s_clone_frames = nullptr;
 
-// What quiet_call reads: the Python ThreadState and the codes of the frames calling hooks.
+// What quiet_call reads, the Python ThreadState, and the codes of torch's Module._call_impl
+// frames, whose `self` modules_on_stack reads.
 void install_call_check(py::object thread_state, py::sequence call_impl_codes) {
   auto intern = [](const char* text) {
     PyObject* s = PyUnicode_InternFromString(text);
@@ -925,12 +921,9 @@ void install_call_check(py::object thread_state, py::sequence call_impl_codes) {
   };
   if (s_dict == nullptr) {
     s_dict = intern("__dict__");
-    s_kwargs = intern("kwargs");
-    s_module = intern("module");
     s_self = intern("self");
     const char* busy[4] = {"watchers", "scoped_guards", "scoped_calls", "bypass"};
     for (int i = 0; i < 4; ++i) s_busy[i] = intern(busy[i]);
-    s_boundaries = intern("boundaries");
     s_clone_frames = intern("clone_frames");
   }
   Py_XDECREF(g_thread_state);
@@ -960,38 +953,13 @@ bool quiet_call_in(PyObject* dict, py::handle module, py::handle args, py::handl
   }
   // torch.compile's wrapper module: is_compiled's cheap half, as _only_noted tests it
   if (std::strcmp(Py_TYPE(module.ptr())->tp_name, "OptimizedModule") == 0) return false;
-  PyObject* boundaries = PyDict_GetItemWithError(dict, s_boundaries);
-  if (boundaries == nullptr || !PyList_Check(boundaries)) {
-    PyErr_Clear();
-    return false;
-  }
-  Py_ssize_t n = PyList_GET_SIZE(boundaries);
-  if (n > 0) {
-    // the same module called within its own call on record: its post-hook must tell them apart
-    PyObject* top = PyObject_GetAttr(PyList_GET_ITEM(boundaries, n - 1), s_module);
-    if (top == nullptr) {
-      PyErr_Clear();
-      return false;
-    }
-    Py_DECREF(top);  // compared by identity only
-    if (top == module.ptr()) return false;
-  }
   int clone = truth_of(dict, s_clone_frames);
   if (clone != 0) {
-    if (clone < 0) return false;
-    PyObject* kw = kwargs.ptr();
-    if (kw == Py_None) {  // the hook is not given them: they are its caller's local
-      kw = immutorch_hook_caller_local(
-          g_call_impl_codes.data(), g_call_impl_codes.size(), s_kwargs);
-      if (kw == nullptr || !PyDict_Check(kw)) return false;
-    }
-    if (may_hand_over(args, py::handle(kw))) return false;
+    if (clone < 0 || may_hand_over(args, kwargs)) return false;
   }
   return true;
 }
 
-// kwargs: the call's keyword arguments, or None where the hook is not given them (read from
-// the frame that called the hook).
 bool quiet_call(py::handle module, py::handle args, py::handle kwargs) {
   if (g_thread_state == nullptr) return false;
   PyObject* dict = PyObject_GetAttr(g_thread_state, s_dict);  // this thread's attributes
@@ -1045,7 +1013,7 @@ PyMethodDef modules_on_stack_def = {
 
 PyMethodDef quiet_call_def = {
     "quiet_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&quiet_call_py)),
-    METH_FASTCALL, "(module, args, kwargs or None) -> True where the module call needs no boundary"};
+    METH_FASTCALL, "(module, args, kwargs) -> True where the module call needs no boundary"};
 
 }  // namespace
 

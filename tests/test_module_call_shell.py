@@ -1,0 +1,267 @@
+"""Module boundaries come from immutorch's shell around ``Module._call_impl``, installed while
+a guard needs them (clone mode, a watch, a scoped block, torch.compile in use) and taken off
+as the last one ends. No global module hook is ever registered: any global hook sends every
+module call down torch's slow path. What the shell must keep: every call on record ends,
+normally or by an exception, recursion included; the caller gets its own tensor back; user
+hooks, global or not, run as before and count as the callee's code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+import torch
+from torch.nn.modules import module as module_mod
+
+import immutorch
+from immutorch import _boundaries
+from immutorch._registry import STATE
+
+pytestmark = pytest.mark.both_backends
+
+TORCH_CALL_IMPL = _boundaries._torch_call_impl
+
+
+def _global_hooks() -> int:
+    return sum(
+        len(getattr(module_mod, name))
+        for name in (
+            "_global_forward_pre_hooks",
+            "_global_forward_hooks",
+            "_global_backward_pre_hooks",
+            "_global_backward_hooks",
+        )
+    )
+
+
+class Probe(torch.nn.Module):
+    """Records, inside its forward, whether the shell is on; writes or fails if asked."""
+
+    def __init__(self, write: bool = False, fail: bool = False) -> None:
+        super().__init__()
+        self.write, self.fail = write, fail
+        self.seen: list[bool] = []
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        self.seen.append(_boundaries.hooks_installed())
+        if self.write:
+            t.add_(1)
+        if self.fail:
+            raise ValueError("the module's own error")
+        return t * 2
+
+
+def test_the_shell_is_on_for_the_block_only_and_registers_no_global_hook() -> None:
+    probe = Probe(write=True)
+    x = torch.zeros(3)
+    hooks_before = _global_hooks()
+    with immutorch.guard(mode="clone", scope="all"):
+        assert _global_hooks() == hooks_before
+        out = probe(x)
+    assert probe.seen == [True]
+    assert torch.nn.Module.__dict__["_call_impl"] is TORCH_CALL_IMPL
+    assert not _boundaries.hooks_installed()
+    assert torch.equal(x, torch.zeros(3)) and torch.equal(out, torch.full((3,), 2.0))
+
+
+def test_raise_mode_needs_no_shell() -> None:
+    probe = Probe()
+    with immutorch.guard(mode="raise", scope="all"):
+        probe(torch.ones(2))
+    assert probe.seen == [_boundaries.compile_in_use()]
+
+
+def test_a_module_returning_its_argument_gives_the_caller_its_own_tensor() -> None:
+    class Same(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return t
+
+    x = torch.ones(2)
+    with immutorch.guard(mode="clone", scope="all"):
+        assert Same()(x) is x
+        assert STATE.boundaries == []
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_an_exception_in_a_call_on_record_propagates_and_leaves_nothing(nested: bool) -> None:
+    x = torch.zeros(3)
+    failing = Probe(write=True, fail=True)
+
+    class Outer(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return failing(t)
+
+    call = Outer() if nested else failing
+    with pytest.raises(ValueError, match="the module's own error"):
+        with immutorch.guard(mode="clone", scope="all"):
+            call(x)
+    assert STATE.boundaries == [] and STATE.modules == []
+    assert not _boundaries.hooks_installed()
+    assert torch.equal(x, torch.zeros(3))
+
+
+def test_after_an_exception_caught_inside_the_block_calls_still_end() -> None:
+    x = torch.zeros(3)
+    failing, writing = Probe(write=True, fail=True), Probe(write=True)
+    with immutorch.guard(mode="clone", scope="all"):
+        with pytest.raises(ValueError):
+            failing(x)
+        assert STATE.boundaries == []
+        out = writing(x)
+        assert STATE.boundaries == []
+    assert torch.equal(x, torch.zeros(3))
+    assert torch.equal(out, torch.full((3,), 2.0))
+
+
+def test_a_call_inside_the_callers_except_block_ends_normally() -> None:
+    """The caller's own exception being handled is no failure of the module call: the module
+    returning its argument still gives the caller its own tensor back."""
+
+    class Same(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return t
+
+    x = torch.ones(2)
+    with immutorch.guard(mode="clone", scope="all"):
+        try:
+            raise KeyError("the caller's")
+        except KeyError:
+            assert Same()(x) is x
+            assert STATE.boundaries == []
+
+
+class Recursive(torch.nn.Module):
+    """Calls itself on its own argument, writing into it at each depth."""
+
+    def forward(self, t: torch.Tensor, depth: int = 2) -> torch.Tensor:
+        t.mul_(2)
+        if depth:
+            inner = self(t, depth - 1)
+            return t + inner
+        return t
+
+
+def test_a_module_called_within_its_own_call_computes_as_unguarded() -> None:
+    x = torch.arange(3.0)
+    want = Recursive()(x.clone())
+    with immutorch.guard(mode="clone", scope="all"):
+        got = Recursive()(x)
+        assert STATE.boundaries == []
+    assert torch.equal(got, want)
+    assert torch.equal(x, torch.arange(3.0))
+
+
+def test_global_hooks_of_the_users_run_as_before_and_are_the_callees_code() -> None:
+    """A user's global pre-hook that writes into the argument writes into the callee's alias
+    in clone mode: hooks are part of the module call."""
+    calls: list[str] = []
+
+    def pre(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        args[0].add_(10)
+
+    def post(module: torch.nn.Module, args: Any, output: Any) -> None:
+        calls.append(type(module).__name__)
+
+    handles = [
+        module_mod.register_module_forward_pre_hook(pre),
+        module_mod.register_module_forward_hook(post),
+    ]
+    try:
+        x = torch.zeros(2)
+        want = Probe()(x.clone())
+        calls.clear()
+        with immutorch.guard(mode="clone", scope="all"):
+            got = Probe()(x)  # handed over
+            Probe()(torch.ones(2))  # the block's own memory
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == ["Probe", "Probe"]
+    assert torch.equal(got, want) and torch.equal(x, torch.zeros(2))
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_an_always_call_hook_registered_inside_a_failing_call_runs_as_unguarded(
+    guarded: bool,
+) -> None:
+    """torch reads the hooks as a call starts: one registered inside a call that had none
+    does not run for it, guarded or not (a global post-hook of immutorch's made it run)."""
+    ran: list[bool] = []
+    handles: list[Any] = []
+
+    class RegistersThenFails(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            handles.append(
+                module_mod.register_module_forward_hook(
+                    lambda m, a, o: ran.append(True), always_call=True
+                )
+            )
+            raise ValueError("the module's own error")
+
+    x = torch.zeros(3)
+    try:
+        with pytest.raises(ValueError, match="the module's own error"):
+            if guarded:
+                with immutorch.guard(mode="clone", scope="all"):
+                    RegistersThenFails()(x)
+            else:
+                RegistersThenFails()(x)
+        with pytest.raises(ValueError):  # registered now: it runs at the next call
+            RegistersThenFails()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == [True, True]  # the second call's hooks: the first call's and its own
+    assert STATE.boundaries == []
+
+
+def test_a_class_with_its_own_call_impl_is_refused_never_missed() -> None:
+    """A class whose ``_call_impl`` was captured before the guard (torch.compiler.disable on
+    an nn.Module class keeps torch's) bypasses the shell: clone mode cannot hand its argument
+    over, and refuses the write rather than let it reach the caller's tensor."""
+
+    @torch.compiler.disable
+    class Writes(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            t.add_(1)
+            return t
+
+    assert "_call_impl" in Writes.__dict__
+    x = torch.zeros(3)
+    with pytest.raises(immutorch.ImmutableTensorError, match="cannot isolate"):
+        with immutorch.guard(x, mode="clone"):
+            Writes()(x)
+    assert torch.equal(x, torch.zeros(3))
+
+
+def test_dynamo_imported_inside_a_block_keeps_torchs_call_impl_as_its_own() -> None:
+    """Dynamo records ``Module._call_impl`` at its import (to shorten calls to ``forward``);
+    imported first inside a clone block, it would record the shell."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import torch
+        import immutorch
+        from immutorch import _boundaries
+
+        assert "torch._dynamo.utils" not in sys.modules
+        x = torch.zeros(3)
+        with immutorch.guard(x, mode="clone"):
+            torch.compile(torch.nn.ReLU(), backend="eager")(torch.ones(2))
+        from torch._dynamo import utils
+        from torch._dynamo.variables import nn_module
+
+        torch_own = _boundaries._torch_call_impl
+        assert utils.unpatched_nn_module_call_impl is torch_own
+        assert nn_module.unpatched_nn_module_call_impl is torch_own
+        assert torch.nn.Module.__dict__["_call_impl"] is torch_own
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -139,14 +139,25 @@ def test_export_works_after_a_guard(use: str, strict: bool) -> None:
 
 
 @pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("named", [True, False])
-def test_export_inside_a_guard(named: bool, mode: str, strict: bool) -> None:
+def test_export_inside_a_guard(named: bool, mode: str, scope: str, strict: bool) -> None:
     """Strict export included, where the guard intercepts module calls (clone mode, a block):
     torch 2.13's strict export fails under any global module hook, and immutorch registers
     none (its shell in Module._call_impl's place steps aside while Dynamo traces)."""
     net, x = Net(), torch.randn(2, 3)
-    with immutorch.guard(*((x,) if named else ()), mode=mode):  # type: ignore[arg-type]
+    with immutorch.guard(*((x,) if named else ()), mode=mode, scope=scope):  # type: ignore[arg-type]
+        program = torch.export.export(net, (x,), strict=strict)
+    assert torch.equal(program.module()(x), net(x))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_export_inside_a_watch(strict: bool) -> None:
+    from immutorch._boundaries import watch_modules
+
+    net, x = Net(), torch.randn(2, 3)
+    with watch_modules(lambda m: True):
         program = torch.export.export(net, (x,), strict=strict)
     assert torch.equal(program.module()(x), net(x))
 

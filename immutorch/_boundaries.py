@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
@@ -50,13 +51,17 @@ _installed = False
 _torch_call_impl: Callable[..., Any] = torch.nn.Module.__dict__["_call_impl"]
 
 
-def acquire_hooks() -> None:
-    """Count one more user of the module-call shell (a thread's first frame, or a watch)."""
+def acquire_hooks(*, rescan: bool = False) -> None:
+    """Count one more user of the module-call shell (a thread's first frame, or a watch).
+    ``rescan``: look for classes with a ``_call_impl`` of their own anew (a watch must see
+    every call of the modules it watches)."""
     global _users
     with _lock:
         _users += 1
         if not _installed:
-            _install_locked()
+            _install_locked(rescan)
+        elif rescan:
+            _shell_own_classes_locked(rescan)
 
 
 def release_hooks() -> None:
@@ -73,7 +78,7 @@ def release_hooks() -> None:
             _remove_locked()
 
 
-def _install_locked() -> None:
+def _install_locked(rescan: bool = False) -> None:
     """Put immutorch's shell in ``Module._call_impl``'s place.
 
     Not a global forward hook: any global hook sends every ``Module.__call__`` down torch's
@@ -82,17 +87,63 @@ def _install_locked() -> None:
     on torch 2.13 and older. ``Module.__call__`` (``_wrapped_call_impl``) looks ``_call_impl``
     up on the module at each call, so a class attribute reaches every module whose class does
     not define its own; setting it costs ~0.2 us (``__call__``, a type slot, would cost ~50 us:
-    CPython updates the slot in every subclass).
+    CPython updates the slot in every subclass). The classes that define their own get a shell
+    of their own around it.
     """
     global _installed
     torch.nn.Module._call_impl = _module_call  # type: ignore[method-assign]
     _installed = True
+    _shell_own_classes_locked(rescan)
+
+
+# Classes with a _call_impl of their own, which the shell on Module does not reach: in torch,
+# torch.compiler.disable or torch.compile applied to an nn.Module class wraps the _call_impl
+# the class had then. While the shell is on, each has a shell of its own around its own
+# (_shelled: class -> its own _call_impl). Found by walking Module's subclasses (~150 us for
+# torch's ~370): again only where modules were imported since the last walk (where classes
+# come from), and at each watch.
+_own_classes: weakref.WeakSet[type] = weakref.WeakSet()
+_walked_at = -1
+_shelled: dict[type, Callable[..., Any]] = {}
+
+
+def _shell_own_classes_locked(rescan: bool) -> None:
+    global _walked_at
+    if rescan or _walked_at != len(sys.modules):
+        _walked_at = len(sys.modules)
+        _own_classes.clear()
+        _own_classes.update(_classes_with_own_call_impl())
+    for cls in list(_own_classes):
+        own = cls.__dict__.get("_call_impl")
+        if cls in _shelled or own is None or getattr(own, "_immutorch_inner", None) is not None:
+            continue
+        cls._call_impl = _shell_around(own)  # type: ignore[attr-defined]
+        _shelled[cls] = own
+
+
+def _classes_with_own_call_impl() -> list[type]:
+    found: list[type] = []
+    seen: set[type] = set()
+    stack: list[type] = [torch.nn.Module]
+    while stack:
+        children: list[type] = type.__subclasses__(stack.pop())
+        for sub in children:
+            if sub not in seen:
+                seen.add(sub)
+                stack.append(sub)
+                if "_call_impl" in sub.__dict__:
+                    found.append(sub)
+    return found
 
 
 def _remove_locked() -> None:
     global _installed
     if torch.nn.Module.__dict__.get("_call_impl") is _module_call:
         torch.nn.Module._call_impl = _torch_call_impl  # type: ignore[method-assign]
+    for cls, own in _shelled.items():
+        if getattr(cls.__dict__.get("_call_impl"), "_immutorch_inner", None) is own:
+            cls._call_impl = own  # type: ignore[attr-defined]
+    _shelled.clear()
     _installed = False
     # Dynamo, first imported while the shell was on, took it for torch's own _call_impl (the
     # one whose calls it may shorten to ``forward``): give it torch's.
@@ -209,7 +260,7 @@ def watch_modules(
     tensor([1., 1., 1.])
     """
     watch = _Watch(predicate, check_mode(mode), include_inplace, check_scope(scope))
-    acquire_hooks()
+    acquire_hooks(rescan=True)
     STATE.watchers.append(watch)
     try:
         yield
@@ -511,25 +562,39 @@ def _only_noted(
 _is_compiling = torch.compiler.is_compiling
 
 
-def _module_call(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """``Module._call_impl`` while a guard or watch is active: torch's own, with the boundary
-    work around it where a call needs any."""
-    if _is_compiling():
-        # Dynamo inlines this: keep immutorch out of compiled graphs (it folds the test).
-        return _torch_call_impl(self, *args, **kwargs)
-    quiet = _native.quiet_call
-    if quiet is not None and quiet(self, args, kwargs):
-        return _torch_call_impl(self, *args, **kwargs)  # the common case, answered in C++
-    return _boundary_call(self, args, kwargs)
+def _shell_around(inner: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``_call_impl`` that calls ``inner`` (torch's, or a class's own), with the boundary work
+    around it where a call needs any."""
+
+    def shell(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if _is_compiling():
+            # Dynamo inlines this: keep immutorch out of compiled graphs (it folds the test).
+            return inner(self, *args, **kwargs)
+        quiet = _native.quiet_call
+        if quiet is not None and quiet(self, args, kwargs):
+            return inner(self, *args, **kwargs)  # the common case, answered in C++
+        return _boundary_call(self, args, kwargs, inner)
+
+    shell._immutorch_inner = inner  # type: ignore[attr-defined]
+    return shell
 
 
-def _boundary_call(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+# Module._call_impl while a guard or watch needs module boundaries.
+_module_call = _shell_around(_torch_call_impl)
+
+
+def _boundary_call(
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    inner: Callable[..., Any],
+) -> Any:
     state = STATE
     if state.scoped_calls and _nested_in_scoped_call(module):
-        return _torch_call_impl(module, *args, **kwargs)
+        return inner(module, *args, **kwargs)
     hits: _Hits = {}
     if _only_noted(module, args, kwargs, hits):
-        return _torch_call_impl(module, *args, **kwargs)
+        return inner(module, *args, **kwargs)
     n_boundaries = len(state.boundaries)
     try:
         replaced = _enter_boundary(module, args, kwargs, hits)
@@ -538,11 +603,11 @@ def _boundary_call(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[
             _end_boundary(failed=True)
         raise
     if len(state.boundaries) == n_boundaries:  # nothing went on record
-        return _torch_call_impl(module, *args, **kwargs)
+        return inner(module, *args, **kwargs)
     if replaced is not None:
         args, kwargs = replaced
     try:
-        output = _torch_call_impl(module, *args, **kwargs)
+        output = inner(module, *args, **kwargs)
     except BaseException:
         _end_boundary(failed=True)
         raise

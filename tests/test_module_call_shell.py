@@ -133,6 +133,15 @@ def test_a_call_inside_the_callers_except_block_ends_normally() -> None:
             assert STATE.boundaries == []
 
 
+@torch.compiler.disable
+class DisabledWrites(torch.nn.Module):
+    """Defined at import, as a library's classes are."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t.add_(1)
+        return t * 2
+
+
 class Recursive(torch.nn.Module):
     """Calls itself on its own argument, writing into it at each depth."""
 
@@ -218,22 +227,50 @@ def test_an_always_call_hook_registered_inside_a_failing_call_runs_as_unguarded(
     assert STATE.boundaries == []
 
 
-def test_a_class_with_its_own_call_impl_is_refused_never_missed() -> None:
-    """A class whose ``_call_impl`` was captured before the guard (torch.compiler.disable on
-    an nn.Module class keeps torch's) bypasses the shell: clone mode cannot hand its argument
-    over, and refuses the write rather than let it reach the caller's tensor."""
+@pytest.mark.parametrize("mode", ["clone", "raise"])
+def test_a_class_with_its_own_call_impl_gets_a_shell_of_its_own(mode: str) -> None:
+    """torch.compiler.disable on an nn.Module class gives it a _call_impl of its own (a wrapper
+    of torch's), which the shell on Module does not reach: the class gets its own shell."""
+    own = DisabledWrites.__dict__["_call_impl"]
+    x = torch.zeros(3)
+    want = DisabledWrites()(x.clone())
+    if mode == "clone":
+        with immutorch.guard(x, mode="clone"):
+            assert DisabledWrites.__dict__["_call_impl"] is not own
+            got = DisabledWrites()(x)
+        assert torch.equal(got, want)
+    else:
+        with pytest.raises(immutorch.ImmutableTensorError, match="DisabledWrites"):
+            with immutorch.watch_modules(lambda m: isinstance(m, DisabledWrites), mode="raise"):
+                DisabledWrites()(x)
+    assert torch.equal(x, torch.zeros(3))
+    assert DisabledWrites.__dict__["_call_impl"] is own  # its own again, after the guard
+
+
+def test_a_class_made_with_its_own_call_impl_in_a_test_is_seen_by_a_watch() -> None:
+    """A watch looks for such classes anew as it starts; a guard only where modules were
+    imported since it last looked. Either way a write is never let through: clone mode that
+    cannot hand an argument over refuses the write ("cannot isolate")."""
 
     @torch.compiler.disable
     class Writes(torch.nn.Module):
         def forward(self, t: torch.Tensor) -> torch.Tensor:
             t.add_(1)
-            return t
+            return t * 2
 
-    assert "_call_impl" in Writes.__dict__
     x = torch.zeros(3)
-    with pytest.raises(immutorch.ImmutableTensorError, match="cannot isolate"):
-        with immutorch.guard(x, mode="clone"):
+    with pytest.raises(immutorch.ImmutableTensorError, match="the watch on Writes"):
+        with immutorch.watch_modules(lambda m: isinstance(m, Writes), mode="raise"):
             Writes()(x)
+    assert torch.equal(x, torch.zeros(3))
+    want = Writes()(x.clone())
+    try:
+        with immutorch.guard(x, mode="clone"):
+            got = Writes()(x)
+    except immutorch.ImmutableTensorError as err:
+        assert "cannot isolate" in str(err)
+    else:
+        assert torch.equal(got, want)
     assert torch.equal(x, torch.zeros(3))
 
 

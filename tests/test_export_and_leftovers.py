@@ -21,6 +21,16 @@ from immutorch._registry import STATE
 
 MODES = ["raise", "warn", "clone"]
 _TORCH_CALL_IMPL = torch.nn.Module.__dict__["_call_impl"]
+_TORCH_BEFORE_2_13 = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13)
+# Seen on torch 2.4.1 (with either backend, before the module-call shell too, for `guard(x)`):
+# strict export inside a raise or clone guard fails, "Unexpectedly found a <class
+# 'torch.Tensor'> in the inputs" (2.4's export runs its traced call where the guard's
+# compiled-code boundary hands it private copies). Works on 2.13 and 2.15; 2.5 to 2.9 not run.
+_STRICT_EXPORT_INSIDE_OLD = pytest.mark.xfail(
+    _TORCH_BEFORE_2_13,
+    reason="strict export inside a raise or clone guard fails on torch 2.4 (2.5-2.9 not run)",
+    strict=False,
+)
 SCOPES = ["all", "arguments"]
 
 
@@ -142,10 +152,14 @@ def test_export_works_after_a_guard(use: str, strict: bool) -> None:
 @pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("named", [True, False])
-def test_export_inside_a_guard(named: bool, mode: str, scope: str, strict: bool) -> None:
+def test_export_inside_a_guard(
+    request: pytest.FixtureRequest, named: bool, mode: str, scope: str, strict: bool
+) -> None:
     """Strict export included, where the guard intercepts module calls (clone mode, a block):
     torch 2.13's strict export fails under any global module hook, and immutorch registers
     none (its shell in Module._call_impl's place steps aside while Dynamo traces)."""
+    if strict and mode != "warn":
+        request.applymarker(_STRICT_EXPORT_INSIDE_OLD)
     net, x = Net(), torch.randn(2, 3)
     with immutorch.guard(*((x,) if named else ()), mode=mode, scope=scope):  # type: ignore[arg-type]
         program = torch.export.export(net, (x,), strict=strict)
@@ -153,9 +167,11 @@ def test_export_inside_a_guard(named: bool, mode: str, scope: str, strict: bool)
 
 
 @pytest.mark.parametrize("strict", [True, False])
-def test_export_inside_a_watch(strict: bool) -> None:
+def test_export_inside_a_watch(request: pytest.FixtureRequest, strict: bool) -> None:
     from immutorch._boundaries import watch_modules
 
+    if strict:
+        request.applymarker(_STRICT_EXPORT_INSIDE_OLD)
     net, x = Net(), torch.randn(2, 3)
     with watch_modules(lambda m: True):
         program = torch.export.export(net, (x,), strict=strict)

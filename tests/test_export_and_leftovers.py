@@ -24,8 +24,8 @@ _TORCH_CALL_IMPL = torch.nn.Module.__dict__["_call_impl"]
 _TORCH_BEFORE_2_13 = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13)
 # Seen on torch 2.4.1 (with either backend, before the module-call shell too, for `guard(x)`):
 # strict export inside a raise or clone guard fails, "Unexpectedly found a <class
-# 'torch.Tensor'> in the inputs" (2.4's export runs its traced call where the guard's
-# compiled-code boundary hands it private copies). Works on 2.13 and 2.15; 2.5 to 2.9 not run.
+# 'torch.Tensor'> in the inputs", raised inside export's own tracing; the cause is not found
+# yet). Works on 2.13 and 2.15; 2.5 to 2.9 not run.
 _STRICT_EXPORT_INSIDE_OLD = pytest.mark.xfail(
     _TORCH_BEFORE_2_13,
     reason="strict export inside a raise or clone guard fails on torch 2.4 (2.5-2.9 not run)",

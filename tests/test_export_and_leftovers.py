@@ -26,6 +26,13 @@ _TORCH_BEFORE_2_13 = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (
 # strict export inside a raise or clone guard fails, "Unexpectedly found a <class
 # 'torch.Tensor'> in the inputs", raised inside export's own tracing; the cause is not found
 # yet). Works on 2.13 and 2.15; 2.5 to 2.9 not run.
+# torch 2.5 has no torch.compiler.is_exporting(): the decorator cannot tell strict export from
+# torch.compile, does not step aside, and Dynamo fails on its bookkeeping (2.4's traces it).
+DECORATED_STRICT_EXPORT_2_5 = pytest.mark.xfail(
+    torch.__version__.startswith("2.5."),
+    reason="torch 2.5: strict export traces the decorator (no torch.compiler.is_exporting)",
+    strict=True,
+)
 _STRICT_EXPORT_INSIDE_OLD = pytest.mark.xfail(
     _TORCH_BEFORE_2_13,
     reason="strict export inside a raise or clone guard fails on torch 2.4 (2.5-2.9 not run)",
@@ -186,8 +193,10 @@ def _ops(graph: torch.fx.Graph) -> list[str]:
 @pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("mode", MODES)
 def test_a_decorated_module_exports_as_the_undecorated_one(
-    mode: str, scope: str, strict: bool
+    request: pytest.FixtureRequest, mode: str, scope: str, strict: bool
 ) -> None:
+    if strict:
+        request.applymarker(DECORATED_STRICT_EXPORT_2_5)
     x = torch.randn(2, 3)
     plain = torch.export.export(Net(), (x,), strict=strict)
     decorated = immutorch.immutable_inputs(mode=mode, scope=scope)(Net())  # type: ignore[arg-type]

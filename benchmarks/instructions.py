@@ -35,10 +35,8 @@ VARIANTS = [
     "guard(x) clone",
     "guard() clone",
 ]
-# With --hook-floor: what intercepting module calls costs by itself, with no guard: an empty
-# shell in Module._call_impl's place (the floor under clone mode's boundaries), and, beside
-# it, torch's slow path for a Module.__call__ with an empty global pre-hook (what immutorch's
-# global module hooks cost before the shell replaced them).
+# With --hook-floor: what intercepting module calls costs by itself, with no guard
+# (native_micro.floor_variants).
 HOOK_FLOOR = ["unguarded, empty shell", "unguarded, empty pre-hook"]
 
 
@@ -52,32 +50,10 @@ def _variants(fn: Callable[[Any], Any]) -> dict[str, Callable[[Any], Any]]:
 
         return run
 
-    def hooked(x: Any) -> Any:
-        from torch.nn.modules import module as module_mod
-
-        handle = module_mod.register_module_forward_pre_hook(lambda m, a: None)
-        try:
-            return fn(x)
-        finally:
-            handle.remove()
-
-    def shelled(x: Any) -> Any:
-        import torch
-
-        own = torch.nn.Module.__dict__["_call_impl"]
-
-        def shell(self: Any, *args: Any, **kwargs: Any) -> Any:
-            return own(self, *args, **kwargs)
-
-        torch.nn.Module._call_impl = shell
-        try:
-            return fn(x)
-        finally:
-            torch.nn.Module._call_impl = own
+    from native_micro import floor_variants
 
     return {
-        "unguarded, empty shell": shelled,
-        "unguarded, empty pre-hook": hooked,
+        **floor_variants(fn),
         "unguarded": fn,
         "guard(x) raise": guarded("raise", True),
         "guard() raise": guarded("raise", False),

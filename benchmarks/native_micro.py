@@ -109,7 +109,36 @@ def variants(fn: Callable[[torch.Tensor], Any]) -> dict[str, Callable[[torch.Ten
     return out
 
 
-def bench(rounds: int, sample_s: float) -> None:
+def floor_variants(fn: Callable[[torch.Tensor], Any]) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """``fn`` unguarded while module calls are intercepted and nothing more: under an empty
+    shell in ``Module._call_impl``'s place (the floor under clone mode's boundaries), and with
+    an empty global pre-hook (torch's slow path, what immutorch's global module hooks cost
+    before the shell replaced them)."""
+    from torch.nn.modules import module as module_mod
+
+    def shelled(x: torch.Tensor) -> Any:
+        own = torch.nn.Module.__dict__["_call_impl"]
+
+        def shell(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return own(self, *args, **kwargs)
+
+        torch.nn.Module._call_impl = shell  # type: ignore[method-assign]
+        try:
+            return fn(x)
+        finally:
+            torch.nn.Module._call_impl = own  # type: ignore[method-assign]
+
+    def hooked(x: torch.Tensor) -> Any:
+        handle = module_mod.register_module_forward_pre_hook(lambda m, a: None)
+        try:
+            return fn(x)
+        finally:
+            handle.remove()
+
+    return {"unguarded, empty shell": shelled, "unguarded, empty pre-hook": hooked}
+
+
+def bench(rounds: int, sample_s: float, hook_floor: bool = False) -> None:
     """Per workload and backend, the unguarded call and every guarded variant timed once per
     round, in a new random order each round, so that the machine's drift (clock, neighbours,
     the allocator's state) lands on all of them alike; the median over rounds of each one's
@@ -126,7 +155,8 @@ def bench(rounds: int, sample_s: float) -> None:
         for backend in ("python", "native"):
             os.environ["IMMUTORCH_BACKEND"] = backend
             rows: dict[str, tuple[Timer, int]] = {}
-            for variant, call in variants(fn).items():
+            every = {**variants(fn), **(floor_variants(fn) if hook_floor else {})}
+            for variant, call in every.items():
                 # CPU time of this thread: the machine these figures come from is shared, and
                 # wall-clock time there measures the neighbours.
                 timer = Timer("fn(x)", globals={"fn": call, "x": x}, timer=time.thread_time)
@@ -146,7 +176,7 @@ def bench(rounds: int, sample_s: float) -> None:
         unguarded = f"{base_ms[0]:.2f} ms (python set), {base_ms[1]:.2f} ms (native set)"
         print(f"\n{name}: unguarded {unguarded}")
         print(f"  {'variant':28} {'python':>8} {'native':>8}")
-        for variant in list(variants(fn))[1:]:
+        for variant in list(rows)[1:]:
             py, nat = ratios[("python", variant)], ratios[("native", variant)]
             print(f"  {variant:28} {py:7.2f}x {nat:7.2f}x")
     os.environ.pop("IMMUTORCH_BACKEND", None)
@@ -181,6 +211,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one round, short timings")
     parser.add_argument("--build-time", action="store_true", help="also time a first build")
+    parser.add_argument(
+        "--hook-floor",
+        action="store_true",
+        help="also time the unguarded call under an empty module-call shell and under an "
+        "empty global pre-hook",
+    )
     args = parser.parse_args()
     from immutorch._backends import native
 
@@ -189,7 +225,11 @@ def main() -> None:
     if args.build_time:
         build_time()
     load_cost()
-    bench(rounds=3 if args.quick else 60, sample_s=0.005 if args.quick else 0.02)
+    bench(
+        rounds=3 if args.quick else 60,
+        sample_s=0.005 if args.quick else 0.02,
+        hook_floor=args.hook_floor,
+    )
 
 
 if __name__ == "__main__":

@@ -158,9 +158,7 @@ def table(result: dict[str, Any]) -> str:
     for name, row in result["variants"].items():
         peak = row["peak_bytes"]
         peak_text = f"{peak / 2**20:9.1f}" if peak is not None else f"{'?':>9}"
-        lines.append(
-            f"{name:<20} {row['ms']:9.2f} {row['x']:9.2f} {row['x_cpu']:8.2f} {peak_text}"
-        )
+        lines.append(f"{name:<20} {row['ms']:9.2f} {row['x']:9.2f} {row['x_cpu']:8.2f} {peak_text}")
     base = result["variants"]["unguarded"]["peak_bytes"]
     clone = result["variants"]["guard_saved_clone"]["peak_bytes"]
     copied = result["clone_bytes_copied_per_step"]

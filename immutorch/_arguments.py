@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
-import types
 from collections.abc import Iterator
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -217,13 +216,9 @@ def label_call(
         walk(value, key, visit)
 
 
-_CALL_IMPL = torch.nn.Module._call_impl.__code__
-# The frames that call global module hooks: Module._call_impl, or (2.x) the ``inner`` closure
-# it defines, which shares ``kwargs`` with it as a cell.
-CALL_IMPL_CODES = (
-    _CALL_IMPL,
-    *(c for c in _CALL_IMPL.co_consts if isinstance(c, types.CodeType) and c.co_name == "inner"),
-)
+# torch's Module._call_impl, whose frame (``self``, ``args``, ``kwargs``) each module call
+# runs, with or without immutorch's shell around it (read at import, before any shell).
+CALL_IMPL_CODE = torch.nn.Module._call_impl.__code__
 
 
 # Reads the modules in call off the interpreter's frames without f_locals: the native
@@ -252,7 +247,7 @@ def module_calls_on_stack() -> Iterator[dict[str, Any]]:
     thread's interpreter stack, innermost first; for messages, never on a hot path."""
     frame: Any = sys._getframe(1)
     while frame is not None:
-        if frame.f_code is _CALL_IMPL:
+        if frame.f_code is CALL_IMPL_CODE:
             local = frame.f_locals
             if isinstance(local.get("self"), torch.nn.Module):
                 yield local

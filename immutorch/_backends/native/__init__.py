@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ... import _registry, _storage
-from ..._arguments import CALL_IMPL_CODES, install_stack_reader
+from ..._arguments import CALL_IMPL_CODE, install_stack_reader
 from ..._clone import install_member_hook
 from ..._judge import check_writes, join_view
 from ..._registry import ThreadState
@@ -134,7 +134,7 @@ def available(*, build: bool = True) -> bool:
         return False
     _module = module
     hand_over_filter = module.may_hand_over
-    module.install_call_check(_registry.STATE, CALL_IMPL_CODES)
+    module.install_call_check(_registry.STATE, CALL_IMPL_CODE)
     quiet_call = module.quiet_call
     install_stack_reader(module.modules_on_stack)
     install_member_hook(module.mark_member)

@@ -22,8 +22,8 @@
 namespace {
 
 // The slot of local `name` in `code`, or -1; found once per (code, name). The codes asked
-// about are few and fixed (Module._call_impl's and its `inner`'s, held by guard.cpp), and the
-// GIL guards the cache.
+// about are few and fixed (Module._call_impl's, held by guard.cpp), and the GIL guards the
+// cache.
 Py_ssize_t slot_of(PyCodeObject* code, PyObject* name) {
   struct Seen {
     PyCodeObject* code;

@@ -904,16 +904,16 @@ int immutorch_locals_on_stack(PyObject* code, PyObject* name, PyObject* out);
 namespace {
 
 PyObject* g_thread_state = nullptr;  // immutorch._registry.STATE, a threading.local
-std::vector<PyObject*> g_call_impl_codes;  // Module._call_impl's code and its `inner`'s
+PyObject* g_call_impl_code = nullptr;  // the code of torch's Module._call_impl
 PyObject* s_dict = nullptr;
 PyObject* s_self = nullptr;
 // ThreadState's attributes, in the order quiet_call reads them: any true one needs Python.
 PyObject* s_busy[4] = {nullptr, nullptr, nullptr, nullptr};
 PyObject* s_clone_frames = nullptr;
 
-// What quiet_call reads, the Python ThreadState, and the codes of torch's Module._call_impl
-// frames, whose `self` modules_on_stack reads.
-void install_call_check(py::object thread_state, py::sequence call_impl_codes) {
+// What quiet_call reads, the Python ThreadState, and the code of torch's Module._call_impl,
+// whose frames' `self` modules_on_stack reads.
+void install_call_check(py::object thread_state, py::object call_impl_code) {
   auto intern = [](const char* text) {
     PyObject* s = PyUnicode_InternFromString(text);
     if (s == nullptr) throw py::error_already_set();
@@ -928,11 +928,8 @@ void install_call_check(py::object thread_state, py::sequence call_impl_codes) {
   }
   Py_XDECREF(g_thread_state);
   g_thread_state = thread_state.release().ptr();
-  for (PyObject* code : g_call_impl_codes) Py_DECREF(code);
-  g_call_impl_codes.clear();
-  for (py::handle code : call_impl_codes) {
-    g_call_impl_codes.push_back(code.inc_ref().ptr());
-  }
+  Py_XDECREF(g_call_impl_code);
+  g_call_impl_code = call_impl_code.release().ptr();
 }
 
 // One of the thread state's attributes, true or false; -1 where it is not there.
@@ -996,10 +993,10 @@ PyObject* modules_on_stack_py(PyObject*, PyObject* const*, Py_ssize_t argc) {
     PyErr_SetString(PyExc_TypeError, "modules_on_stack() takes no arguments");
     return nullptr;
   }
-  if (g_call_impl_codes.empty()) Py_RETURN_NONE;
+  if (g_call_impl_code == nullptr) Py_RETURN_NONE;
   PyObject* out = PyList_New(0);
   if (out == nullptr) return nullptr;
-  int done = immutorch_locals_on_stack(g_call_impl_codes[0], s_self, out);
+  int done = immutorch_locals_on_stack(g_call_impl_code, s_self, out);
   if (done == 0) return out;
   Py_DECREF(out);
   if (done == -1) Py_RETURN_NONE;

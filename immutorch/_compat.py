@@ -312,3 +312,12 @@ def checkpoint_input_saver_codes() -> tuple[Any, ...]:
     save_inputs = getattr(frame_cls, "save_inputs", None)
     code = getattr(save_inputs, "__code__", None)
     return (code,) if code is not None else ()
+
+
+def checkpoint_input_saver_functions() -> tuple[type, ...]:
+    """The custom autograd Functions through which non-reentrant checkpointing saves its
+    inputs on releases that have one (``_NoopSaveInputs`` up to 2.9; gone by 2.13)."""
+    import torch.utils.checkpoint as checkpoint
+
+    saver = getattr(checkpoint, "_NoopSaveInputs", None)
+    return (saver,) if isinstance(saver, type) else ()

@@ -377,6 +377,7 @@ _APPLY_CODE = getattr(
     getattr(torch.autograd.function.Function.apply, "__func__", None), "__code__", None
 )
 _CHECKPOINT_CODES = _compat.checkpoint_input_saver_codes()
+_CHECKPOINT_FUNCTIONS = _compat.checkpoint_input_saver_functions()
 # How messages name what saved the inputs of a non-reentrant checkpoint (no node holds them).
 CHECKPOINT_SAVER = "torch.utils.checkpoint (an input it recomputes from)"
 
@@ -409,7 +410,9 @@ def _forward_site(record: SavedRecord) -> Optional[str]:
             break
         if kind == _APPLY and function_node is None:
             cls = frame.f_locals.get("cls")
-            if isinstance(cls, type):
+            if cls in _CHECKPOINT_FUNCTIONS:
+                function_node = CHECKPOINT_SAVER
+            elif isinstance(cls, type):
                 function_node = cls.__name__ + "Backward"
         elif kind == _CHECKPOINT and function_node is None:
             function_node = CHECKPOINT_SAVER

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -456,12 +457,16 @@ runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
 def _without_numpy(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "without_numpy.py"
     script.write_text(WITHOUT_NUMPY.format(root=str(ROOT)))
+    # An empty OMP_NUM_THREADS in the caller's environment makes libgomp itself warn on stderr
+    # ("Invalid value for environment variable OMP_NUM_THREADS"), which is not torch's or ours.
+    env = {k: v for k, v in os.environ.items() if not (k == "OMP_NUM_THREADS" and not v.strip())}
     return subprocess.run(
         [sys.executable, str(script), *argv],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=tmp_path,
+        env=env,
     )
 
 

@@ -19,6 +19,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 import immutorch
+from immutorch._compat import current_dispatch_mode
+from immutorch._registry import STATE
 
 MODES = ["raise", "warn", "clone"]
 SCOPES = ["all", "arguments"]
@@ -260,6 +262,30 @@ def test_a_write_inside_checkpoint_is_refused(door: str, scope: str, reentrant: 
     with pytest.raises(immutorch.ImmutableTensorError, match="aten::mul_"):
         _guarded(door, "raise", scope, body, x)
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_block_guard_holds_through_reentrant_checkpoints(mode: str) -> None:
+    # Reentrant checkpoint calls the module again inside a backward node, where the engine puts
+    # back the thread's dispatch modes after the node: the block's mode must still be the one on
+    # the stack afterwards (torch 2.4.1 and 2.9.1 crashed at a later op when it was not), and
+    # still refuse a write into the named tensor.
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, requires_grad=True)
+    x_oracle = x.detach().clone().requires_grad_()
+    step, oracle_step = _checkpointed(True), _checkpointed(True)
+    expected = [oracle_step(x_oracle) for _ in range(3)]
+    stack = torch._C._len_torch_dispatch_stack()
+    with immutorch.guard(x, mode=mode, scope="arguments"):  # type: ignore[arg-type]
+        results = [step(x) for _ in range(3)]
+        on_top = current_dispatch_mode()
+        assert on_top is None or on_top is STATE.mode_handle
+        if mode == "raise":
+            with pytest.raises(immutorch.ImmutableTensorError):
+                x.detach().add_(1)
+    assert torch._C._len_torch_dispatch_stack() == stack
+    assert_same(results, expected)
+    assert_same(x.grad, x_oracle.grad, "x.grad")
 
 
 # -- custom ops ---------------------------------------------------------------------------------

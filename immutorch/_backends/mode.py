@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import _births, _registry, _tracing
 from .._clone import watch_unseen_views
-from .._compat import current_dispatch_mode
+from .._compat import current_dispatch_mode, in_backward
 from .._judge import check_writes, join_view, lifted_fresh, remember_error, tag_births
 from .._registry import STATE, ThreadState
 from .._schema import op_facts
@@ -225,13 +225,20 @@ def release(*, body: bool = False) -> None:
 def suspend() -> Optional[tuple[int, int]]:
     """Take the every-op mode off the stack for a module call whose protected arguments were
     handed over as scoped aliases, when the only frames that need it are block bodies and it is
-    on top of the stack. Returns what :func:`resume` needs, or None where it stays."""
+    on top of the stack. Returns what :func:`resume` needs, or None where it stays.
+
+    Never inside a backward node (reentrant checkpoint's recompute, a hook): the engine runs
+    each node under the thread-local state it captured when backward began and puts it back
+    after, so what was popped there returns and what :func:`resume` pushed is dropped. The
+    thread's record would then name a mode that is not on the stack, and torch below 2.13 frees
+    the old one while the stack still points at it (a crash at a later op)."""
     state = STATE
     handle_ = state.mode_handle
     if (
         handle_ is None
         or state.mode_users != state.body_users
         or (getattr(handle_, "on_mode_stack", True) and current_dispatch_mode() is not handle_)
+        or in_backward()
     ):
         return None
     users = (state.mode_users, state.body_users)

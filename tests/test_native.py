@@ -577,6 +577,14 @@ def test_each_key_lets_through_only_ops_its_frames_need_not_see() -> None:
     assert 50 < through["writes and fresh outputs"] < through["writes and views"], through
 
 
+class _KeysSeen(torch.nn.Module):
+    def forward(self, t: torch.Tensor) -> dict[str, str]:
+        def keys(u: torch.Tensor) -> str:
+            return str(torch._C._dispatch_keys(u))
+
+        return {"alias": keys(t), "view": keys(t[0]), "fresh": keys(t + 1)}
+
+
 @pytest.mark.usefixtures("native_backend")
 def test_the_key_that_serves_follows_the_frames() -> None:
     assert native.available()
@@ -590,13 +598,20 @@ def test_the_key_that_serves_follows_the_frames() -> None:
             assert native._module.serving() == births  # a block: births
         assert native._module.serving() == writes
         with guard(x, mode="clone"):
-            assert native._module.serving() == views  # clone: views of aliases
+            # Clone mode: writes on the thread; the views key is in the key sets of the
+            # copy-on-write group's members only (the alias handed over and its views).
+            assert native._module.serving() == writes
             with guard(mode="clone"):
-                assert native._module.serving() == f"{births}+{views}"  # both
+                assert native._module.serving() == births
         with pytest.raises(ImmutableTensorError):
             x.view(2, 1).add_(1)
     assert native._module.serving() == ""
     assert torch.equal(x, torch.ones(2))
+    with guard(x, mode="clone"):  # the strictest frame is clone's: x is handed over
+        seen = _KeysSeen()(x)
+    assert views in seen["alias"] and views in seen["view"], seen
+    assert views not in seen["fresh"], seen
+    assert views not in str(torch._C._dispatch_keys(x))  # the caller's own tensor
 
 
 @pytest.mark.usefixtures("native_backend")

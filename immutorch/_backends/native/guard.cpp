@@ -121,8 +121,11 @@ struct State {
 // serves need not see fall through, at no cost (a boxed fallback costs ~0.3 us an op however
 // little it does): what a frame needs is the writes (every frame), the fresh outputs (a block's
 // births) and the views (clone mode: a view of an alias joins its group). With three candidate
-// keys free: kBirths, kWrites and kViews, and a block in clone mode is served on kBirths and
-// kViews together. With two: kEvery (nothing falls through) and kWrites. With one: kEvery.
+// keys free: kBirths and kWrites in the thread's TLS (a block, or not), and kViews on no thread:
+// it goes into the key set of each member of a copy-on-write group (mark_member), and views
+// inherit a tensor's keys, so only ops on members reach it (every view op of every tensor
+// reached a TLS key, ~0.3 us each, for the rare view of an alias). With two: kEvery (nothing
+// falls through) and kWrites, clone served on kEvery. With one: kEvery.
 // Operators registered after install (custom ops, other namespaces) have no fallthrough and
 // reach the fallback: nothing is let through that was not known to need no look.
 enum Sees { kEvery, kBirths, kWrites, kViews };
@@ -170,6 +173,12 @@ int64_t g_active_blocks = 0;  // threads with an active block frame (under g_bir
 std::mutex g_members_mutex;
 std::unordered_map<const c10::TensorImpl*, c10::weak_intrusive_ptr<c10::TensorImpl>> g_members;
 size_t g_members_prune_at = 64;
+
+// A TensorImpl's own key set, which TensorImpl keeps protected and sets only for keys of its
+// own (conj, neg, Python): reached through a class derived from it, never instantiated.
+struct KeySetOf : c10::TensorImpl {
+  static c10::DispatchKeySet& of(c10::TensorImpl* impl) { return impl->*(&KeySetOf::key_set_); }
+};
 
 bool is_member(const at::Tensor& t) {
   std::lock_guard<std::mutex> lock(g_members_mutex);
@@ -669,9 +678,8 @@ void fallback_at(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::j
 // The keys that serve `st`, as a bit per g_served index.
 unsigned wanted(const State& st) {
   const bool block = st.block_start != 0;
-  if (g_nkeys == 3) {  // kBirths, kWrites, kViews
-    if (block) return st.clone ? 0b101u : 0b001u;
-    return st.clone ? 0b100u : 0b010u;
+  if (g_nkeys == 3) {  // kBirths, kWrites; kViews is in the members' key sets (mark_member)
+    return block ? 0b001u : 0b010u;
   }
   if (g_nkeys == 2 && !block && !st.clone) return 0b010u;  // kEvery, kWrites
   return 0b001u;
@@ -1021,6 +1029,10 @@ void mark_member(py::handle obj) {
   }
   const at::Tensor& t = THPVariable_Unpack(obj.ptr());
   if (!t.defined()) return;
+  if (g_nkeys == 3) {
+    c10::DispatchKeySet& keys = KeySetOf::of(t.unsafeGetTensorImpl());
+    keys = keys.add(g_served[2].key);
+  }
   std::lock_guard<std::mutex> lock(g_members_mutex);
   g_members.insert_or_assign(
       t.unsafeGetTensorImpl(), c10::weak_intrusive_ptr<c10::TensorImpl>(t.getIntrusivePtr()));

@@ -448,6 +448,15 @@ bool returns_alias(const c10::FunctionSchema& schema) {
   return false;
 }
 
+// Ops whose schemas mark the result as an alias of the input, though it is the input itself or
+// new memory, never another view of it. CPU mm calls resolve_conj and resolve_neg on each
+// operand: on a copy-on-write member, three fallbacks an mm for nothing to join.
+bool never_a_new_view(const c10::FunctionSchema& schema) {
+  const std::string& name = schema.name();
+  return name == "aten::resolve_conj" || name == "aten::resolve_neg" ||
+         name == "aten::contiguous";
+}
+
 // Whether every output is new memory (what _schema calls fresh_outputs).
 bool fresh_returns(const c10::FunctionSchema& schema) {
   return !schema.returns().empty() && !returns_alias(schema);
@@ -661,7 +670,9 @@ void fallback_on(
     const at::Tensor& source = view_source.toTensor();
     for (size_t i = stack->size() - nret; i < stack->size(); ++i) {
       each_tensor((*stack)[i], [&](const at::Tensor& out) {
-        if (out.defined()) {
+        // An op that returns its input itself (resolve_conj and resolve_neg, which CPU mm
+        // calls on each operand, contiguous on a contiguous tensor) made no view to join.
+        if (out.defined() && out.unsafeGetTensorImpl() != source.unsafeGetTensorImpl()) {
           st->pending.emplace_back(
               source, c10::weak_intrusive_ptr<c10::TensorImpl>(out.getIntrusivePtr()));
         }
@@ -717,7 +728,7 @@ bool lets_through(Sees sees, const c10::FunctionSchema& schema) {
     case kWrites:
       return true;
     case kViews:
-      return !returns_alias(schema);
+      return !returns_alias(schema) || never_a_new_view(schema);
     case kBirths:  // lift_fresh wraps new memory made outside the dispatcher (torch.tensor)
       return !fresh_returns(schema) && schema.name() != "aten::lift_fresh" &&
              schema.name() != "aten::lift_fresh_copy";

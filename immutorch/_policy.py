@@ -215,7 +215,14 @@ def _fail(
         )
     error = ImmutableTensorError("immutorch: " + text, **attrs)  # type: ignore[arg-type]
     remember_dispatch_error(error)
-    raise error
+    try:
+        raise error
+    finally:
+        # The error's traceback holds this frame: with the error left in its locals, the two
+        # form a cycle that only the cyclic collector frees, and with them every frame of the
+        # code that failed (torch 2.9's non-reentrant checkpoint keeps its saved-tensor hooks
+        # pushed until its generator frame is freed).
+        del error
 
 
 def remember_dispatch_error(error: BaseException) -> None:

@@ -289,3 +289,38 @@ def test_compiled_boundary_failure_puts_the_mode_back(
             assert isinstance(_get_current_dispatch_mode_stack()[-1], _mode.ImmutorchMode)
         assert STATE.bypass == 0
     monkeypatch.undo()
+
+
+@pytest.mark.parametrize("scope", ["all", "arguments"])
+def test_a_refusal_leaves_no_reference_cycle(scope: str) -> None:
+    # What the failing code held must be freed as soon as the caller drops the error, without
+    # the cyclic collector: torch 2.9's non-reentrant checkpoint keeps its saved-tensor hooks
+    # pushed for as long as its generator's frame lives.
+    import gc
+    import weakref
+
+    held: list[weakref.ref[Tensor]] = []
+
+    def callee(t: Tensor) -> None:
+        local = torch.ones(2)  # only this frame holds it
+        held.append(weakref.ref(local))
+        t.add_(1)
+
+    x = torch.zeros(3)
+    guarded = immutable_inputs(scope=scope)(callee)  # type: ignore[arg-type]
+    gc.disable()
+    try:
+        # The first refusal in a process may import lazily (a module whose own import caught
+        # an ImportError keeps that cycle, and the frames under it, until a collection).
+        for _ in range(2):
+            held.clear()
+            try:
+                guarded(x)
+            except ImmutableTensorError:
+                pass
+            else:
+                pytest.fail("the write was not refused")
+        assert held[0]() is None, "the failing frame outlived its error"
+    finally:
+        gc.enable()
+    assert torch.equal(x, torch.zeros(3))

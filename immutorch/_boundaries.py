@@ -60,8 +60,10 @@ def acquire_hooks(*, rescan: bool = False) -> None:
         _users += 1
         if not _installed:
             _install_locked(rescan)
-        elif rescan:
-            _shell_own_classes_locked(rescan)
+        else:
+            _give_dynamo_torchs_call_impl()
+            if rescan:
+                _shell_own_classes_locked(rescan)
 
 
 def release_hooks() -> None:
@@ -100,17 +102,22 @@ def _install_locked(rescan: bool = False) -> None:
 # torch.compiler.disable or torch.compile applied to an nn.Module class wraps the _call_impl
 # the class had then. While the shell is on, each has a shell of its own around its own
 # (_shelled: class -> its own _call_impl). Found by walking Module's subclasses (~150 us for
-# torch's ~370): again only where modules were imported since the last walk (where classes
-# come from), and at each watch.
+# torch's ~370, 0.4-1.4 ms for the ~840 of a test session importing kornia, where the walk
+# cost more than every other thing a strict-mode test paid): again where modules were
+# imported since the last walk (where classes come from), and at a watch, unless the shell
+# has stayed on since the last walk: a class wrapped while the shell is on wraps the shell
+# (the _call_impl it inherits), whose calls a watch sees without a walk.
 _own_classes: weakref.WeakSet[type] = weakref.WeakSet()
 _walked_at = -1
+_walked_while_on = False  # the last walk was made with the shell on, and it has stayed on
 _shelled: dict[type, Callable[..., Any]] = {}
 
 
 def _shell_own_classes_locked(rescan: bool) -> None:
-    global _walked_at
-    if rescan or _walked_at != len(sys.modules):
+    global _walked_at, _walked_while_on
+    if _walked_at != len(sys.modules) or (rescan and not _walked_while_on):
         _walked_at = len(sys.modules)
+        _walked_while_on = _installed
         _own_classes.clear()
         _own_classes.update(_classes_with_own_call_impl())
     for cls in list(_own_classes):
@@ -137,7 +144,8 @@ def _classes_with_own_call_impl() -> list[type]:
 
 
 def _remove_locked() -> None:
-    global _installed
+    global _installed, _walked_while_on
+    _walked_while_on = False
     if torch.nn.Module.__dict__.get("_call_impl") is _module_call:
         torch.nn.Module._call_impl = _torch_call_impl  # type: ignore[method-assign]
     for cls, own in _shelled.items():
@@ -145,8 +153,13 @@ def _remove_locked() -> None:
             cls._call_impl = own  # type: ignore[attr-defined]
     _shelled.clear()
     _installed = False
+    _give_dynamo_torchs_call_impl()
+
+
+def _give_dynamo_torchs_call_impl() -> None:
     # Dynamo, first imported while the shell was on, took it for torch's own _call_impl (the
-    # one whose calls it may shorten to ``forward``): give it torch's.
+    # one whose calls it may shorten to ``forward``, which would skip the shell in compiled
+    # code): give it torch's, at the shell's removal and at each new user while it stays on.
     for name in ("torch._dynamo.utils", "torch._dynamo.variables.nn_module"):
         dynamo = sys.modules.get(name)
         if getattr(dynamo, "unpatched_nn_module_call_impl", None) is _module_call:

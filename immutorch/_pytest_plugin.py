@@ -32,7 +32,7 @@ import sys
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Optional, cast
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, cast
 
 import pytest
 
@@ -393,7 +393,7 @@ def _check_core_imports(settings: _Settings) -> None:
 
 def _cannot_import(
     settings: _Settings, missing: list[str], problem: Optional[BaseException] = None
-) -> None:
+) -> NoReturn:
     on = (
         f"mode={settings.mode} from {settings.mode_source}"
         if settings.mode is not None
@@ -423,13 +423,20 @@ def pytest_collection(session: pytest.Session) -> None:
     if not settings.watches or config.pluginmanager.hasplugin("dsession"):
         return  # nothing to watch, or an xdist controller, which runs no test
     try:
-        from . import _boundaries  # noqa: F401
+        from . import _boundaries
     except ImportError as exc:
         _cannot_import(settings, [getattr(exc, "name", None) or str(exc)], exc)
     from . import _compat
 
     # The first watched module call would import Dynamo (and sympy) inside a test.
     _compat.load_dynamo()
+    # The module-call shell stays on from here to the end of the run, not on and off around
+    # each test: each new watch after the shell was off must walk every nn.Module class (a
+    # class wrapped by torch.compiler.disable meanwhile would bypass it), which cost more
+    # than all else a strict-mode test paid in kornia's suite (~1 ms a test, of ~15 ms).
+    # Between tests, and in a test marked off, module calls pay only the empty shell.
+    _boundaries.acquire_hooks()
+    config.add_cleanup(_boundaries.release_hooks)
 
 
 def _find_spec(util: Any, name: str) -> Any:

@@ -841,3 +841,65 @@ def test_the_plugins_watch_is_complete_unless_a_scope_is_chosen(
         result.stdout.fnmatch_lines(["*aten::zero_ would write into `x`*the watch on Cached*"])
     else:
         result.assert_outcomes(passed=1)
+
+
+LATE_WRAPPED = {
+    "pkg_late/__init__.py": """
+        import torch
+
+
+        class Writes(torch.nn.Module):
+            def forward(self, x):
+                x.add_(1)
+                return x
+
+
+        class AlsoWrites(torch.nn.Module):
+            def forward(self, x):
+                x.mul_(2)
+                return x
+    """,
+    "test_late.py": """
+        import pytest
+        import torch
+        import pkg_late
+
+
+        @pytest.fixture
+        def wrapped_in_a_fixture():
+            # Outside the test body: outside the watch.
+            return torch.compiler.disable(pkg_late.Writes)
+
+
+        def test_wraps_a_class():
+            torch.compiler.disable(pkg_late.AlsoWrites)
+
+
+        def test_class_wrapped_in_an_earlier_test():
+            x = torch.ones(3)
+            pkg_late.AlsoWrites()(x)
+
+
+        def test_class_wrapped_in_a_fixture(wrapped_in_a_fixture):
+            x = torch.ones(3)
+            wrapped_in_a_fixture()(x)
+    """,
+}
+
+
+def test_a_class_wrapped_between_watches_is_still_watched(pytester: pytest.Pytester) -> None:
+    """torch.compiler.disable on a class gives it a ``_call_impl`` of its own, which bypasses
+    the shell on ``Module`` unless it wraps the shell. The plugin keeps the shell on for the
+    run (one walk of the classes, not one a test), so a class wrapped between tests, in a
+    fixture or an earlier test, wraps the shell, and its writes are refused."""
+    write_files(pytester.path, LATE_WRAPPED)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "no:randomly", "--immutorch-modules=pkg_late"
+    )
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "AlsoWrites*aten::mul_*refused*test_class_wrapped_in_an_earlier_test*",
+            "Writes*aten::add_*refused*test_class_wrapped_in_a_fixture*",
+        ]
+    )

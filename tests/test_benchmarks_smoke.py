@@ -368,3 +368,23 @@ def test_instruction_counts_are_read_per_variant_from_the_dumps(tmp_path: Path) 
     assert "+10" in table.splitlines()[3] and "1.010" in table.splitlines()[3]
     with pytest.raises(RuntimeError, match="dumps"):
         instructions.per_call(read[:3], n, 3)
+
+
+def test_the_suite_benchmark_runs_a_suite_plain_and_strict(tmp_path: Path) -> None:
+    """benchmarks/suite.py: the plain run passes, the strict one fails the test whose module
+    writes into its input, and each run's summary and times are read back."""
+    suite = _bench("suite")
+    (tmp_path / "pkg_bench").mkdir()
+    (tmp_path / "pkg_bench" / "__init__.py").write_text(
+        "import torch\n\n\nclass Writes(torch.nn.Module):\n"
+        "    def forward(self, x):\n        return x.add_(1)\n"
+    )
+    (tmp_path / "test_bench.py").write_text(
+        "import torch\nfrom pkg_bench import Writes\n\n\n"
+        "def test_writes():\n    Writes()(torch.zeros(2))\n"
+    )
+    args = [str(tmp_path / "test_bench.py"), "--rootdir", str(tmp_path)]
+    cpu, seconds, summary = suite.run_once(suite.VARIANTS, "unguarded", "pkg_bench", args)
+    assert "1 passed" in summary and cpu > 0 and seconds > 0
+    _, _, summary = suite.run_once(suite.VARIANTS, "strict, python", "pkg_bench", args)
+    assert "1 failed" in summary

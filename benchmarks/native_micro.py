@@ -1,6 +1,6 @@
 """The native every-op backend beside the Python one, side by side in one run.
 
-    python benchmarks/native_micro.py [--quick] [--build-time]
+    python benchmarks/native_micro.py [--quick] [--build-time] [--workload NAME ...] [--native-only]
 
 Workloads: 1000 small ops ``h = tanh(h @ W)`` (64x64), 200 calls of a module doing one tiny
 op (the cost per ``Module.__call__``), a TransformerEncoder 6 x d128 forward
@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -138,7 +138,13 @@ def floor_variants(fn: Callable[[torch.Tensor], Any]) -> dict[str, Callable[[tor
     return {"unguarded, empty shell": shelled, "unguarded, empty pre-hook": hooked}
 
 
-def bench(rounds: int, sample_s: float, hook_floor: bool = False) -> None:
+def bench(
+    rounds: int,
+    sample_s: float,
+    hook_floor: bool = False,
+    workloads: Optional[list[str]] = None,
+    backends: tuple[str, ...] = ("python", "native"),
+) -> None:
     """Per workload and backend, the unguarded call and every guarded variant timed once per
     round, in a new random order each round, so that the machine's drift (clock, neighbours,
     the allocator's state) lands on all of them alike; the median over rounds of each one's
@@ -149,10 +155,12 @@ def bench(rounds: int, sample_s: float, hook_floor: bool = False) -> None:
     torch.manual_seed(0)
     rng = random.Random(0)
     for name, make in WORKLOADS.items():
+        if workloads and name not in workloads:
+            continue
         fn, x = make()
         ratios: dict[tuple[str, str], float] = {}
         base_ms: list[float] = []
-        for backend in ("python", "native"):
+        for backend in backends:
             os.environ["IMMUTORCH_BACKEND"] = backend
             rows: dict[str, tuple[Timer, int]] = {}
             every = {**variants(fn), **(floor_variants(fn) if hook_floor else {})}
@@ -173,12 +181,12 @@ def bench(rounds: int, sample_s: float, hook_floor: bool = False) -> None:
             base_ms.append(base * 1e3)
             for variant in rows:
                 ratios[(backend, variant)] = statistics.median(times[variant]) / base
-        unguarded = f"{base_ms[0]:.2f} ms (python set), {base_ms[1]:.2f} ms (native set)"
+        unguarded = ", ".join(f"{ms:.2f} ms ({b} set)" for ms, b in zip(base_ms, backends))
         print(f"\n{name}: unguarded {unguarded}")
-        print(f"  {'variant':28} {'python':>8} {'native':>8}")
+        print(f"  {'variant':28}" + "".join(f" {b:>8}" for b in backends))
         for variant in list(rows)[1:]:
-            py, nat = ratios[("python", variant)], ratios[("native", variant)]
-            print(f"  {variant:28} {py:7.2f}x {nat:7.2f}x")
+            cells = "".join(f" {ratios[(b, variant)]:7.2f}x" for b in backends)
+            print(f"  {variant:28}{cells}")
     os.environ.pop("IMMUTORCH_BACKEND", None)
 
 
@@ -217,6 +225,15 @@ def main() -> None:
         help="also time the unguarded call under an empty module-call shell and under an "
         "empty global pre-hook",
     )
+    parser.add_argument(
+        "--workload",
+        action="append",
+        choices=list(WORKLOADS),
+        help="only this workload (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--native-only", action="store_true", help="time the native backend's set alone"
+    )
     args = parser.parse_args()
     from immutorch._backends import native
 
@@ -229,6 +246,8 @@ def main() -> None:
         rounds=3 if args.quick else 60,
         sample_s=0.005 if args.quick else 0.02,
         hook_floor=args.hook_floor,
+        workloads=args.workload,
+        backends=("native",) if args.native_only else ("python", "native"),
     )
 
 

@@ -134,6 +134,12 @@ def main() -> None:
         "global pre-hook (torch's slow path)",
     )
     parser.add_argument("--backend", default="native", choices=["native", "python"])
+    parser.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="copy callgrind's dumps there (cg.out.N, for callgrind_annotate: the measured "
+        "calls of variant i, counted from 0, are in cg.out.(2i+2))",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -165,6 +171,11 @@ def main() -> None:
             sys.exit(done.stderr[-3000:])
         names = _names(args.hook_floor)
         counts = per_call(dump_totals(out, "cg.out"), len(names), args.iterations)
+        if args.keep:
+            keep = Path(args.keep)
+            keep.mkdir(parents=True, exist_ok=True)
+            for dump in out.glob("cg.out*"):
+                shutil.copy(dump, keep / dump.name)
     print(table(f"{args.workload} ({args.backend})", counts, names))
 
 

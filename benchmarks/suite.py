@@ -11,8 +11,8 @@ no:cacheprovider -p no:randomly``, one thread); the table gives, per variant, th
 the rounds of the child's CPU time (user + system) and of the session time that pytest reports
 ("in N s", the interpreter's start-up excluded), and each as a ratio to the unguarded run. CPU
 time moves less than wall-clock time where other processes share the machine; neither is exact
-on a shared VM (callgrind is, for single workloads: ``benchmarks/instructions.py``). The exit
-status of a run (a strict-mode failure is a finding, not an error) is shown, not judged.
+on a shared VM (callgrind is, for single workloads: ``benchmarks/instructions.py``). Each
+variant's last summary line is shown beside it, not judged: a strict-mode failure is a finding.
 """
 
 from __future__ import annotations
@@ -27,24 +27,24 @@ import subprocess
 import sys
 import time
 
-VARIANTS: dict[str, list[str]] = {
-    "unguarded": [],
-    "strict, python": ["IMMUTORCH_BACKEND=python"],
-    "strict, native": ["IMMUTORCH_BACKEND=native"],
+# Each variant's environment on top of this process's ("unguarded" runs with the plugin off).
+VARIANTS: dict[str, dict[str, str]] = {
+    "unguarded": {},
+    "strict, python": {"IMMUTORCH_BACKEND": "python"},
+    "strict, native": {"IMMUTORCH_BACKEND": "native"},
 }
 _SECONDS = re.compile(r" in ([0-9.]+)s")
 
 
 def run_once(
-    variants: dict[str, list[str]], variant: str, modules: str, pytest_args: list[str]
+    variants: dict[str, dict[str, str]], variant: str, modules: str, pytest_args: list[str]
 ) -> tuple[float, float, str]:
-    """(CPU seconds of the child, seconds pytest reports for the tests, its summary line)."""
+    """(CPU seconds of the child, the session seconds pytest reports, its summary line)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("IMMUTORCH_MODE", None)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
     if variant != "unguarded":
-        for setting in variants[variant]:
-            key, value = setting.split("=", 1)
+        for key, value in variants[variant].items():
             if key == "PYTHONPATH" and env.get(key):
                 value += os.pathsep + env[key]
             env[key] = value
@@ -78,12 +78,12 @@ def main() -> None:
             parser.error(f"--also {args.also}: no immutorch package there")
         label = os.path.basename(path.rstrip("/"))
         for backend in ("python", "native"):
-            variants[f"strict, {backend} @{label}"] = [
-                f"IMMUTORCH_BACKEND={backend}",
-                f"PYTHONPATH={path}",
-            ]
+            variants[f"strict, {backend} @{label}"] = {
+                "IMMUTORCH_BACKEND": backend,
+                "PYTHONPATH": path,
+            }
     cpu: dict[str, list[float]] = {v: [] for v in variants}
-    tests: dict[str, list[float]] = {v: [] for v in variants}
+    session: dict[str, list[float]] = {v: [] for v in variants}
     summaries: dict[str, str] = {}
     start = time.monotonic()
     for round_ in range(args.rounds):
@@ -92,17 +92,18 @@ def main() -> None:
         for variant in order:
             c, t, summaries[variant] = run_once(variants, variant, args.modules, args.pytest_args)
             cpu[variant].append(c)
-            tests[variant].append(t)
-            print(f"round {round_ + 1}: {variant:<24} cpu {c:7.1f} s  tests {t:7.1f} s", flush=True)
+            session[variant].append(t)
+            line = f"round {round_ + 1}: {variant:<24} cpu {c:7.1f} s  session {t:7.1f} s"
+            print(line, flush=True)
     base_cpu = statistics.median(cpu["unguarded"])
-    base_tests = statistics.median(tests["unguarded"])
+    base_session = statistics.median(session["unguarded"])
     print(f"\n{args.rounds} rounds in {time.monotonic() - start:.0f} s; medians:")
-    print(f"{'variant':<25}{'cpu s':>8}{'ratio':>8}{'tests s':>9}{'ratio':>8}  pytest's summary")
+    print(f"{'variant':<25}{'cpu s':>8}{'ratio':>8}{'session s':>11}{'ratio':>8}  pytest's summary")
     for variant in variants:
         c = statistics.median(cpu[variant])
-        t = statistics.median(tests[variant])
+        t = statistics.median(session[variant])
         print(
-            f"{variant:<25}{c:8.1f}{c / base_cpu:7.2f}x{t:9.1f}{t / base_tests:7.2f}x"
+            f"{variant:<25}{c:8.1f}{c / base_cpu:7.2f}x{t:11.1f}{t / base_session:7.2f}x"
             f"  {summaries[variant]}"
         )
 

@@ -109,7 +109,7 @@ def _install_locked(rescan: bool = False) -> None:
 # (the _call_impl it inherits), whose calls a watch sees without a walk.
 _own_classes: weakref.WeakSet[type] = weakref.WeakSet()
 _walked_at = -1
-_walked_while_on = False  # the last walk was made with the shell on, and it has stayed on
+_walked_while_on = False  # a walk was made since the shell last came off (walks run with it on)
 _shelled: dict[type, Callable[..., Any]] = {}
 
 
@@ -117,7 +117,7 @@ def _shell_own_classes_locked(rescan: bool) -> None:
     global _walked_at, _walked_while_on
     if _walked_at != len(sys.modules) or (rescan and not _walked_while_on):
         _walked_at = len(sys.modules)
-        _walked_while_on = _installed
+        _walked_while_on = True
         _own_classes.clear()
         _own_classes.update(_classes_with_own_call_impl())
     for cls in list(_own_classes):
@@ -158,8 +158,9 @@ def _remove_locked() -> None:
 
 def _give_dynamo_torchs_call_impl() -> None:
     # Dynamo, first imported while the shell was on, took it for torch's own _call_impl (the
-    # one whose calls it may shorten to ``forward``, which would skip the shell in compiled
-    # code): give it torch's, at the shell's removal and at each new user while it stays on.
+    # one whose calls it may shorten to ``forward``): give it torch's, at the shell's removal
+    # and at each new user while it stays on (the plugin keeps it on for a whole run), so that
+    # Dynamo's view is the one it has when imported before any guard.
     for name in ("torch._dynamo.utils", "torch._dynamo.variables.nn_module"):
         dynamo = sys.modules.get(name)
         if getattr(dynamo, "unpatched_nn_module_call_impl", None) is _module_call:

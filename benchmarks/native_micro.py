@@ -1,6 +1,7 @@
 """The native every-op backend beside the Python one, side by side in one run.
 
     python benchmarks/native_micro.py [--quick] [--build-time] [--workload NAME ...] [--native-only]
+    python benchmarks/native_micro.py --paired [--steady-malloc] [--pairs N] [--workload NAME ...]
 
 Workloads: 1000 small ops ``h = tanh(h @ W)`` (64x64), 200 calls of a module doing one tiny
 op (the cost per ``Module.__call__``), a TransformerEncoder 6 x d128 forward
@@ -13,6 +14,19 @@ each round times the unguarded call and every variant once (a sample of ~20 ms),
 random order, and the median over 60 rounds is reported as a ratio to that set's unguarded
 call. ``--build-time`` also builds the native library from scratch into a temporary cache and
 reports the build time and size; the cached load's cost is always reported.
+
+``--paired`` measures the native rows another way, for ratios close to 1 on a noisy machine:
+each variant is timed in pairs of calls beside the unguarded one, in the order unguarded,
+variant, variant, unguarded (so a drift of the machine that is linear over the four calls
+cancels), and the ratio is taken within the pair. The table gives the median of the pairs'
+ratios with a 95% bootstrap interval, and three control rows that must read 1.00 if the method
+is sound where it matters: the unguarded call again (the null), and the unguarded call after
+a guard was entered and left (what a guard leaves behind it: caches, type caches) in each mode.
+Python's collector is off while pairs run and collects between them. ``--steady-malloc``
+re-runs the process with glibc's malloc thresholds fixed (``MALLOC_MMAP_THRESHOLD_`` and
+friends): by default glibc adapts them as the process runs, and a call then takes thousands
+of page faults or none depending on what ran before it (3,500 a call on the encoder), which is
+more than the guard costs.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
@@ -190,6 +205,110 @@ def bench(
     os.environ.pop("IMMUTORCH_BACKEND", None)
 
 
+# glibc reads these when the process starts: large blocks from the heap, never trimmed back.
+STEADY_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
+    "MALLOC_TOP_PAD_": str(256 << 20),
+}
+
+
+def paired_ratios(
+    base: Callable[[], Any],
+    variant: Callable[[], Any],
+    pairs: int,
+    clock: Callable[[], float] = time.thread_time,
+) -> list[float]:
+    """``pairs`` ratios of ``variant``'s time to ``base``'s, each from the four calls base,
+    variant, variant, base in a row: (v1 + v2) / (b1 + b2)."""
+    out = []
+    for _ in range(pairs):
+        t0 = clock()
+        base()
+        t1 = clock()
+        variant()
+        variant()
+        t3 = clock()
+        base()
+        t4 = clock()
+        out.append((t3 - t1) / max((t1 - t0) + (t4 - t3), 1e-9))
+    return out
+
+
+def median_ci(
+    values: list[float], rng: random.Random, resamples: int = 1000
+) -> tuple[float, float, float]:
+    """The median of ``values`` and a 95% bootstrap interval for it."""
+    n = len(values)
+    meds = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(resamples))
+    return statistics.median(values), meds[int(0.025 * resamples)], meds[int(0.975 * resamples)]
+
+
+def controls(fn: Callable[[torch.Tensor], Any]) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """Rows that must read 1.00: the unguarded call again, and after a guard entered and left."""
+
+    def again(x: torch.Tensor) -> Any:
+        return fn(x)
+
+    def after(mode: str) -> Callable[[torch.Tensor], Any]:
+        def run(x: torch.Tensor) -> Any:
+            with immutorch.guard(mode=mode, scope="all"):  # type: ignore[arg-type]
+                pass
+            return fn(x)
+
+        return run
+
+    return {
+        "control: unguarded again": again,
+        "control: after guard() raise": after("raise"),
+        "control: after guard() clone": after("clone"),
+    }
+
+
+def paired(pairs: int, workloads: Optional[list[str]] = None) -> None:
+    """The native rows of ``bench``, timed in pairs beside the unguarded call (module docstring)."""
+    import gc
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    steady = all(os.environ.get(k) == v for k, v in STEADY_MALLOC.items())
+    print(f"\nmalloc: {'steady (--steady-malloc)' if steady else 'glibc default (adaptive)'}")
+    os.environ["IMMUTORCH_BACKEND"] = "native"
+    for name, make in WORKLOADS.items():
+        if workloads and name not in workloads:
+            continue
+        fn, x = make()
+        rows = {**variants(fn), **controls(fn)}
+        base = rows.pop("unguarded")
+        for call in (base, *rows.values()):
+            for _ in range(3):
+                call(x)
+        ratios: dict[str, list[float]] = {k: [] for k in rows}
+        order = list(rows)
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            batch = 10
+            for done in range(0, pairs, batch):
+                rng.shuffle(order)
+                for k in order:
+                    n = min(batch, pairs - done)
+                    ratios[k] += paired_ratios(partial(base, x), partial(rows[k], x), n)
+                gc.collect()
+        finally:
+            if enabled:
+                gc.enable()
+        started = time.thread_time()
+        base(x)
+        print(f"\n{name}: unguarded {(time.thread_time() - started) * 1e3:.2f} ms, {pairs} pairs")
+        print(f"  {'variant':30} {'median':>8}  95% interval")
+        for k, got in ratios.items():
+            med, lo, hi = median_ci(got, rng)
+            print(f"  {k:30} {med:7.3f}x  [{lo:.3f}, {hi:.3f}]")
+    os.environ.pop("IMMUTORCH_BACKEND", None)
+
+
 def load_cost() -> None:
     """Import immutorch and load the cached library in a fresh process, against import alone."""
     code = (
@@ -234,13 +353,28 @@ def main() -> None:
     parser.add_argument(
         "--native-only", action="store_true", help="time the native backend's set alone"
     )
+    parser.add_argument(
+        "--paired", action="store_true", help="the native rows timed in pairs (see above)"
+    )
+    parser.add_argument("--pairs", type=int, default=150, help="pairs per row (--paired)")
+    parser.add_argument(
+        "--steady-malloc",
+        action="store_true",
+        help="run with glibc's malloc thresholds fixed (re-executes the interpreter)",
+    )
     args = parser.parse_args()
+    if args.steady_malloc and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
+        env = {**os.environ, **STEADY_MALLOC}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     from immutorch._backends import native
 
     if not native.available():
         sys.exit(f"native backend unavailable: {native.unavailable_reason()}")
     if args.build_time:
         build_time()
+    if args.paired:
+        paired(3 if args.quick else args.pairs, args.workload)
+        return
     load_cost()
     bench(
         rounds=3 if args.quick else 60,

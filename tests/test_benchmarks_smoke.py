@@ -18,7 +18,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -388,3 +388,35 @@ def test_the_suite_benchmark_runs_a_suite_plain_and_strict(tmp_path: Path) -> No
     assert "1 passed" in summary and cpu > 0 and seconds > 0
     _, _, summary = suite.run_once(suite.VARIANTS, "strict, python", "pkg_bench", args)
     assert "1 failed" in summary
+
+
+def test_paired_timing_takes_each_ratio_within_its_pair() -> None:
+    """benchmarks/native_micro.py --paired: a pair is base, variant, variant, base, and its
+    ratio is the variant's two calls over the base's two, so a machine whose speed drifts
+    linearly over the four calls still gives the true ratio."""
+    micro = _bench("native_micro")
+    now = [0.0]
+    cost = {"base": 1.0, "variant": 1.5}
+    slowdown = [1.0]
+
+    def clock() -> float:
+        return now[0]
+
+    def call(kind: str) -> Callable[[], None]:
+        def run() -> None:
+            slowdown[0] += 0.01  # each call a little slower than the one before
+            now[0] += cost[kind] * slowdown[0]
+
+        return run
+
+    ratios = micro.paired_ratios(call("base"), call("variant"), 4, clock=clock)
+    assert len(ratios) == 4
+    assert all(r == pytest.approx(1.5, rel=1e-3) for r in ratios)
+    rng = random.Random(0)
+    med, lo, hi = micro.median_ci([1.0, 1.1, 0.9, 1.05, 0.95] * 10, rng)
+    assert med == 1.0 and lo <= med <= hi and hi - lo < 0.2
+    assert set(micro.controls(lambda x: x)) == {
+        "control: unguarded again",
+        "control: after guard() raise",
+        "control: after guard() clone",
+    }

@@ -654,3 +654,31 @@ def test_an_op_defined_after_the_backend_loaded_is_judged_on_the_writes_only_key
         assert ran == [True]
     finally:
         lib._destroy()
+
+
+@pytest.mark.usefixtures("native_backend")
+def test_an_op_defined_anew_with_a_write_is_judged_by_its_new_schema() -> None:
+    # The fallback keeps what it read of each schema by the schema's address. An operator
+    # destroyed and defined again under the same name and arguments, now writing, may get the
+    # old schema's address: its facts must be read again, or the write would pass unseen.
+    assert native.available()
+    x = torch.ones(2)
+    for writes in (False, True, False, True):
+        lib = torch.library.Library("immutorch_test_anew", "DEF")
+        try:
+            lib.define("touch(Tensor(a!) x) -> ()" if writes else "touch(Tensor x) -> ()")
+
+            def touch(t: torch.Tensor, writes: bool = writes) -> None:
+                if writes:
+                    t.add_(1)  # below the key: the declared write is what is judged
+
+            lib.impl("touch", touch, "CPU")
+            with guard(x):
+                if writes:
+                    with pytest.raises(ImmutableTensorError, match=r"immutorch_test_anew::touch"):
+                        torch.ops.immutorch_test_anew.touch(x)
+                else:
+                    torch.ops.immutorch_test_anew.touch(x)
+        finally:
+            lib._destroy()
+    assert torch.equal(x, torch.ones(2))

@@ -34,7 +34,11 @@ _reason: Optional[str] = None  # why the native backend is not available, once t
 _not_loaded: Optional[NativeUnavailable] = None
 # The keys the fallback is on, each with what reaches it there ("every op", "writes", ...).
 _keys: Optional[list[tuple[str, str]]] = None
+# (name, overload) -> its OpOverload, as the fallback names ops: valid while no operator has
+# been deregistered since (the C++ side's op_generation), after which a name may stand for an
+# operator defined anew, with another schema.
 _ops: dict[tuple[str, str], Any] = {}
+_ops_generation = 0
 # Clone mode's module-call check in C++ once loaded: (args, kwargs) -> whether any argument may
 # have to be handed over (False: none can; True: ask Python). See may_hand_over in guard.cpp.
 hand_over_filter: Optional[Callable[[tuple[Any, ...], Optional[dict[str, Any]]], bool]] = None
@@ -45,6 +49,11 @@ quiet_call: Optional[Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any]]
 
 
 def _resolve(name: str, overload: str) -> Any:
+    global _ops_generation
+    generation = int(_module.op_generation()) if _module is not None else 0
+    if generation != _ops_generation:
+        _ops.clear()
+        _ops_generation = generation
     key = (name, overload)
     func = _ops.get(key, _ops)
     if func is _ops:

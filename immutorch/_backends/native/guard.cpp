@@ -18,6 +18,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/SafePyObject.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/SmallVector.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/PyInterpreter.h>
 #include <torch/csrc/Storage.h>
@@ -66,10 +67,10 @@ void clear_thread_state() {
 
 struct Facts {
   bool ready = false;
-  // The schema these facts were read from: an operator registered again at a freed address
-  // (a custom op defined anew) must not inherit another's facts.
-  std::string name, overload;
-  size_t nargs = 0;
+  // g_op_generation when these facts were read: an operator registered again at a freed
+  // address (a custom op defined anew) must not inherit another's facts, and a schema can be
+  // freed only when an operator is deregistered.
+  uint64_t generation = 0;
   struct Write {
     int position;
     int when;  // a flag argument that must be true for the write to happen, or -1
@@ -77,6 +78,7 @@ struct Facts {
   };
   std::vector<Write> writes;
   bool fresh = false;
+  bool lift = false;  // aten::lift_fresh (see record_outputs)
   int view_of = -1;  // the argument whose memory the outputs view, or -1
   bool keep_key = false;  // a CompositeImplicitAutograd kernel: see its decomposition
   // Only that kernel: the op always decomposes below this key, and its writes are judged on
@@ -143,8 +145,24 @@ PyObject* g_write_cb = nullptr;  // (state, name, overload, args) -> None; raise
 PyObject* g_leaves_cb = nullptr;  // (tensor) -> the storages that hold its memory
 PyObject* g_join_cb = nullptr;  // (source, out) -> None: out joins source's copy-on-write group
 
-thread_local std::shared_ptr<State> t_owned;
-thread_local std::unordered_map<const c10::FunctionSchema*, Facts> t_facts;
+// One thread_local for both: this library is loaded with dlopen, so each thread_local access
+// is a call to __tls_get_addr, and the fallback reads both at every op.
+struct ThreadLocals {
+  std::shared_ptr<State> owned;
+  std::unordered_map<const c10::FunctionSchema*, Facts> facts;
+};
+thread_local ThreadLocals t_local;
+
+// Bumped whenever an operator is deregistered (a listener on the dispatcher, see install):
+// only then can a FunctionSchema be freed and another made at its address.
+std::atomic<uint64_t> g_op_generation{1};
+
+struct DeregistrationListener : c10::OpRegistrationListener {
+  void onOperatorRegistered(const c10::OperatorHandle&) override {}
+  void onOperatorDeregistered(const c10::OperatorHandle&) override {
+    g_op_generation.fetch_add(1, std::memory_order_relaxed);
+  }
+};
 
 // Births: process wide, like the Python attribute they stand for, keyed by StorageImpl
 // address with no reference held (a weak reference per fresh output cost ~2 us an op). A stale
@@ -237,9 +255,9 @@ bool is_readonly(const StorageImpl* s) {
 // The State of the guard serving this thread, held for the length of one op: a clone-mode
 // guard entered inside an op (a custom op's Python kernel) hands the thread to the Python
 // mode and drops the thread's own reference.
-std::shared_ptr<State> current_state() {
-  if (t_owned) {
-    return t_owned;
+std::shared_ptr<State> current_state(ThreadLocals& local = t_local) {
+  if (local.owned) {
+    return local.owned;
   }
   if (!at::impl::ThreadLocalPythonObjects::contains(kStateKey)) {
     return nullptr;
@@ -373,9 +391,7 @@ py::tuple python_args(const torch::jit::Stack& stack, size_t base, size_t n) {
 
 void compute_facts(const c10::OperatorHandle& op, Facts& f) {
   const auto& schema = op.schema();
-  f.name = schema.name();
-  f.overload = schema.overload_name();
-  f.nargs = schema.arguments().size();
+  f.lift = schema.name() == "aten::lift_fresh";
   f.keep_key = op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd);
   if (f.keep_key) {
     f.composite_only = true;
@@ -462,16 +478,19 @@ bool fresh_returns(const c10::FunctionSchema& schema) {
   return !schema.returns().empty() && !returns_alias(schema);
 }
 
-Facts& facts_for(const c10::OperatorHandle& op) {
+Facts& facts_for(const c10::OperatorHandle& op, ThreadLocals& local) {
   const auto& schema = op.schema();
-  Facts& f = t_facts[&schema];
-  if (f.ready && (f.nargs != schema.arguments().size() || f.name != schema.name() ||
-                  f.overload != schema.overload_name())) {
+  Facts& f = local.facts[&schema];
+  // Read again after any deregistration: a schema defined anew under the same name and
+  // arguments (a custom op redefined with a write) may sit at the old one's address.
+  const uint64_t generation = g_op_generation.load(std::memory_order_relaxed);
+  if (f.ready && f.generation != generation) {
     f = Facts();
   }
   if (!f.ready) {
     c10::impl::ExcludeDispatchKeyGuard off(g_keys);
     compute_facts(op, f);
+    f.generation = generation;
   }
   return f;
 }
@@ -499,7 +518,7 @@ const at::Tensor& memory_leaf(const at::Tensor& t) {
 StorageImpl* unpack_storage(py::handle obj);
 
 // The storages of an op's tensor arguments, read before it runs (see record_outputs).
-using Inputs = std::vector<const StorageImpl*>;
+using Inputs = c10::SmallVector<const StorageImpl*, 8>;
 
 Inputs input_storages(const torch::jit::Stack& stack, size_t base, size_t nargs) {
   Inputs found;
@@ -575,7 +594,8 @@ void fallback_on(
     torch::jit::Stack* stack) {
   // Below this key, and past the others: with two included, an op both see is this one's.
   const auto rest = (ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, key)) - g_keys;
-  const std::shared_ptr<State> st = current_state();
+  ThreadLocals& local = t_local;
+  const std::shared_ptr<State> st = current_state(local);
   if (st == nullptr || !op.hasSchema()) {
     c10::impl::ExcludeDispatchKeyGuard off(g_keys);
     op.redispatchBoxed(rest, stack);
@@ -584,7 +604,7 @@ void fallback_on(
   if (!st->pending.empty()) {
     join_pending(*st);  // before this op's write, which may move the groups onto their copies
   }
-  Facts& f = facts_for(op);
+  Facts& f = facts_for(op, local);
   const auto& schema = op.schema();
   const size_t nargs = schema.arguments().size();
   const size_t base = stack->size() - nargs;
@@ -664,7 +684,7 @@ void fallback_on(
   }
   const size_t nret = schema.returns().size();
   if (block_start != 0 && f.fresh) {
-    record_outputs(*stack, nret, epoch, schema.name() == "aten::lift_fresh", inputs);
+    record_outputs(*stack, nret, epoch, f.lift, inputs);
   }
   if (view_source.isTensor()) {
     const at::Tensor& source = view_source.toTensor();
@@ -768,6 +788,10 @@ py::list install(
   if (free.empty()) {
     throw std::runtime_error("every candidate dispatch key has a fallback already: " + taken);
   }
+  // Never removed (its handle leaked, so that nothing runs at exit): the listener lives as
+  // long as the process, like the fallbacks.
+  new c10::RegistrationHandleRAII(c10::Dispatcher::singleton().addRegistrationListener(
+      std::make_unique<DeregistrationListener>()));
   g_facts_cb = facts_cb.release().ptr();
   g_write_cb = write_cb.release().ptr();
   g_leaves_cb = leaves_cb.release().ptr();
@@ -810,7 +834,7 @@ void activate(py::object py_state) {
   if (py_state.is_none()) {
     include_only(0);
     clear_thread_state();
-    t_owned.reset();
+    t_local.owned.reset();
     return;
   }
   auto st = std::make_shared<State>();
@@ -828,14 +852,14 @@ void activate(py::object py_state) {
   });
   at::impl::ThreadLocalPythonObjects::set(
       kStateKey, std::make_shared<c10::SafePyObject>(capsule, getPyInterpreter()));
-  t_owned = st;
+  t_local.owned = st;
   include_key(*st);
 }
 
 // Mirror this thread's protections (see immutorch._backends.native.sync).
 void sync_state(
     py::list storages, py::list objects, int64_t block_start, int64_t epoch, bool clone) {
-  State* st = t_owned.get();
+  State* st = t_local.owned.get();
   if (st == nullptr) return;
   if (!st->pending.empty()) {
     py::gil_scoped_release nogil;  // join_pending takes the GIL itself
@@ -1105,4 +1129,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mark_readonly", &mark_readonly);
   m.def("enabled", &enabled);
   m.def("serving", &serving);
+  m.def("op_generation", [] { return g_op_generation.load(std::memory_order_relaxed); });
 }

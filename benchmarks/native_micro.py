@@ -32,6 +32,7 @@ more than the guard costs.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
 import statistics
@@ -213,6 +214,11 @@ STEADY_MALLOC = {
 }
 
 
+def steady_malloc() -> bool:
+    """Whether this process was started with ``STEADY_MALLOC``."""
+    return all(os.environ.get(k) == v for k, v in STEADY_MALLOC.items())
+
+
 def paired_ratios(
     base: Callable[[], Any],
     variant: Callable[[], Any],
@@ -267,13 +273,11 @@ def controls(fn: Callable[[torch.Tensor], Any]) -> dict[str, Callable[[torch.Ten
 
 def paired(pairs: int, workloads: Optional[list[str]] = None) -> None:
     """The native rows of ``bench``, timed in pairs beside the unguarded call (module docstring)."""
-    import gc
-
     torch.set_num_threads(1)
     torch.manual_seed(0)
     rng = random.Random(0)
-    steady = all(os.environ.get(k) == v for k, v in STEADY_MALLOC.items())
-    print(f"\nmalloc: {'steady (--steady-malloc)' if steady else 'glibc default (adaptive)'}")
+    malloc = "steady (--steady-malloc)" if steady_malloc() else "glibc default (adaptive)"
+    print(f"\nmalloc: {malloc}")
     os.environ["IMMUTORCH_BACKEND"] = "native"
     for name, make in WORKLOADS.items():
         if workloads and name not in workloads:
@@ -363,7 +367,7 @@ def main() -> None:
         help="run with glibc's malloc thresholds fixed (re-executes the interpreter)",
     )
     args = parser.parse_args()
-    if args.steady_malloc and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
+    if args.steady_malloc and not steady_malloc():
         env = {**os.environ, **STEADY_MALLOC}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     from immutorch._backends import native

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -34,14 +35,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    # Modules marked both_backends run each test through both every-op backends.
-    if metafunc.definition.get_closest_marker("both_backends") is not None:
-        metafunc.parametrize("every_op_backend", ["python", "native"], indirect=True)
+    # Modules marked both_backends run each test through both every-op backends; with
+    # births=True, the native one twice: blocks dating births by allocation (where no
+    # accelerator is, as here) and by op (as wherever one is).
+    marker = metafunc.definition.get_closest_marker("both_backends")
+    if marker is not None:
+        backends = ["python", "native"]
+        if marker.kwargs.get("births"):
+            backends.append(NATIVE_OP_BIRTHS)
+        metafunc.parametrize("every_op_backend", backends, indirect=True)
+
+
+NATIVE_OP_BIRTHS = "native-op-births"
 
 
 @pytest.fixture(autouse=True)
-def every_op_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The every-op backend a test runs through: IMMUTORCH_BACKEND is read at each guard entry."""
+def every_op_backend(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """The every-op backend a test runs through: IMMUTORCH_BACKEND is read at each guard entry.
+    ``native-op-births`` is the native backend with blocks dating births by op; the test sees
+    ``"native"``."""
     backend: str = getattr(request, "param", "")
     if not backend:
         from immutorch._backends import choice, native
@@ -49,11 +63,21 @@ def every_op_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
         chosen = choice.requested()
         if chosen == "auto":  # the default: native where a build is cached
             chosen = "native" if native.available(build=False) else "python"
-        return chosen
-    if backend == "native":
-        from immutorch._backends import native
+        yield chosen
+        return
+    if backend == "python":
+        monkeypatch.setenv("IMMUTORCH_BACKEND", backend)
+        yield backend
+        return
+    from immutorch._backends import native
 
-        if not native.available():
-            pytest.skip(f"native backend unavailable: {native.unavailable_reason()}")
-    monkeypatch.setenv("IMMUTORCH_BACKEND", backend)
-    return backend
+    if not native.available():
+        pytest.skip(f"native backend unavailable: {native.unavailable_reason()}")
+    monkeypatch.setenv("IMMUTORCH_BACKEND", "native")
+    by_allocation = native.only_cpu()
+    if backend == NATIVE_OP_BIRTHS:
+        native.set_births_by_allocation(False)
+    try:
+        yield "native"
+    finally:
+        native.set_births_by_allocation(by_allocation)

@@ -25,7 +25,7 @@ from torch import Tensor
 import immutorch
 from immutorch import _births
 
-pytestmark = pytest.mark.both_backends
+pytestmark = pytest.mark.both_backends(births=True)
 
 MODES = ["raise", "warn", "clone"]
 SCOPES = ["all", "arguments"]

@@ -19,7 +19,7 @@ import immutorch
 from immutorch import _boundaries
 from immutorch._boundaries import hooks_installed
 
-pytestmark = pytest.mark.both_backends
+pytestmark = pytest.mark.both_backends(births=True)
 
 
 def _trained(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:

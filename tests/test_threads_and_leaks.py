@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from immutorch import ImmutableTensorError, _clone, guard, immutable_inputs
 from immutorch._registry import STATE
 
-pytestmark = pytest.mark.both_backends
+pytestmark = pytest.mark.both_backends(births=True)
 
 
 def _in_thread(fn: Callable[[], Any]) -> Any:

@@ -142,6 +142,7 @@ def available(*, build: bool = True) -> bool:
         _reason = f"the native backend's dispatch key is taken ({err})"
         return False
     _module = module
+    set_births_by_allocation(only_cpu())
     hand_over_filter = module.may_hand_over
     module.install_call_check(_registry.STATE, CALL_IMPL_CODE)
     quiet_call = module.quiet_call
@@ -149,6 +150,24 @@ def available(*, build: bool = True) -> bool:
     install_member_hook(module.mark_member)
     _storage.install_native_hooks(_born, _readonly)
     return True
+
+
+def only_cpu() -> bool:
+    """Whether this process can make tensor memory on CPU (and meta) only: no accelerator."""
+    for name in ("cuda", "xpu", "mps", "mtia"):
+        device = getattr(torch, name, None)
+        is_available = getattr(device, "is_available", None)
+        if is_available is not None and is_available():
+            return False
+    return torch._C._get_privateuse1_backend_name() == "privateuseone"
+
+
+def set_births_by_allocation(on: bool) -> bool:
+    """Date a block's births by allocation (CPU's allocator stamps the memory made while a
+    block is active) instead of by op (a boxed call on every op of the block, to date its
+    fresh outputs); see DatingAllocator in guard.cpp. Only where no accelerator can make
+    memory: CUDA's caching allocator is not reached that way. Returns whether it is on."""
+    return _module is not None and bool(_module.set_births_by_allocation(on))
 
 
 def unavailable_reason() -> Optional[str]:

@@ -100,6 +100,7 @@ struct State {
   // thread without the GIL, free a tensor whose Python object it owns.)
   std::unordered_set<const c10::TensorImpl*> objects;
   int64_t block_start = 0;  // the latest start epoch of an active block frame, 0 for none
+  bool by_allocation = false;  // the block's births are dated by allocation (DatingAllocator)
   int64_t epoch = 0;
   bool clone = false;  // a clone-mode frame is active: views of aliases join their groups
   // Views of possibly protected memory waiting to join their source's group. Joined at the
@@ -181,6 +182,20 @@ struct Birth {
 std::mutex g_births_mutex;
 std::unordered_map<const StorageImpl*, Birth> g_births;
 int64_t g_active_blocks = 0;  // threads with an active block frame (under g_births_mutex)
+// The same count, read without the lock by the allocators below at every allocation.
+std::atomic<int64_t> g_blocks_now{0};
+// The latest epoch any thread's sync has seen: what a new allocation is stamped with. Read
+// before the memory is allocated, so a stamp is never later than the bytes it dates.
+std::atomic<int64_t> g_epoch_now{0};
+
+// Births by allocation (DatingAllocator): the address of each CPU allocation made while a
+// block is active anywhere, with the epoch it was made at. Believed only for a storage whose
+// allocator is the DatingAllocator and whose bytes start at that address: a storage showing
+// other memory at a reused address (a file mapped shared, which may show a tensor's pages from
+// before the block) has another allocator. A stale entry is harmless, as for g_births: the
+// address's next allocation through the DatingAllocator stamps it anew (or finds the table
+// emptied, no block active), and memory at a freed address is newer than its stamp.
+std::unordered_map<const void*, int64_t> g_allocated;  // under g_births_mutex
 
 // The tensors that are members of a clone-mode copy-on-write group (an alias and the views
 // that joined it), marked by immutorch._clone as each joins: a view joins its source's group
@@ -208,17 +223,22 @@ std::mutex g_readonly_mutex;
 std::unordered_map<const StorageImpl*, c10::weak_intrusive_ptr<StorageImpl>> g_readonly;
 std::atomic<size_t> g_readonly_count{0};
 
+int64_t allocation_born_locked(const StorageImpl* s);
+
+// The epoch a storage's memory was born at, as far as there is evidence (0: none, older than
+// any block). Every source gives a lower bound, so the latest of them holds.
 int64_t born_of(const StorageImpl* s) {
   std::lock_guard<std::mutex> lock(g_births_mutex);
+  const int64_t born = allocation_born_locked(s);
   auto it = g_births.find(s);
   if (it == g_births.end()) {
-    return 0;
+    return born;
   }
   if (s->resizable()) {
-    return it->second.epoch;
+    return std::max(born, it->second.epoch);
   }
   const void* data = s->data_ptr().get();
-  return data != nullptr && data == it->second.data ? it->second.epoch : 0;
+  return data != nullptr && data == it->second.data ? std::max(born, it->second.epoch) : born;
 }
 
 void record_birth(const StorageImpl* s, int64_t epoch) {
@@ -241,9 +261,182 @@ void record_birth(const StorageImpl* s, int64_t epoch) {
 void count_block(bool on) {
   std::lock_guard<std::mutex> lock(g_births_mutex);
   g_active_blocks += on ? 1 : -1;
+  g_blocks_now.store(g_active_blocks, std::memory_order_relaxed);
   if (g_active_blocks == 0) {
     g_births.clear();
+    g_allocated.clear();
   }
+}
+
+// -- births by allocation ---------------------------------------------------------------------
+// A block must tell the memory it made from memory that existed before it. The births key
+// (kBirths) dates each fresh output of each op as it returns, which costs a boxed call on every
+// op of the block (~0.45 us). The memory can say it instead: every CPU tensor's bytes come from
+// the allocator c10::GetAllocator(kCPU) returns, which DatingAllocator wraps, and every meta
+// tensor's "bytes" from GetAllocator(kMeta)'s, which MetaDatingAllocator wraps. Each stamps
+// what it allocates while a block is active with the epoch, so a block needs only the writes
+// key, like a guard that names its tensors. Any other device's allocator that GetAllocator
+// knows is wrapped by ForeignAllocator, which notes the first memory made through it: from then
+// on blocks date births by op again (and all such memory is no older than that first one).
+// Memory from allocators GetAllocator does not reach (CUDA's caching allocator) cannot be
+// dated this way: Python turns this on only in a process with no accelerator
+// (set_births_by_allocation). The wrappers are installed once and stay (storages keep the
+// allocator they were made by); outside blocks each costs two atomic loads an allocation.
+std::atomic<bool> g_wrapped{false};  // the wrappers are in place
+std::atomic<bool> g_by_allocation{false};  // Python's choice (set_births_by_allocation)
+
+bool dating_now() {
+  return g_blocks_now.load(std::memory_order_relaxed) != 0 &&
+         g_by_allocation.load(std::memory_order_relaxed);
+}
+
+// The wrappers pass everything but allocate() to the allocator they wrap.
+struct WrappingAllocator : c10::Allocator {
+  c10::Allocator* inner = nullptr;
+  bool is_simple_data_ptr(const c10::DataPtr& p) const override {
+    return inner->is_simple_data_ptr(p);
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return inner->raw_deleter(); }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    inner->copy_data(dest, src, count);
+  }
+};
+
+struct DatingAllocator final : WrappingAllocator {
+  c10::DataPtr allocate(size_t n) override {
+    const bool dating = dating_now();
+    const int64_t epoch = g_epoch_now.load(std::memory_order_relaxed);
+    // No bytes have no address to date (the allocator returns null): while a block is active,
+    // an empty storage gets one byte, which it never shows (its nbytes stay 0, and a tensor
+    // with no elements reports a null data_ptr() whatever its storage holds).
+    c10::DataPtr p = inner->allocate(dating && n == 0 ? 1 : n);
+    if (dating && p.get() != nullptr) {
+      std::lock_guard<std::mutex> lock(g_births_mutex);
+      if (g_active_blocks != 0) {
+        g_allocated.insert_or_assign(p.get(), epoch);
+      }
+    }
+    return p;
+  }
+};
+
+// Meta memory has no address: while a block is active, its DataPtr (null, with no context)
+// carries its epoch as the context instead, which nothing reads of a meta tensor.
+struct MetaBirth {
+  int64_t epoch;
+};
+void delete_meta_birth(void* context) {
+  delete static_cast<MetaBirth*>(context);
+}
+
+struct MetaDatingAllocator final : WrappingAllocator {
+  c10::DataPtr allocate(size_t n) override {
+    const bool dating = dating_now();
+    const int64_t epoch = g_epoch_now.load(std::memory_order_relaxed);
+    c10::DataPtr p = inner->allocate(n);
+    if (dating && p.get() == nullptr && p.get_context() == nullptr) {
+      return c10::DataPtr(nullptr, new MetaBirth{epoch}, &delete_meta_birth, p.device());
+    }
+    return p;
+  }
+};
+
+std::mutex g_foreign_mutex;
+std::atomic<bool> g_foreign_seen{false};
+int64_t g_foreign_epoch = 0;  // set once, under g_foreign_mutex, before g_foreign_seen
+
+struct ForeignAllocator final : WrappingAllocator {
+  c10::DataPtr allocate(size_t n) override {
+    if (!g_foreign_seen.load(std::memory_order_acquire)) {
+      // The first: its epoch, read before any memory of this kind is made through a wrapper,
+      // is a lower bound of every such storage's birth.
+      std::lock_guard<std::mutex> lock(g_foreign_mutex);
+      if (!g_foreign_seen.load(std::memory_order_relaxed)) {
+        g_foreign_epoch = g_epoch_now.load(std::memory_order_relaxed);
+        g_foreign_seen.store(true, std::memory_order_release);
+      }
+    }
+    return inner->allocate(n);
+  }
+};
+
+constexpr size_t kDeviceTypes = static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES);
+DatingAllocator g_dating;
+MetaDatingAllocator g_meta_dating;
+ForeignAllocator g_foreign[kDeviceTypes];
+std::vector<std::string> g_wrapped_devices;
+
+// What the allocators say of s (see born_of), with g_births_mutex held.
+int64_t allocation_born_locked(const StorageImpl* s) {
+  // Off: no evidence from allocation (older than any block, which refuses and never misses).
+  if (!g_wrapped.load(std::memory_order_relaxed) ||
+      !g_by_allocation.load(std::memory_order_relaxed)) {
+    return 0;
+  }
+  const c10::Allocator* allocator = s->allocator();
+  if (allocator == nullptr) return 0;
+  if (allocator == &g_dating) {
+    const void* data = s->data_ptr().get();
+    if (data == nullptr) return 0;
+    auto it = g_allocated.find(data);
+    return it == g_allocated.end() ? 0 : it->second;
+  }
+  if (allocator == &g_meta_dating) {
+    const auto* birth = s->data_ptr().cast_context<MetaBirth>(&delete_meta_birth);
+    return birth == nullptr ? 0 : birth->epoch;
+  }
+  if (allocator >= &g_foreign[0] && allocator < &g_foreign[0] + kDeviceTypes &&
+      g_foreign_seen.load(std::memory_order_acquire)) {
+    return g_foreign_epoch;
+  }
+  return 0;
+}
+
+// Wrap the allocator of every device GetAllocator knows now; false where CPU's is not ours to
+// wrap (SetAllocator keeps one registered at a higher priority).
+bool wrap_allocators() {
+  if (g_wrapped.load(std::memory_order_relaxed)) return true;
+  c10::Allocator* cpu = c10::GetAllocator(c10::DeviceType::CPU);
+  if (cpu == nullptr) return false;
+  g_dating.inner = cpu;
+  c10::SetAllocator(c10::DeviceType::CPU, &g_dating, 0);
+  if (c10::GetAllocator(c10::DeviceType::CPU) != &g_dating) return false;
+  g_wrapped_devices.emplace_back("cpu");
+  for (size_t i = 0; i < kDeviceTypes; ++i) {
+    const auto type = static_cast<c10::DeviceType>(i);
+    if (type == c10::DeviceType::CPU) continue;
+    c10::Allocator* other = nullptr;
+    try {
+      other = c10::GetAllocator(type);
+    } catch (const c10::Error&) {
+      continue;  // none registered for this device
+    }
+    if (other == nullptr) continue;
+    WrappingAllocator* wrapper =
+        type == c10::DeviceType::Meta ? static_cast<WrappingAllocator*>(&g_meta_dating)
+                                      : static_cast<WrappingAllocator*>(&g_foreign[i]);
+    wrapper->inner = other;
+    c10::SetAllocator(type, wrapper, 0);
+    if (c10::GetAllocator(type) == wrapper) {
+      g_wrapped_devices.push_back(c10::DeviceTypeName(type, /*lower_case=*/true));
+    } else {
+      // Kept at a higher priority: that device's memory cannot be dated by allocation, so
+      // blocks date births by op, as after a first foreign allocation (from epoch 0, a lower
+      // bound of everything).
+      std::lock_guard<std::mutex> lock(g_foreign_mutex);
+      g_foreign_seen.store(true, std::memory_order_release);
+    }
+  }
+  g_wrapped.store(true, std::memory_order_relaxed);
+  return true;
+}
+
+// Whether a block dates births by allocation now (see DatingAllocator).
+bool births_by_allocation() {
+  return g_wrapped.load(std::memory_order_relaxed) &&
+         g_by_allocation.load(std::memory_order_relaxed) &&
+         !g_foreign_seen.load(std::memory_order_relaxed) &&
+         !c10::is_privateuse1_backend_registered();
 }
 
 bool is_readonly(const StorageImpl* s) {
@@ -710,7 +903,7 @@ void fallback_at(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::j
 unsigned wanted(const State& st) {
   const bool block = st.block_start != 0;
   if (g_nkeys == 3) {  // kBirths, kWrites; kViews is in the members' key sets (mark_member)
-    return block ? 0b001u : 0b010u;
+    return block && !st.by_allocation ? 0b001u : 0b010u;
   }
   if (g_nkeys == 2 && !block && !st.clone) return 0b010u;  // kEvery, kWrites
   return 0b001u;
@@ -883,9 +1076,14 @@ void sync_state(
     auto lo = reinterpret_cast<uintptr_t>(s->data_ptr().get());
     if (lo != 0) st->ranges.emplace_back(lo, lo + s->nbytes());
   }
+  // Before the count: an allocation dated once the block counts has the block's epoch or later.
+  int64_t seen = g_epoch_now.load(std::memory_order_relaxed);
+  while (seen < epoch && !g_epoch_now.compare_exchange_weak(seen, epoch)) {
+  }
   if ((st->block_start != 0) != (block_start != 0)) {
     count_block(block_start != 0);
   }
+  st->by_allocation = block_start != 0 && births_by_allocation();
   st->block_start = block_start;
   st->epoch = epoch;
   st->clone = clone;
@@ -1129,5 +1327,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mark_readonly", &mark_readonly);
   m.def("enabled", &enabled);
   m.def("serving", &serving);
+  m.def("set_births_by_allocation", [](bool on) {
+    // Where the allocators cannot be wrapped, blocks date births by op, as before.
+    g_by_allocation.store(on && wrap_allocators(), std::memory_order_relaxed);
+    return g_by_allocation.load(std::memory_order_relaxed);
+  });
+  m.def("births_by_allocation", &births_by_allocation);
+  m.def("wrapped_devices", [] { return g_wrapped_devices; });
   m.def("op_generation", [] { return g_op_generation.load(std::memory_order_relaxed); });
 }

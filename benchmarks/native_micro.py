@@ -251,7 +251,8 @@ def median_ci(
 
 
 def controls(fn: Callable[[torch.Tensor], Any]) -> dict[str, Callable[[torch.Tensor], Any]]:
-    """Rows that must read 1.00: the unguarded call again, and after a guard entered and left."""
+    """Rows that must read 1.00: the unguarded call again, and after a guard entered and left
+    (beside the same after as much unrelated Python)."""
 
     def again(x: torch.Tensor) -> Any:
         return fn(x)
@@ -264,10 +265,17 @@ def controls(fn: Callable[[torch.Tensor], Any]) -> dict[str, Callable[[torch.Ten
 
         return run
 
+    def after_python(x: torch.Tensor) -> Any:
+        # As much Python as a guard's entry and exit (~30 us), none of it immutorch's: what any
+        # work between two calls leaves behind (caches, branch predictors), guard or not.
+        [object() for _ in range(600)]
+        return fn(x)
+
     return {
         "control: unguarded again": again,
         "control: after guard() raise": after("raise"),
         "control: after guard() clone": after("clone"),
+        "control: after 600 objects": after_python,
     }
 
 

@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 
 from . import _registry
-from ._storage import born_epoch, forget_births, set_born, storage_of
+from ._storage import born_epoch, forget_births, keep_birth, set_born, storage_of
 
 _lock = threading.Lock()
 _users = 0
@@ -209,6 +209,18 @@ def _storage_getitem(original: Callable[..., Any]) -> Callable[..., Any]:
     return __getitem__
 
 
+def _storage_resize(original: Callable[..., Any]) -> Callable[..., Any]:
+    def resize_(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # New bytes under an old storage, made without a dispatched op: the storage keeps its
+        # birth, on any thread (an allocation stamps new bytes for every block in the process).
+        born = born_epoch(self)
+        out = original(self, *args, **kwargs)
+        keep_birth(self, born)
+        return out
+
+    return resize_
+
+
 def _record_reader(original: Callable[..., Any]) -> Callable[..., Any]:
     def get_storage_from_record(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = original(self, *args, **kwargs)  # bytes read from the archive: new memory
@@ -235,6 +247,7 @@ def _make_plan() -> list[tuple[Any, str, Callable[[Any], Any]]]:
         (untyped, "__new__", lambda _original: staticmethod(_storage_new)),
         (untyped, "__getitem__", _storage_getitem),
         (untyped, "from_file", _from_file),
+        (untyped, "resize_", _storage_resize),
     ]
     for name in ("_new_shared", "_new_shared_fd_cpu", "_new_shared_filename_cpu"):
         if hasattr(untyped, name):

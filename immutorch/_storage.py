@@ -35,6 +35,7 @@ PLAIN: set[type] = {torch.Tensor, torch.nn.Parameter}
 # Births and read-only marks known outside Python: the native backend records births in C++
 # and reads read-only marks there (``_backends.native`` installs both hooks).
 _native_born: Optional[Callable[[Any], int]] = None
+_native_keep: Optional[Callable[[Any, int], None]] = None
 _readonly_hook: Optional[Callable[[Any, bool], None]] = None
 # Every storage marked read-only, weakly, so that a hook installed later learns earlier marks.
 _marked: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
@@ -109,6 +110,14 @@ def born_epoch(storage: Any) -> int:
     return born
 
 
+def keep_birth(storage: Any, born: int) -> None:
+    """``storage``'s bytes were replaced (``UntypedStorage.resize_``): it keeps its birth
+    ``born``, whatever the native backend's allocator stamped its new bytes with. (A birth this
+    module tags is the storage's own attribute, which a resize keeps.)"""
+    if _native_keep is not None:
+        _native_keep(storage, born)
+
+
 def note_readonly(storage: Any, marked: bool) -> None:
     """Tell a native backend that ``storage`` gained or lost its read-only mark."""
     if marked:
@@ -119,9 +128,13 @@ def note_readonly(storage: Any, marked: bool) -> None:
         _readonly_hook(storage, marked)
 
 
-def install_native_hooks(born: Callable[[Any], int], readonly: Callable[[Any, bool], None]) -> None:
-    global _native_born, _readonly_hook
-    _native_born, _readonly_hook = born, readonly
+def install_native_hooks(
+    born: Callable[[Any], int],
+    readonly: Callable[[Any, bool], None],
+    keep: Optional[Callable[[Any, int], None]] = None,
+) -> None:
+    global _native_born, _readonly_hook, _native_keep
+    _native_born, _readonly_hook, _native_keep = born, readonly, keep
     for storage in list(_marked.values()):
         readonly(storage, True)
 

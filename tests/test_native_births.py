@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-from immutorch import ImmutableTensorError, guard
+from immutorch import ImmutableTensorError, MutationWarning, guard
 from immutorch._backends import native
 from immutorch._registry import STATE
 from immutorch._storage import born_epoch
@@ -133,6 +133,28 @@ def test_a_storage_resized_in_the_block_is_still_from_before_it(births: str) -> 
         with pytest.raises(ImmutableTensorError):
             s.resize_(1000)
     assert s.shape == (2,) and torch.equal(s, torch.ones(2))
+
+
+def test_an_older_storage_given_new_bytes_in_the_block_is_still_older(births: str) -> None:
+    # The allocator stamps the new bytes as new; the storage (the caller's) keeps its birth,
+    # whether they came by UntypedStorage.resize_ (no dispatched op), by a resize or a write
+    # with out= that a warn-mode block let through, or by share_memory_ (a mapping, at an
+    # address the allocator may have stamped before): each later write still warns.
+    replacements = {
+        "UntypedStorage.resize_": lambda x: x.untyped_storage().resize_(8000),
+        "resize_": lambda x: x.resize_(5000),
+        "out= resizing": lambda x: torch.cat([torch.zeros(1000), torch.zeros(1000)], out=x),
+        "share_memory_": lambda x: x.share_memory_(),
+    }
+    for name, replace in replacements.items():
+        x = torch.ones(1000)
+        with guard(mode="warn"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                replace(x)
+            with pytest.warns(MutationWarning, match="outside the block"):
+                x.add_(1)
+        assert x.untyped_storage().nbytes() >= 4000, name
 
 
 def _tensors(value: Any, out: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -148,7 +148,7 @@ def available(*, build: bool = True) -> bool:
     quiet_call = module.quiet_call
     install_stack_reader(module.modules_on_stack)
     install_member_hook(module.mark_member)
-    _storage.install_native_hooks(_born, _readonly)
+    _storage.install_native_hooks(_born, _readonly, module.keep_birth)
     return True
 
 

@@ -377,7 +377,9 @@ int64_t allocation_born_locked(const StorageImpl* s) {
   if (allocator == nullptr) return 0;
   if (allocator == &g_dating) {
     const void* data = s->data_ptr().get();
-    if (data == nullptr) return 0;
+    // Bytes the CPU allocator made (its own deleter): not a shared or file mapping swapped into
+    // the storage since (share_memory_), which may sit at an address stamped before.
+    if (data == nullptr || s->data_ptr().get_deleter() != g_dating.inner->raw_deleter()) return 0;
     auto it = g_allocated.find(data);
     return it == g_allocated.end() ? 0 : it->second;
   }
@@ -392,12 +394,27 @@ int64_t allocation_born_locked(const StorageImpl* s) {
   return 0;
 }
 
+// A storage whose bytes were replaced (resized, in a write the block let through, or by
+// UntypedStorage.resize_) keeps its birth: the allocator stamped its new bytes as new, but the
+// storage, someone's tensor, is as old as it was. `born` is its birth before (0: none).
+void keep_birth_of(const StorageImpl* s, int64_t born) {
+  const void* data = s->data_ptr().get();
+  if (data == nullptr || s->allocator() != &g_dating) return;
+  std::lock_guard<std::mutex> lock(g_births_mutex);
+  if (born == 0) {
+    g_allocated.erase(data);
+  } else {
+    g_allocated.insert_or_assign(data, born);
+  }
+}
+
 // Wrap the allocator of every device GetAllocator knows now; false where CPU's is not ours to
 // wrap (SetAllocator keeps one registered at a higher priority).
 bool wrap_allocators() {
   if (g_wrapped.load(std::memory_order_relaxed)) return true;
   c10::Allocator* cpu = c10::GetAllocator(c10::DeviceType::CPU);
-  if (cpu == nullptr) return false;
+  // Its deleter tells its own bytes from others a storage may be given (allocation_born_locked).
+  if (cpu == nullptr || cpu->raw_deleter() == nullptr) return false;
   g_dating.inner = cpu;
   c10::SetAllocator(c10::DeviceType::CPU, &g_dating, 0);
   if (c10::GetAllocator(c10::DeviceType::CPU) != &g_dating) return false;
@@ -801,6 +818,12 @@ void fallback_on(
   const auto& schema = op.schema();
   const size_t nargs = schema.arguments().size();
   const size_t base = stack->size() - nargs;
+  struct Older {
+    StorageImpl* storage;
+    const void* data;
+    int64_t born;
+  };
+  c10::SmallVector<Older, 2> older;
   if (!f.writes.empty() && !f.composite_only) {
     bool judge = false;
     for (const auto& w : f.writes) {
@@ -812,6 +835,19 @@ void fallback_on(
           judge = true;
         }
       });
+    }
+    if (judge && st->by_allocation) {
+      // Written storages from before the block whose bytes the op may replace (a resize)
+      // once the judgement lets it through: they keep their birth (keep_birth_of).
+      for (const auto& w : f.writes) {
+        if (static_cast<size_t>(w.position) >= nargs) continue;
+        each_tensor((*stack)[base + w.position], [&](const at::Tensor& t) {
+          if (StorageImpl* s = storage_of(t)) {
+            const int64_t born = born_of(s);
+            if (born < st->block_start) older.push_back({s, s->data_ptr().get(), born});
+          }
+        });
+      }
     }
     if (judge) {
       c10::impl::ExcludeDispatchKeyGuard off(g_keys);
@@ -874,6 +910,9 @@ void fallback_on(
       PyErr_Clear();
     }
     throw;
+  }
+  for (const auto& o : older) {
+    if (o.storage->data_ptr().get() != o.data) keep_birth_of(o.storage, o.born);
   }
   const size_t nret = schema.returns().size();
   if (block_start != 0 && f.fresh) {
@@ -1317,6 +1356,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("activate", &activate);
   m.def("sync", &sync_state);
   m.def("born", &born);
+  m.def("keep_birth", [](py::object storage, int64_t born) {
+    keep_birth_of(unpack_storage(storage), born);
+  });
   m.def("mark_member", &mark_member);
   m.def("may_hand_over", &may_hand_over);
   m.def("install_call_check", &install_call_check);

@@ -157,6 +157,33 @@ def test_an_older_storage_given_new_bytes_in_the_block_is_still_older(births: st
         assert x.untyped_storage().nbytes() >= 4000, name
 
 
+def test_a_storage_emptied_and_grown_again_keeps_its_birth(births: str) -> None:
+    # FSDP2's way with the all-gather buffers it makes in a step: UntypedStorage.resize_(0)
+    # after each use, resize_(n) before the next. No bytes in between to carry a stamp.
+    def empty_and_grow(t: torch.Tensor) -> None:
+        t.untyped_storage().resize_(0)
+        t.untyped_storage().resize_(4 * t.numel())
+
+    with guard(mode="raise"):
+        mine = torch.zeros(1000)
+        empty_and_grow(mine)
+        empty_and_grow(mine)
+        mine.fill_(2.0)  # the block's own memory: no refusal
+    assert torch.equal(mine, torch.full((1000,), 2.0))
+
+    # The caller's storage, emptied before the block or inside it, is the caller's still.
+    for inside in (False, True):
+        theirs = torch.zeros(1000)
+        if not inside:
+            theirs.untyped_storage().resize_(0)
+        with guard(mode="raise"):
+            if inside:
+                theirs.untyped_storage().resize_(0)
+            theirs.untyped_storage().resize_(4000)
+            with pytest.raises(ImmutableTensorError, match="outside the block"):
+                theirs.fill_(2.0)
+
+
 def _tensors(value: Any, out: list[torch.Tensor]) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         out.append(value)

@@ -399,7 +399,14 @@ int64_t allocation_born_locked(const StorageImpl* s) {
 // storage, someone's tensor, is as old as it was. `born` is its birth before (0: none).
 void keep_birth_of(const StorageImpl* s, int64_t born) {
   const void* data = s->data_ptr().get();
-  if (data == nullptr || s->allocator() != &g_dating) return;
+  if (data == nullptr) {
+    // Resized to nothing: no bytes to carry the stamp, so the storage carries it, as a birth
+    // by op does, until it has bytes again (FSDP2 empties the all-gather buffers it makes in
+    // the first step after each use and grows them again: still the block's own memory).
+    if (born != 0) record_birth(s, born);
+    return;
+  }
+  if (s->allocator() != &g_dating) return;
   std::lock_guard<std::mutex> lock(g_births_mutex);
   if (born == 0) {
     g_allocated.erase(data);

@@ -104,6 +104,29 @@ def test_a_nested_block_refuses_what_the_outer_block_made_before_it(births: str)
     assert torch.equal(t, torch.full((3,), 2.0)) and torch.equal(e, torch.arange(2.0))
 
 
+def test_many_allocations_in_one_block_are_all_its_own(births: str) -> None:
+    # More stamps than the address table starts with (it grows), some freed and their
+    # addresses reused; then a second block, to which all of them are from before.
+    before = torch.zeros(64)
+    kept: list[torch.Tensor] = []
+    with guard(mode="raise"):
+        for i in range(6000):
+            t = torch.empty(8 + i % 50)
+            if i % 3:
+                kept.append(t)
+        for t in kept:
+            t.fill_(1.0)
+        with pytest.raises(ImmutableTensorError):
+            before.add_(1)
+    assert torch.equal(before, torch.zeros(64))
+    with guard(mode="raise"):
+        torch.empty(8).fill_(2.0)
+        for t in kept[::500]:
+            with pytest.raises(ImmutableTensorError):
+                t.add_(1)
+    assert all(torch.equal(t, torch.ones_like(t)) for t in kept)
+
+
 def test_meta_tensors_are_dated_like_cpu_ones(births: str) -> None:
     m = torch.empty(3, device="meta")
     with guard():

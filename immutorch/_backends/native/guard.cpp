@@ -195,7 +195,81 @@ std::atomic<int64_t> g_epoch_now{0};
 // before the block) has another allocator. A stale entry is harmless, as for g_births: the
 // address's next allocation through the DatingAllocator stamps it anew (or finds the table
 // emptied, no block active), and memory at a freed address is newer than its stamp.
-std::unordered_map<const void*, int64_t> g_allocated;  // under g_births_mutex
+//
+// An open-addressing table that keeps its slots from one block to the next and is emptied by
+// starting a new generation: a node-based map allocated and freed a node for every stamp
+// (malloc's work, ~250 instructions a stamp, in among the tensors' own allocations).
+class AddressStamps {
+ public:
+  // The epoch stamped at `key`; 0: none.
+  int64_t get(const void* key) const {
+    if (slots_.empty()) return 0;
+    for (size_t i = home(key);; i = (i + 1) & mask()) {
+      const Slot& slot = slots_[i];
+      if (slot.gen != gen_) return 0;
+      if (slot.key == key) return slot.epoch;
+    }
+  }
+
+  // Stamp `key` with `epoch`; 0 unstamps it (its slot stays, for the probes that pass it).
+  void set(const void* key, int64_t epoch) {
+    if ((used_ + 1) * 2 > slots_.size()) grow();
+    for (size_t i = home(key);; i = (i + 1) & mask()) {
+      Slot& slot = slots_[i];
+      if (slot.gen != gen_) {
+        if (epoch == 0) return;  // nothing to unstamp
+        slot = Slot{key, epoch, gen_};
+        ++used_;
+        return;
+      }
+      if (slot.key == key) {
+        slot.epoch = epoch;
+        return;
+      }
+    }
+  }
+
+  // Every stamp gone: O(1), unless the table has grown past what a block needs to keep.
+  void clear() {
+    used_ = 0;
+    if (slots_.size() > kKeepAtMost || ++gen_ == 0) {
+      slots_.clear();
+      slots_.shrink_to_fit();
+      gen_ = 1;
+    }
+  }
+
+ private:
+  struct Slot {
+    const void* key;
+    int64_t epoch;
+    uint32_t gen;  // stamped in generation `gen`: a slot of an older one is empty
+  };
+  static constexpr size_t kFirst = 1024;
+  static constexpr size_t kKeepAtMost = size_t{1} << 16;
+
+  size_t mask() const { return slots_.size() - 1; }
+  size_t home(const void* key) const {
+    // Fibonacci hashing of the address (allocations are 16-byte aligned: the low bits are 0).
+    const uint64_t h = (reinterpret_cast<uintptr_t>(key) >> 4) * 0x9E3779B97F4A7C15ull;
+    return static_cast<size_t>(h >> 32) & mask();
+  }
+  void grow() {
+    std::vector<Slot> old = std::move(slots_);
+    slots_.assign(old.empty() ? kFirst : old.size() * 2, Slot{nullptr, 0, 0});
+    const uint32_t old_gen = gen_;
+    gen_ = 1;
+    used_ = 0;
+    for (const Slot& slot : old) {
+      if (slot.gen == old_gen && slot.epoch != 0) set(slot.key, slot.epoch);
+    }
+  }
+
+  std::vector<Slot> slots_;  // a power of two, or none
+  uint32_t gen_ = 1;
+  size_t used_ = 0;  // slots of this generation
+};
+AddressStamps g_allocated;  // under g_births_mutex
 
 // The tensors that are members of a clone-mode copy-on-write group (an alias and the views
 // that joined it), marked by immutorch._clone as each joins: a view joins its source's group
@@ -313,7 +387,7 @@ struct DatingAllocator final : WrappingAllocator {
     if (dating && p.get() != nullptr) {
       std::lock_guard<std::mutex> lock(g_births_mutex);
       if (g_active_blocks != 0) {
-        g_allocated.insert_or_assign(p.get(), epoch);
+        g_allocated.set(p.get(), epoch);
       }
     }
     return p;
@@ -380,8 +454,7 @@ int64_t allocation_born_locked(const StorageImpl* s) {
     // Bytes the CPU allocator made (its own deleter): not a shared or file mapping swapped into
     // the storage since (share_memory_), which may sit at an address stamped before.
     if (data == nullptr || s->data_ptr().get_deleter() != g_dating.inner->raw_deleter()) return 0;
-    auto it = g_allocated.find(data);
-    return it == g_allocated.end() ? 0 : it->second;
+    return g_allocated.get(data);
   }
   if (allocator == &g_meta_dating) {
     const auto* birth = s->data_ptr().cast_context<MetaBirth>(&delete_meta_birth);
@@ -409,9 +482,9 @@ void keep_birth_of(const StorageImpl* s, int64_t born) {
   if (s->allocator() != &g_dating) return;
   std::lock_guard<std::mutex> lock(g_births_mutex);
   if (born == 0) {
-    g_allocated.erase(data);
+    g_allocated.set(data, 0);
   } else {
-    g_allocated.insert_or_assign(data, born);
+    g_allocated.set(data, born);
   }
 }
 

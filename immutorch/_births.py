@@ -270,33 +270,58 @@ def _make_plan() -> list[tuple[Any, str, Callable[[Any], Any]]]:
     return plan
 
 
-# (owner, name, the value wrapped, its wrapper), built once: a guard entered in a loop pays
-# only the attribute swaps (~3 us for all of them), not the wrappers' making (~90 us).
-_made: dict[tuple[int, str], tuple[Any, Any]] = {}
+class _Wrap:
+    """One entry point's wrap, made once: a guard entered in a loop pays the swap and two dict
+    lookups that check nobody rebound the entry point since (~3 us for all of them), not the
+    wrapper's making (~90 us) or a walk of the owner's MRO."""
+
+    __slots__ = ("between", "dicts", "make", "name", "own", "owner", "raw", "where", "wrapper")
+
+    def __init__(self, owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+        self.owner, self.name, self.make = owner, name, make
+        self.wrapper: Any = None
+        self.raw: Any = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Find the entry point as stored now, and wrap it anew if it changed."""
+        owner, name = self.owner, self.name
+        # What to put back: the owner's own attribute, or nothing where it was inherited.
+        self.own = owner.__dict__.get(name, _ABSENT)
+        mro = owner.__mro__ if isinstance(owner, type) else (owner,)
+        where = next((k for k in mro if name in k.__dict__), owner)
+        self.between = mro[1 : mro.index(where)] if where is not owner else ()
+        raw = where.__dict__[name] if name in where.__dict__ else getattr(owner, name)
+        if self.wrapper is None or raw is not self.raw:  # first time, or rebound since
+            self.wrapper = self.make(getattr(owner, name))
+        self.where, self.raw = where, raw
+        # A class's __dict__ is a new read-only view at each access, of the same live dict.
+        self.dicts = (owner.__dict__, where.__dict__)
+
+    def current(self) -> bool:
+        name = self.name
+        own, where = self.dicts
+        return (
+            own.get(name, _ABSENT) is self.own
+            and where.get(name, _ABSENT) is self.raw
+            and not (self.between and any(name in k.__dict__ for k in self.between))
+        )
+
+
+_wraps: list[_Wrap] = []
 
 
 def _install() -> None:
-    for owner, name, make in _plan():
-        # What to put back: the owner's own attribute, or nothing where it was inherited.
-        own = owner.__dict__.get(name, _ABSENT) if isinstance(owner, type) else getattr(owner, name)
-        raw = _raw(owner, name)
-        made = _made.get((id(owner), name))
-        if made is None or made[0] is not raw:  # first time, or rebound since by others
-            made = _made[(id(owner), name)] = (raw, make(getattr(owner, name)))
+    if not _wraps:
+        _wraps.extend(_Wrap(owner, name, make) for owner, name, make in _plan())
+    for wrap in _wraps:
+        if not wrap.current():
+            wrap.refresh()
         try:
-            setattr(owner, name, made[1])
+            setattr(wrap.owner, wrap.name, wrap.wrapper)
         except (AttributeError, TypeError):  # an owner that refuses attributes: not wrapped
             continue
-        _saved.append((owner, name, own))
-
-
-def _raw(owner: Any, name: str) -> Any:
-    """The attribute as stored (a class's own or inherited entry), not a fresh bound method."""
-    if isinstance(owner, type):
-        for klass in owner.__mro__:
-            if name in klass.__dict__:
-                return klass.__dict__[name]
-    return getattr(owner, name)
+        _saved.append((wrap.owner, wrap.name, wrap.own))
 
 
 def _uninstall() -> None:

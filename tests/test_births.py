@@ -377,3 +377,34 @@ def test_a_private_copys_record_ends_with_the_copy() -> None:
 
     key = private_copy()
     assert _storage.recorded_birth(*key) == 0
+
+
+def test_an_entry_point_rebound_between_blocks_is_wrapped_as_it_is_now(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Someone else's patch (a profiler, a test double) made after a block wrapped the entry
+    # points: the next block wraps the patched one, and leaves it in place after.
+    with immutorch.guard():
+        pass
+    calls: list[str] = []
+    original_from_numpy = torch.from_numpy
+    original_resize = torch.UntypedStorage.resize_
+
+    def from_numpy(a: Any) -> Tensor:
+        calls.append("from_numpy")
+        return original_from_numpy(a)
+
+    def resize_(self: Any, n: int) -> Any:
+        calls.append("resize_")
+        return original_resize(self, n)
+
+    monkeypatch.setattr(torch, "from_numpy", from_numpy)
+    monkeypatch.setattr(torch.UntypedStorage, "resize_", resize_)
+    with immutorch.guard():
+        assert torch.from_numpy is not from_numpy  # wrapped, for the block
+        y = torch.from_numpy(np.zeros(3, dtype=np.float32))
+        y.add_(1)  # the block's own memory
+        torch.zeros(2).untyped_storage().resize_(32)
+    assert calls == ["from_numpy", "resize_"]
+    assert torch.from_numpy is from_numpy
+    assert torch.UntypedStorage.__dict__["resize_"] is resize_

@@ -243,6 +243,7 @@ def test_the_choice_is_logged_once(
     _built_entry()
     monkeypatch.setenv("IMMUTORCH_BACKEND", "native")
     monkeypatch.setattr(choice, "_told", set())
+    monkeypatch.setattr(choice, "_told_native", False)
     with caplog.at_level(logging.INFO, logger="immutorch"):
         for _ in range(2):
             with guard(torch.ones(1)):

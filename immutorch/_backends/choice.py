@@ -22,6 +22,7 @@ _log = logging.getLogger("immutorch")
 CHOICES = ("auto", "native", "python")
 DEFAULT = "auto"
 _told: set[str] = set()
+_told_native = False
 
 
 def requested() -> str:
@@ -39,10 +40,13 @@ def requested() -> str:
 
 
 def make_handle(state: ThreadState) -> Any:
+    global _told_native
     wanted = requested()
     if wanted != "python":
         if native.available(build=wanted == "native"):
-            _tell(native.status())
+            if not _told_native:  # its line is fixed once loaded: not worded at every guard
+                _tell(native.status())
+                _told_native = True
             return native.NativeHandle(state)
         # Asked for by name and not there: a warning. The default without a build: a note.
         _tell(native.status(), warning=wanted == "native")

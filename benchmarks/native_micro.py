@@ -19,9 +19,12 @@ reports the build time and size; the cached load's cost is always reported.
 each variant is timed in pairs of calls beside the unguarded one, in the order unguarded,
 variant, variant, unguarded (so a drift of the machine that is linear over the four calls
 cancels), and the ratio is taken within the pair. The table gives the median of the pairs'
-ratios with a 95% bootstrap interval, and three control rows that must read 1.00 if the method
-is sound where it matters: the unguarded call again (the null), and the unguarded call after
-a guard was entered and left (what a guard leaves behind it: caches, type caches) in each mode.
+ratios with a 95% bootstrap interval, and control rows: the unguarded call again (the null,
+which must read 1.00), the unguarded call after a guard was entered and left in each mode, and
+after as long a stretch of other Python, in one small loop and in many of the standard
+library's functions. The last reads what any code between two calls costs the next one
+(caches and branch predictors trained on the call alone, retrained), which an unguarded call
+timed in a tight loop never pays: compare the rows after a guard with it, not with 1.00.
 Python's collector is off while pairs run and collects between them. ``--steady-malloc``
 re-runs the process with glibc's malloc thresholds fixed (``MALLOC_MMAP_THRESHOLD_`` and
 friends): by default glibc adapts them as the process runs, and a call then takes thousands
@@ -32,13 +35,21 @@ more than the guard costs.
 from __future__ import annotations
 
 import argparse
+import collections
+import datetime
+import difflib
+import fractions
 import gc
+import json
 import os
 import random
+import re
 import statistics
+import string
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from functools import partial
 from typing import Any, Callable, Optional
@@ -266,9 +277,15 @@ def controls(fn: Callable[[torch.Tensor], Any]) -> dict[str, Callable[[torch.Ten
         return run
 
     def after_python(x: torch.Tensor) -> Any:
-        # As much Python as a guard's entry and exit (~30 us), none of it immutorch's: what any
-        # work between two calls leaves behind (caches, branch predictors), guard or not.
+        # As long as a guard's entry and exit (~30 us), one small loop: caches and branch
+        # predictors barely disturbed.
         [object() for _ in range(600)]
+        return fn(x)
+
+    def after_stdlib(x: torch.Tensor) -> Any:
+        # About as long, in as many different functions as a guard's entry and exit run, none
+        # of them immutorch's or torch's: what any code between two calls leaves behind.
+        _diverse_python()
         return fn(x)
 
     return {
@@ -276,7 +293,23 @@ def controls(fn: Callable[[torch.Tensor], Any]) -> dict[str, Callable[[torch.Ten
         "control: after guard() raise": after("raise"),
         "control: after guard() clone": after("clone"),
         "control: after 600 objects": after_python,
+        "control: after stdlib Python": after_stdlib,
     }
+
+
+_SAMPLE = {"a": [1, 2, 3], "b": {"c": "d"}}
+
+
+def _diverse_python() -> None:
+    """~35 us of the standard library's Python, in a few hundred different functions."""
+    json.loads(json.dumps(_SAMPLE))
+    re.sub(r"(\w)+", "x", "hello world foo")
+    collections.Counter("abracadabra")
+    textwrap.fill("lorem ipsum dolor sit amet " * 3, 20)
+    fractions.Fraction(3, 7) + fractions.Fraction(1, 3)
+    datetime.datetime(2020, 1, 1).isoformat()
+    string.Template("$a").substitute(a=1)
+    difflib.SequenceMatcher(None, "abcd", "abed").ratio()
 
 
 def paired(pairs: int, workloads: Optional[list[str]] = None) -> None:

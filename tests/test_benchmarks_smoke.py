@@ -420,4 +420,5 @@ def test_paired_timing_takes_each_ratio_within_its_pair() -> None:
         "control: after guard() raise",
         "control: after guard() clone",
         "control: after 600 objects",
+        "control: after stdlib Python",
     }

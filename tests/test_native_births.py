@@ -125,6 +125,14 @@ def test_many_allocations_in_one_block_are_all_its_own(births: str) -> None:
             with pytest.raises(ImmutableTensorError):
                 t.add_(1)
     assert all(torch.equal(t, torch.ones_like(t)) for t in kept)
+    # More than the table keeps between blocks (it is let go when the last block ends).
+    with guard(mode="raise"):
+        many = [torch.empty(2) for _ in range(40000)]
+        many[-1].fill_(1.0)
+    with guard(mode="raise"):
+        torch.empty(2).fill_(1.0)
+        with pytest.raises(ImmutableTensorError):
+            many[0].fill_(1.0)
 
 
 def test_meta_tensors_are_dated_like_cpu_ones(births: str) -> None:

@@ -481,11 +481,7 @@ void keep_birth_of(const StorageImpl* s, int64_t born) {
   }
   if (s->allocator() != &g_dating) return;
   std::lock_guard<std::mutex> lock(g_births_mutex);
-  if (born == 0) {
-    g_allocated.set(data, 0);
-  } else {
-    g_allocated.set(data, born);
-  }
+  g_allocated.set(data, born);  // 0: unstamped, as older than any block
 }
 
 // Wrap the allocator of every device GetAllocator knows now; false where CPU's is not ours to

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import sys
 import threading
+import types
 import weakref
 from collections.abc import Iterator
 from typing import Any, Callable, Optional
@@ -46,9 +47,40 @@ _users = 0
 # off for a scoped call (_detach_calls).
 _installed = False
 
-# torch's Module._call_impl, as it was when immutorch was imported: what every module call
-# runs, with or without immutorch's shell around it.
-_torch_call_impl: Callable[..., Any] = torch.nn.Module.__dict__["_call_impl"]
+# Module._call_impl as it was when immutorch was imported: a function that stays in Module's
+# dict for good. While the shell is on, its code is the shell's (_SHELL_CODE), not a new class
+# attribute: assigning one invalidates the attribute caches of Module and of every subclass
+# (every nn.Module class misses its next lookups, +0.4% on the encoder at each guard in clone
+# mode), and from CPython 3.13 a class that has been modified 1,000 times is never cached
+# again (typeobject.c, MAX_VERSIONS_PER_CLASS): ~500 guards in clone mode would leave every
+# module in the process slower for good. A function's code is the function's own.
+_torch_function: Callable[..., Any] = torch.nn.Module.__dict__["_call_impl"]
+_SWAPPABLE = isinstance(_torch_function, types.FunctionType) and not (
+    _torch_function.__code__.co_freevars
+)
+_TORCH_CODE: Optional[types.CodeType] = _torch_function.__code__ if _SWAPPABLE else None
+
+
+def _same_function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of the plain function ``fn``, running its code whatever ``fn.__code__`` becomes."""
+    assert isinstance(fn, types.FunctionType)
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    copy.__doc__ = fn.__doc__
+    copy.__dict__.update(fn.__dict__)
+    return copy
+
+
+# torch's code for Module._call_impl, in a function whose code is never swapped: what every
+# module call runs, with or without immutorch's shell around it. Its frames run torch's own
+# code object (_arguments.CALL_IMPL_CODE), as module calls do without the shell.
+_torch_call_impl: Callable[..., Any] = (
+    _same_function(_torch_function) if _SWAPPABLE else _torch_function
+)
+# Where the shell is a class attribute after all (Module._call_impl rebound by someone since
+# immutorch's import, or not a plain function): (the shell, what it replaced).
+_class_shell: Optional[tuple[Callable[..., Any], Callable[..., Any]]] = None
 
 
 def acquire_hooks(*, rescan: bool = False) -> None:
@@ -87,13 +119,19 @@ def _install_locked(rescan: bool = False) -> None:
     slow path (~11,000 instructions a call with one empty pre-hook, ~17,000 with a post-hook
     too, and a Python call for each hook), and global pre-hooks are given no keyword arguments
     on torch 2.13 and older. ``Module.__call__`` (``_wrapped_call_impl``) looks ``_call_impl``
-    up on the module at each call, so a class attribute reaches every module whose class does
-    not define its own; setting it costs ~0.2 us (``__call__``, a type slot, would cost ~50 us:
-    CPython updates the slot in every subclass). The classes that define their own get a shell
-    of their own around it.
+    up on the module at each call, so torch's function reaches every module whose class does
+    not define its own: its code is swapped for the shell's, which changes no class (see
+    ``_torch_function``). The classes that define their own get a shell of their own around
+    it, as a class attribute.
     """
-    global _installed
-    torch.nn.Module._call_impl = _module_call  # type: ignore[method-assign]
+    global _installed, _class_shell
+    current = torch.nn.Module.__dict__.get("_call_impl")
+    if _SWAPPABLE and current is _torch_function:
+        _torch_function.__code__ = _SHELL_CODE
+    elif current is not None:
+        shell = _shell_around(current)
+        torch.nn.Module._call_impl = shell  # type: ignore[method-assign]
+        _class_shell = (shell, current)
     _installed = True
     _shell_own_classes_locked(rescan)
 
@@ -146,8 +184,15 @@ def _classes_with_own_call_impl() -> list[type]:
 def _remove_locked() -> None:
     global _installed, _walked_while_on
     _walked_while_on = False
-    if torch.nn.Module.__dict__.get("_call_impl") is _module_call:
-        torch.nn.Module._call_impl = _torch_call_impl  # type: ignore[method-assign]
+    global _class_shell
+    if _TORCH_CODE is not None and _torch_function.__code__ is _SHELL_CODE:
+        _torch_function.__code__ = _TORCH_CODE
+    if _class_shell is not None:
+        shell, replaced = _class_shell
+        if torch.nn.Module.__dict__.get("_call_impl") is shell:
+            torch.nn.Module._call_impl = replaced  # type: ignore[method-assign]
+        _give_dynamo_torchs_call_impl()
+        _class_shell = None
     for cls, own in _shelled.items():
         if getattr(cls.__dict__.get("_call_impl"), "_immutorch_inner", None) is own:
             cls._call_impl = own  # type: ignore[attr-defined]
@@ -161,15 +206,22 @@ def _give_dynamo_torchs_call_impl() -> None:
     # one whose calls it may shorten to ``forward``): give it torch's, at the shell's removal
     # and at each new user while it stays on (the plugin keeps it on for a whole run), so that
     # Dynamo's view is the one it has when imported before any guard.
+    # (Only a shell that is a class attribute can be taken for it: torch's function stays.)
+    if _class_shell is None:
+        return
+    shell, replaced = _class_shell
     for name in ("torch._dynamo.utils", "torch._dynamo.variables.nn_module"):
         dynamo = sys.modules.get(name)
-        if getattr(dynamo, "unpatched_nn_module_call_impl", None) is _module_call:
-            dynamo.unpatched_nn_module_call_impl = _torch_call_impl  # type: ignore[union-attr]
+        if getattr(dynamo, "unpatched_nn_module_call_impl", None) is shell:
+            dynamo.unpatched_nn_module_call_impl = replaced  # type: ignore[union-attr]
 
 
 def hooks_installed() -> bool:
     """Whether module calls run immutorch's shell, which does the boundary work."""
-    return torch.nn.Module.__dict__.get("_call_impl") is _module_call
+    current = torch.nn.Module.__dict__.get("_call_impl")
+    if _SWAPPABLE and current is _torch_function:
+        return _torch_function.__code__ is _SHELL_CODE
+    return _class_shell is not None and current is _class_shell[0]
 
 
 def enter(frame: Frame) -> None:
@@ -576,25 +628,48 @@ def _only_noted(
 _is_compiling = torch.compiler.is_compiling
 
 
+def _module_call(
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    inner: Callable[..., Any] = _torch_call_impl,
+) -> Any:
+    """A module call through the shell: ``inner`` (torch's ``_call_impl``, or a class's own)
+    with the boundary work around it where the call needs any."""
+    if _is_compiling():
+        # Dynamo inlines this: keep immutorch out of compiled graphs (it folds the test).
+        return inner(module, *args, **kwargs)
+    quiet = _native.quiet_call
+    if quiet is not None and quiet(module, args, kwargs):
+        return inner(module, *args, **kwargs)  # the common case, answered in C++
+    return _boundary_call(module, args, kwargs, inner)
+
+
 def _shell_around(inner: Callable[..., Any]) -> Callable[..., Any]:
-    """A ``_call_impl`` that calls ``inner`` (torch's, or a class's own), with the boundary work
-    around it where a call needs any."""
+    """A ``_call_impl`` to set as a class attribute, calling ``inner`` through the shell."""
 
     def shell(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if _is_compiling():
-            # Dynamo inlines this: keep immutorch out of compiled graphs (it folds the test).
-            return inner(self, *args, **kwargs)
-        quiet = _native.quiet_call
-        if quiet is not None and quiet(self, args, kwargs):
-            return inner(self, *args, **kwargs)  # the common case, answered in C++
-        return _boundary_call(self, args, kwargs, inner)
+        return _module_call(self, args, kwargs, inner)
 
     shell._immutorch_inner = inner  # type: ignore[attr-defined]
     return shell
 
 
-# Module._call_impl while a guard or watch needs module boundaries.
-_module_call = _shell_around(_torch_call_impl)
+# The global name by which the shell's code finds _module_call: the code runs as torch's
+# function, in torch's module's globals, where this one name is set once, for good (adding
+# and removing a global would invalidate every cached global lookup of that module's code).
+_SHELL_GLOBAL = "__immutorch_module_call__"
+
+
+def _call_impl(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The code torch's ``Module._call_impl`` runs while the shell is on."""
+    return __immutorch_module_call__(self, args, kwargs)  # type: ignore[name-defined]  # noqa: F821
+
+
+_SHELL_CODE = _call_impl.__code__
+del _call_impl
+if _SWAPPABLE:
+    _torch_function.__globals__[_SHELL_GLOBAL] = _module_call
 
 
 def _boundary_call(

@@ -21,6 +21,7 @@ from immutorch._registry import STATE
 
 MODES = ["raise", "warn", "clone"]
 _TORCH_CALL_IMPL = torch.nn.Module.__dict__["_call_impl"]
+_TORCH_CALL_IMPL_CODE = _TORCH_CALL_IMPL.__code__
 _TORCH_BEFORE_2_13 = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13)
 # torch 2.5 has no torch.compiler.is_exporting(): the decorator cannot tell strict export from
 # torch.compile, does not step aside, and Dynamo fails on its bookkeeping (2.4's traces it).
@@ -70,6 +71,12 @@ def _leftovers() -> dict[str, Any]:
             None
             if torch.nn.Module.__dict__["_call_impl"] is _TORCH_CALL_IMPL
             else torch.nn.Module.__dict__["_call_impl"]
+        ),
+        # The shell swaps the code of torch's function while it is on.
+        "module_call_impl_code": (
+            None
+            if _TORCH_CALL_IMPL.__code__ is _TORCH_CALL_IMPL_CODE
+            else _TORCH_CALL_IMPL.__code__
         ),
         "dispatch_modes": torch._C._len_torch_dispatch_stack(),
         "storage_new": torch.UntypedStorage.__dict__.get("__new__"),

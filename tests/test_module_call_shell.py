@@ -22,7 +22,16 @@ from immutorch._registry import STATE
 
 pytestmark = pytest.mark.both_backends
 
-TORCH_CALL_IMPL = _boundaries._torch_call_impl
+# torch's Module._call_impl: the shell swaps its code, never the class attribute.
+TORCH_CALL_IMPL = torch.nn.Module.__dict__["_call_impl"]
+TORCH_CODE = TORCH_CALL_IMPL.__code__
+
+
+def _torchs_own() -> bool:
+    return (
+        torch.nn.Module.__dict__["_call_impl"] is TORCH_CALL_IMPL
+        and TORCH_CALL_IMPL.__code__ is TORCH_CODE
+    )
 
 
 def _global_hooks() -> int:
@@ -62,7 +71,7 @@ def test_the_shell_is_on_for_the_block_only_and_registers_no_global_hook() -> No
         assert _global_hooks() == hooks_before
         out = probe(x)
     assert probe.seen == [True]
-    assert torch.nn.Module.__dict__["_call_impl"] is TORCH_CALL_IMPL
+    assert _torchs_own()
     assert not _boundaries.hooks_installed()
     assert torch.equal(x, torch.zeros(3)) and torch.equal(out, torch.full((3,), 2.0))
 
@@ -291,10 +300,11 @@ def test_dynamo_imported_inside_a_block_keeps_torchs_call_impl_as_its_own() -> N
         from torch._dynamo import utils
         from torch._dynamo.variables import nn_module
 
-        torch_own = _boundaries._torch_call_impl
+        torch_own = _boundaries._torch_function
         for dynamo in (utils, nn_module):  # where this torch's Dynamo records it (2.5 and newer)
             assert getattr(dynamo, "unpatched_nn_module_call_impl", torch_own) is torch_own
         assert torch.nn.Module.__dict__["_call_impl"] is torch_own
+        assert torch_own.__code__ is _boundaries._TORCH_CODE
         print("ok")
         """
     )
@@ -302,3 +312,82 @@ def test_dynamo_imported_inside_a_block_keeps_torchs_call_impl_as_its_own() -> N
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def _version_tag(cls: type) -> int:
+    """CPython's attribute-cache tag of ``cls`` (``tp_version_tag``), assigned at a lookup and
+    cleared by any change to the class or a base; 0 where this interpreter's layout is not the
+    one read here (then the callers skip)."""
+    import ctypes
+
+    offset = 48 * ctypes.sizeof(ctypes.c_void_p)  # after tp_del, CPython 3.9 to 3.14
+    cls.__init__  # noqa: B018  (a lookup assigns a tag where the class has none)
+    return ctypes.c_uint.from_address(id(cls) + offset).value
+
+
+def _tags_are_readable() -> bool:
+    if sys.implementation.name != "cpython":
+        return False
+    base = type("Base", (), {})
+    sub = type("Sub", (base,), {})
+    before = _version_tag(sub)
+    base.changed = True  # type: ignore[attr-defined]
+    return before != 0 and _version_tag(sub) not in (0, before)
+
+
+class Scoped(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.Linear(3, 3)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.inner(t).relu()
+
+
+def test_guards_change_no_module_class() -> None:
+    """Each change to a class invalidates the attribute caches of it and of every subclass, and
+    from CPython 3.13 a class changed 1,000 times is never cached again: the shell swaps the
+    code of torch's ``_call_impl``, so that no guard changes ``nn.Module`` or a subclass, in
+    clone mode, under a watch, or in a scoped call that takes the shell off and on again."""
+    if not _tags_are_readable():
+        pytest.skip("this interpreter's type layout is not the one _version_tag reads")
+    classes = (torch.nn.Module, torch.nn.Linear, Probe, Scoped)
+    model, probe, x = Scoped(), Probe(write=True), torch.zeros(3)
+    model(x), probe(x.clone())
+    before = [_version_tag(c) for c in classes]
+    for _ in range(3):
+        with immutorch.guard(mode="clone", scope="all"):
+            model(x), probe(x)
+        with immutorch.guard(x, mode="clone"):
+            model(x), probe(x)
+        with immutorch.watch_modules(lambda m: isinstance(m, Scoped), mode="raise"):
+            model(x)
+        immutorch.immutable_inputs(scope="arguments")(model)(x)
+        with immutorch.guard(mode="raise", scope="arguments"):
+            model(x)
+    assert [_version_tag(c) for c in classes] == before
+    assert torch.equal(x, torch.zeros(3)) and _torchs_own()
+
+
+def test_a_call_impl_rebound_after_import_is_shelled_and_given_back() -> None:
+    """Where someone rebinds ``Module._call_impl`` after immutorch's import, the shell goes
+    around theirs as a class attribute, and theirs is put back after the guard."""
+    calls: list[str] = []
+
+    def theirs(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        calls.append(type(self).__name__)
+        return TORCH_CALL_IMPL(self, *args, **kwargs)
+
+    x = torch.zeros(3)
+    torch.nn.Module._call_impl = theirs  # type: ignore[method-assign]
+    try:
+        with immutorch.guard(x, mode="clone"):
+            assert _boundaries.hooks_installed()
+            out = Probe(write=True)(x)
+        assert torch.nn.Module.__dict__["_call_impl"] is theirs
+        assert not _boundaries.hooks_installed()
+    finally:
+        torch.nn.Module._call_impl = TORCH_CALL_IMPL  # type: ignore[method-assign]
+    assert calls == ["Probe"]
+    assert torch.equal(x, torch.zeros(3)) and torch.equal(out, torch.full((3,), 2.0))
+    assert _torchs_own()

@@ -140,19 +140,29 @@ class CowGroup:
 
 
 # -- a view no dispatcher reports --------------------------------------------------------------
-# ``x.data`` makes a view of x without dispatching any op: a Python dispatch mode is told (as a
-# detach), a C++ key is not. While an every-op clone frame is active anywhere, a property in
-# front of TensorBase.data runs it with immutorch's checks bypassed and joins the view to x's
-# group (whichever backend serves: the same join for both).
+# ``x.data`` makes a view of x without dispatching an op. A Python dispatch mode on the thread
+# is told of it (as an ``aten::detach``, which the mode joins to x's group like any view); a
+# C++ key is not. So while an every-op clone frame is active anywhere, the native backend,
+# where it is loaded, points TensorBase's own ``data`` descriptor at a getter of its own
+# (``install_data_hook``), which sends members here to join their group and every other tensor
+# straight to torch's getter. A property in front of it on torch.Tensor (as before) changed a
+# class at each guard, which invalidates the attribute caches of torch.Tensor and every
+# subclass, and from CPython 3.13 stops them for good after 1,000 changes; the descriptor is
+# one object, and pointing it elsewhere changes no class.
 _views_lock = threading.Lock()
 _views_users = 0
-_BASE_DATA: Any = torch._C.TensorBase.__dict__["data"]  # the getset descriptor
+DATA_DESCRIPTOR: Any = torch._C.TensorBase.__dict__["data"]  # the getset descriptor
+# (on) -> None: the native backend's switch for DATA_DESCRIPTOR; None where it is not loaded.
+_data_hook: Optional[Callable[[bool], None]] = None
+_plain_data: Callable[[torch.Tensor], torch.Tensor] = DATA_DESCRIPTOR.__get__
 
 
-def _data_get(self: torch.Tensor) -> torch.Tensor:
+def member_data(self: torch.Tensor) -> torch.Tensor:
+    """``self.data`` for a member of a group: made with immutorch's checks bypassed (the
+    Python mode would join it too), and joined to the group while it is not copied yet."""
     STATE.bypass += 1
     try:
-        out: torch.Tensor = _BASE_DATA.__get__(self)
+        out: torch.Tensor = _plain_data(self)
     finally:
         STATE.bypass -= 1
     group = group_of(self)
@@ -161,25 +171,33 @@ def _data_get(self: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _data_set(self: torch.Tensor, value: torch.Tensor) -> None:
-    _BASE_DATA.__set__(self, value)
-
-
-_DATA = property(_data_get, _data_set, doc=_BASE_DATA.__doc__)
+def install_data_hook(
+    hook: Callable[[bool], None], plain: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
+    """The native backend's switch for the ``.data`` watch (``hook(on)``), and torch's getter
+    that ``member_data`` must call while it is on (``plain``). Takes over at once where a
+    clone frame is active."""
+    global _data_hook, _plain_data
+    with _views_lock:
+        _plain_data = plain
+        _data_hook = hook
+        if _views_users > 0:
+            hook(True)
 
 
 def watch_unseen_views(on: bool) -> None:
-    """One more (``on``) or one less every-op clone frame, process wide: the ``.data`` property
-    above is in place while there is one."""
+    """One more (``on``) or one less every-op clone frame, process wide: members' ``.data``
+    is watched while there is one, where the native backend is loaded."""
     global _views_users
     with _views_lock:
         _views_users += 1 if on else -1
         if on and _views_users == 1:
-            torch.Tensor.data = _DATA  # type: ignore[assignment]
+            if _data_hook is not None:
+                _data_hook(True)
         elif _views_users <= 0:
             _views_users = 0
-            if torch.Tensor.__dict__.get("data") is _DATA:
-                del torch.Tensor.data
+            if _data_hook is not None:
+                _data_hook(False)
 
 
 # -- serialization ------------------------------------------------------------------------------

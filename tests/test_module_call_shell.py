@@ -344,14 +344,16 @@ class Scoped(torch.nn.Module):
         return self.inner(t).relu()
 
 
-def test_guards_change_no_module_class() -> None:
+def test_guards_change_no_module_or_tensor_class() -> None:
     """Each change to a class invalidates the attribute caches of it and of every subclass, and
     from CPython 3.13 a class changed 1,000 times is never cached again: the shell swaps the
     code of torch's ``_call_impl``, so that no guard changes ``nn.Module`` or a subclass, in
-    clone mode, under a watch, or in a scoped call that takes the shell off and on again."""
+    clone mode, under a watch, or in a scoped call that takes the shell off and on again; and
+    clone mode watches members' ``.data`` in torch's own descriptor (the native backend) or
+    in the dispatch mode (the Python one), not with a property on ``torch.Tensor``."""
     if not _tags_are_readable():
         pytest.skip("this interpreter's type layout is not the one _version_tag reads")
-    classes = (torch.nn.Module, torch.nn.Linear, Probe, Scoped)
+    classes = (torch.nn.Module, torch.nn.Linear, Probe, Scoped, torch.Tensor, torch.nn.Parameter)
     model, probe, x = Scoped(), Probe(write=True), torch.zeros(3)
     model(x), probe(x.clone())
     before = [_version_tag(c) for c in classes]

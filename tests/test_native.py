@@ -24,6 +24,7 @@ from immutorch import ImmutableTensorError, MutationWarning, guard
 from immutorch._backends import choice, native
 from immutorch._backends.mode import ImmutorchMode
 from immutorch._backends.native import NativeHandle, loader
+from immutorch._clone import group_of
 from immutorch._registry import STATE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,14 +272,18 @@ def test_clone_mode_is_served_by_native_and_keeps_data_views(
     monkeypatch.setenv("IMMUTORCH_BACKEND", "native")
     x = torch.ones(3, 4)
     expected = _ViewsThenWrites()(x.clone())
-    assert "data" not in torch.Tensor.__dict__
+    data = torch._C.TensorBase.__dict__["data"]
+    watched = native._module.data_watched  # type: ignore[union-attr]
+    assert "data" not in torch.Tensor.__dict__ and not watched(data)
     with guard(torch.zeros(1)):
         assert isinstance(STATE.mode_handle, NativeHandle)
         with guard(mode="clone") as g:
             assert isinstance(STATE.mode_handle, NativeHandle) and native.enabled()
-            assert "data" in torch.Tensor.__dict__  # the .data watch, while clone mode is here
+            # The .data watch, while clone mode is here: in torch's descriptor, no class changed.
+            assert watched(data) and "data" not in torch.Tensor.__dict__
+            assert torch._C.TensorBase.__dict__["data"] is data
             out = _ViewsThenWrites()(x)
-        assert "data" not in torch.Tensor.__dict__
+        assert not watched(data)
         assert isinstance(STATE.mode_handle, NativeHandle)
     assert torch.equal(out, expected)
     assert torch.equal(x, torch.ones(3, 4))
@@ -686,3 +691,36 @@ def test_an_op_defined_anew_with_a_write_is_judged_by_its_new_schema() -> None:
         finally:
             lib._destroy()
     assert torch.equal(x, torch.ones(2))
+
+
+def test_data_of_other_tensors_is_torchs_while_clone_mode_watches_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the .data watch is on, tensors that belong to no copy-on-write group get torch's
+    own ``.data`` (same storage, no grad, no group), setting ``.data`` still works, and a
+    member read on a thread with no guard joins its group all the same."""
+    import threading
+
+    _built_entry()
+    monkeypatch.setenv("IMMUTORCH_BACKEND", "native")
+    weight = torch.nn.Parameter(torch.ones(2, 2))
+    x = torch.ones(3)
+    seen: list[torch.Tensor] = []
+
+    class Reads(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            d = weight.data
+            assert d.data_ptr() == weight.data_ptr() and not d.requires_grad
+            assert group_of(d) is None
+            weight.data = torch.full((2, 2), 3.0)
+            worker = threading.Thread(target=lambda: seen.append(t.data))
+            worker.start()
+            worker.join()
+            t.add_(1)  # the group moves onto its copy, the other thread's view with it
+            return seen[0] * 1
+
+    with guard(x, mode="clone"):
+        assert native._module.data_watched(torch._C.TensorBase.__dict__["data"])  # type: ignore[union-attr]
+        out = Reads()(x)
+    assert torch.equal(weight.detach(), torch.full((2, 2), 3.0))
+    assert torch.equal(out, torch.full((3,), 2.0)) and torch.equal(x, torch.ones(3))

@@ -1392,6 +1392,77 @@ void mark_member(py::handle obj) {
   }
 }
 
+namespace {
+
+// -- x.data: a view no dispatcher reports ------------------------------------------------------
+// TensorBase.data makes a view of its tensor without dispatching an op, so a member's .data
+// must be joined to the member's group where it is made. Python could put a property in front
+// of it on torch.Tensor, but each change to a class invalidates the attribute caches of it and
+// of every subclass, and from CPython 3.13 a class changed 1,000 times is never cached again:
+// one clone guard in a loop would leave every tensor's lookups slower for good. Instead, the
+// descriptor itself (one object, torch's) is pointed at a copy of its PyGetSetDef whose getter
+// is this one while a clone frame is active anywhere: members go to Python (g_data_cb, which
+// gets the view with plain_data and joins it), everything else straight to torch's getter.
+PyGetSetDef* g_data_torch = nullptr;  // torch's own definition, never written
+PyGetSetDef g_data_ours{};
+PyObject* g_data_cb = nullptr;  // (member) -> member.data, joined to the member's group
+
+bool is_member(PyObject* self) {
+  if (!THPVariable_Check(self)) return false;
+  const at::Tensor& t = THPVariable_Unpack(self);
+  if (!t.defined()) return false;
+  std::lock_guard<std::mutex> lock(g_members_mutex);
+  auto found = g_members.find(t.unsafeGetTensorImpl());
+  return found != g_members.end() && !found->second.expired();
+}
+
+PyObject* data_get(PyObject* self, void* closure) {
+  if (g_data_cb != nullptr && is_member(self)) {
+    return PyObject_CallOneArg(g_data_cb, self);
+  }
+  return g_data_torch->get(self, closure);
+}
+
+PyGetSetDescrObject* data_descriptor(py::handle descr) {
+  if (!PyObject_TypeCheck(descr.ptr(), &PyGetSetDescr_Type)) {
+    throw py::type_error("immutorch native: expected TensorBase's `data` getset descriptor");
+  }
+  return reinterpret_cast<PyGetSetDescrObject*>(descr.ptr());
+}
+
+// Point TensorBase.data (`descr`) at data_get (on) or back at torch's definition (off).
+// Called with the GIL held, as every getter runs: no getter sees a half-made definition.
+void watch_data(py::handle descr, py::object cb, bool on) {
+  PyGetSetDescrObject* d = data_descriptor(descr);
+  if (on) {
+    if (d->d_getset == &g_data_ours) return;
+    if (g_data_torch == nullptr) {
+      g_data_torch = d->d_getset;
+      g_data_ours = *g_data_torch;
+      g_data_ours.get = &data_get;
+    }
+    if (g_data_cb == nullptr) g_data_cb = cb.release().ptr();  // kept for the process
+    d->d_getset = &g_data_ours;
+  } else if (d->d_getset == &g_data_ours) {
+    d->d_getset = g_data_torch;
+  }
+}
+
+// torch's getter, whatever the descriptor points at now.
+py::object plain_data(py::handle descr, py::handle self) {
+  PyGetSetDescrObject* d = data_descriptor(descr);
+  PyGetSetDef* def = g_data_torch != nullptr ? g_data_torch : d->d_getset;
+  PyObject* out = def->get(self.ptr(), def->closure);
+  if (out == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(out);
+}
+
+bool data_watched(py::handle descr) {
+  return data_descriptor(descr)->d_getset == &g_data_ours;
+}
+
+}  // namespace
+
 int64_t born(py::object storage) {
   return born_of(unpack_storage(storage));
 }
@@ -1436,6 +1507,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     keep_birth_of(unpack_storage(storage), born);
   });
   m.def("mark_member", &mark_member);
+  m.def("watch_data", &watch_data);
+  m.def("plain_data", &plain_data);
+  m.def("data_watched", &data_watched);
   m.def("may_hand_over", &may_hand_over);
   m.def("install_call_check", &install_call_check);
   m.add_object("quiet_call",

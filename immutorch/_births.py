@@ -6,8 +6,9 @@ tells Python nothing when one is made, so birth is *evidence* collected where me
 into being, and a storage without evidence counts as older than the block:
 
 - dispatched ops that return new memory (the every-op mode tags their outputs, ``_judge``);
-- the ways Python code makes storages without such an op, wrapped here while any block guard
-  is active in the process (and only acting on a thread that has one): storage constructors
+- the ways Python code makes storages without such an op, wrapped here (the module functions
+  while any block guard is active in the process, the storage classes' entry points from the
+  first block on, see ``_install``), acting only on a thread that has one: storage constructors
   (``copy.deepcopy`` and ``storage.clone()`` reach them), ``torch.load`` / ``pickle.loads``
   (the archive reader), shared memory received from other processes (DataLoader workers,
   ``torch.multiprocessing``), memory-mapped files, and the wrappers of foreign memory
@@ -72,6 +73,7 @@ def release() -> None:
 
 
 def installed() -> bool:
+    """Whether the wrappers swapped in for the blocks' duration are in place."""
     return bool(_saved)
 
 
@@ -213,6 +215,8 @@ def _storage_resize(original: Callable[..., Any]) -> Callable[..., Any]:
     def resize_(self: Any, *args: Any, **kwargs: Any) -> Any:
         # New bytes under an old storage, made without a dispatched op: the storage keeps its
         # birth, on any thread (an allocation stamps new bytes for every block in the process).
+        if not _users:
+            return original(self, *args, **kwargs)
         born = born_epoch(self)
         out = original(self, *args, **kwargs)
         keep_birth(self, born)
@@ -311,17 +315,35 @@ class _Wrap:
 _wraps: list[_Wrap] = []
 
 
+# Where a wrap is a class attribute (the storage classes' entry points), it is swapped in at the
+# first block and kept: each change to a class invalidates the attribute caches of it and every
+# subclass, and from CPython 3.13 a class changed 1,000 times is never cached again, which two
+# changes a block would reach after a few hundred blocks. A kept wrapper does nothing but call
+# what it wraps while no block is active in the process (~0.3 us on calls that are rare:
+# storage construction from Python, slicing, resizing, shared memory, torch.load's records).
+# id(wrapper) -> the wrapper, for every one made: one of them in place is immutorch's, kept.
+_kept: dict[int, Any] = {}
+
+
 def _install() -> None:
     if not _wraps:
         _wraps.extend(_Wrap(owner, name, make) for owner, name, make in _plan())
     for wrap in _wraps:
+        keep = isinstance(wrap.owner, type)
+        if keep:
+            present = wrap.owner.__dict__.get(wrap.name, _ABSENT)
+            if _kept.get(id(present)) is present:
+                continue  # one of immutorch's, in place since an earlier block
         if not wrap.current():
             wrap.refresh()
         try:
             setattr(wrap.owner, wrap.name, wrap.wrapper)
         except (AttributeError, TypeError):  # an owner that refuses attributes: not wrapped
             continue
-        _saved.append((wrap.owner, wrap.name, wrap.own))
+        if keep:
+            _kept[id(wrap.wrapper)] = wrap.wrapper
+        else:
+            _saved.append((wrap.owner, wrap.name, wrap.own))
 
 
 def _uninstall() -> None:

@@ -243,15 +243,17 @@ def test_a_file_mapped_shared_before_the_block_stays_refused(tmp_path: Path) -> 
     assert torch.equal(before, torch.zeros(4))
 
 
-def test_the_birth_wrappers_are_gone_after_the_last_block() -> None:
+def test_the_module_birth_wrappers_are_gone_after_the_last_block() -> None:
+    """The module functions are swapped in for the blocks' duration; the storage classes'
+    entry points stay wrapped (test_block_guards_change_no_class_after_the_first)."""
     originals = (torch.from_numpy, torch.frombuffer, torch.utils.dlpack.from_dlpack)
     with immutorch.guard():
         assert _births.installed()
         assert torch.from_numpy is not originals[0]
+        new = torch.UntypedStorage.__dict__["__new__"]
     assert not _births.installed()
     assert (torch.from_numpy, torch.frombuffer, torch.utils.dlpack.from_dlpack) == originals
-    assert "__new__" not in torch.UntypedStorage.__dict__
-    assert "from_file" not in torch.UntypedStorage.__dict__
+    assert torch.UntypedStorage.__dict__["__new__"] is new
 
 
 # -- while the every-op mode is off the stack for a scoped call ---------------------------------
@@ -383,7 +385,9 @@ def test_an_entry_point_rebound_between_blocks_is_wrapped_as_it_is_now(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Someone else's patch (a profiler, a test double) made after a block wrapped the entry
-    # points: the next block wraps the patched one, and leaves it in place after.
+    # points: the next block wraps the patched one. A module's function is theirs again after
+    # the block; a storage class's entry point stays wrapped (kept, see _births._install),
+    # and still calls theirs.
     with immutorch.guard():
         pass
     calls: list[str] = []
@@ -407,4 +411,42 @@ def test_an_entry_point_rebound_between_blocks_is_wrapped_as_it_is_now(
         torch.zeros(2).untyped_storage().resize_(32)
     assert calls == ["from_numpy", "resize_"]
     assert torch.from_numpy is from_numpy
-    assert torch.UntypedStorage.__dict__["resize_"] is resize_
+    kept = torch.UntypedStorage.__dict__["resize_"]
+    assert kept is not resize_ and _births._kept.get(id(kept)) is kept
+    outside = torch.zeros(2).untyped_storage()
+    outside.resize_(16)
+    assert calls == ["from_numpy", "resize_", "resize_"] and outside.nbytes() == 16
+    with immutorch.guard():  # kept and in place: nothing is wrapped twice
+        torch.zeros(2).untyped_storage().resize_(32)
+    assert torch.UntypedStorage.__dict__["resize_"] is kept
+    assert calls == ["from_numpy", "resize_", "resize_", "resize_"]
+
+
+def test_block_guards_change_no_class_after_the_first() -> None:
+    """The storage classes' entry points are wrapped at the first block and kept (each change
+    to a class invalidates its attribute caches, and from CPython 3.13 a class changed 1,000
+    times is never cached again); outside blocks the kept wrappers only call torch's."""
+    from test_module_call_shell import _tags_are_readable, _version_tag
+
+    with immutorch.guard():
+        pass
+    classes = [torch.UntypedStorage, torch.Tensor, torch.nn.Module]
+    reader = getattr(torch._C, "PyTorchFileReader", None)
+    if reader is not None:
+        classes.append(reader)
+    before = [_version_tag(c) for c in classes] if _tags_are_readable() else None
+    for _ in range(3):
+        with immutorch.guard():
+            made = torch.UntypedStorage(8)
+            made.resize_(16)
+            torch.load(_saved(torch.ones(2)))
+            torch.zeros(3).add_(1)
+    if before is not None:
+        assert [_version_tag(c) for c in classes] == before
+    outside = torch.UntypedStorage(8)
+    outside.resize_(32)
+    assert outside.nbytes() == 32
+    assert _births._users == 0 and not _births.installed()
+    with immutorch.guard():
+        with pytest.raises(immutorch.ImmutableTensorError):
+            torch.tensor([], dtype=torch.uint8).set_(outside).add_(1)  # older than the block

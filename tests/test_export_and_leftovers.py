@@ -17,6 +17,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.modules import module as module_mod
 
 import immutorch
+from immutorch import _births
 from immutorch._registry import STATE
 
 MODES = ["raise", "warn", "clone"]
@@ -79,7 +80,10 @@ def _leftovers() -> dict[str, Any]:
             else _TORCH_CALL_IMPL.__code__
         ),
         "dispatch_modes": torch._C._len_torch_dispatch_stack(),
-        "storage_new": torch.UntypedStorage.__dict__.get("__new__"),
+        # The storage classes' birth wrappers are kept from the first block on (docs, "What
+        # stays behind"); they act only while a block is active: none is, nor any swap.
+        "birth_users": _births._users,
+        "birth_swaps": _births.installed(),
         "from_numpy": getattr(torch.from_numpy, "__wrapped__", None),
         "frames": list(STATE.frames),
         "blocks": list(STATE.blocks),

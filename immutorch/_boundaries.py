@@ -127,6 +127,7 @@ def _install_locked(rescan: bool = False) -> None:
     global _installed, _class_shell
     current = torch.nn.Module.__dict__.get("_call_impl")
     if _SWAPPABLE and current is _torch_function:
+        _torch_function.__globals__[_SHELL_GLOBAL] = _shell_body()
         _torch_function.__code__ = _SHELL_CODE
     elif current is not None:
         shell = _shell_around(current)
@@ -655,14 +656,29 @@ def _shell_around(inner: Callable[..., Any]) -> Callable[..., Any]:
     return shell
 
 
-# The global name by which the shell's code finds _module_call: the code runs as torch's
-# function, in torch's module's globals, where this one name is set once, for good (adding
-# and removing a global would invalidate every cached global lookup of that module's code).
+# The global names by which the shell's code finds immutorch: the code runs as torch's
+# function, in torch's module's globals, where these two names are set once, for good (adding
+# and removing a global would invalidate every cached global lookup of that module's code),
+# the first one to the shell's body (C++ where the native backend is loaded, _module_call
+# otherwise), the second to torch's own code.
 _SHELL_GLOBAL = "__immutorch_module_call__"
+_TORCH_GLOBAL = "__immutorch_torch_call_impl__"
+_native_body: Optional[Callable[..., Any]] = None
+
+
+def _shell_body() -> Callable[..., Any]:
+    """What the shell's code calls outside Dynamo: ``(module, args, kwargs)``."""
+    global _native_body
+    if _native_body is None:
+        _native_body = _native.module_call_through(_torch_call_impl, _boundary_call)
+    return _native_body if _native_body is not None else _module_call
 
 
 def _call_impl(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The code torch's ``Module._call_impl`` runs while the shell is on."""
+    """The code torch's ``Module._call_impl`` runs while the shell is on. While Dynamo traces
+    (which it folds), torch's own, with nothing of immutorch's: it cannot trace C++."""
+    if torch.compiler.is_compiling():
+        return __immutorch_torch_call_impl__(self, *args, **kwargs)  # type: ignore[name-defined]  # noqa: F821
     return __immutorch_module_call__(self, args, kwargs)  # type: ignore[name-defined]  # noqa: F821
 
 
@@ -670,6 +686,7 @@ _SHELL_CODE = _call_impl.__code__
 del _call_impl
 if _SWAPPABLE:
     _torch_function.__globals__[_SHELL_GLOBAL] = _module_call
+    _torch_function.__globals__[_TORCH_GLOBAL] = _torch_call_impl
 
 
 def _boundary_call(

@@ -393,3 +393,32 @@ def test_a_call_impl_rebound_after_import_is_shelled_and_given_back() -> None:
     assert calls == ["Probe"]
     assert torch.equal(x, torch.zeros(3)) and torch.equal(out, torch.full((3,), 2.0))
     assert _torchs_own()
+
+
+class Echo(torch.nn.Module):
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if kwargs.get("fail"):
+            raise KeyError("the module's own")
+        return args, kwargs
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 12])
+def test_the_shell_passes_the_arguments_as_they_came(n: int, every_op_backend: str) -> None:
+    """The shell's body (C++ where the native backend is loaded, Python otherwise) calls
+    torch's ``_call_impl`` with the arguments the call was given: positional ones past any
+    small buffer, keyword ones or none, the objects themselves; an exception propagates."""
+    from immutorch._backends import native
+
+    x = torch.zeros(3)
+    args = tuple(object() for _ in range(n))
+    kwargs = {"k": object()} if n % 2 else {}
+    with immutorch.guard(x, mode="clone"):
+        body = TORCH_CALL_IMPL.__globals__["__immutorch_module_call__"]
+        if every_op_backend == "native":
+            assert body is native._module.module_call  # type: ignore[union-attr]
+        got_args, got_kwargs = Echo()(*args, **kwargs)
+        with pytest.raises(KeyError, match="the module's own"):
+            Echo()(*args, fail=True)
+    assert got_args == args and all(a is b for a, b in zip(got_args, args))
+    assert got_kwargs == kwargs and all(got_kwargs[k] is v for k, v in kwargs.items())
+    assert STATE.boundaries == [] and STATE.modules == [] and _torchs_own()

@@ -156,6 +156,19 @@ def available(*, build: bool = True) -> bool:
     return True
 
 
+def module_call_through(
+    inner: Callable[..., Any], boundary: Callable[..., Any]
+) -> Optional[Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any]], Any]]:
+    """The module-call shell's body in C++, ``(module, args, kwargs)``: ``inner(module, *args,
+    **kwargs)`` where ``quiet_call`` answers, else ``boundary(module, args, kwargs, inner)``;
+    None where the backend is not loaded."""
+    if _module is None:
+        return None
+    _module.install_shell(inner, boundary)
+    call: Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any]], Any] = _module.module_call
+    return call
+
+
 def only_cpu() -> bool:
     """Whether this process can make tensor memory on CPU (and meta) only: no accelerator."""
     for name in ("cuda", "xpu", "mps", "mtia"):

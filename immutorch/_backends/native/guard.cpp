@@ -1364,6 +1364,61 @@ PyMethodDef modules_on_stack_def = {
     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&modules_on_stack_py)), METH_FASTCALL,
     "() -> the modules whose Module.__call__ runs on this thread, innermost first, or None"};
 
+// The module-call shell's common case in one C call: torch's Module._call_impl, while the
+// shell is on, runs `__immutorch_module_call__(self, args, kwargs)` (immutorch._boundaries),
+// which is this where the native backend is loaded. Where quiet_call answers, torch's own
+// _call_impl (g_shell_inner) is called straight from here, with the arguments as they came;
+// otherwise Python's boundary work (g_shell_boundary(module, args, kwargs, inner)). Against
+// the same in Python, one frame and two tuples fewer a module call.
+PyObject* g_shell_inner = nullptr;
+PyObject* g_shell_boundary = nullptr;
+
+void install_shell(py::object inner, py::object boundary) {
+  Py_XDECREF(g_shell_inner);
+  g_shell_inner = inner.release().ptr();
+  Py_XDECREF(g_shell_boundary);
+  g_shell_boundary = boundary.release().ptr();
+}
+
+PyObject* module_call_py(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
+  if (argc != 3 || !PyTuple_Check(argv[1]) || !PyDict_Check(argv[2])) {
+    PyErr_SetString(PyExc_TypeError, "module_call(module, args: tuple, kwargs: dict)");
+    return nullptr;
+  }
+  if (g_shell_inner == nullptr || g_shell_boundary == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "immutorch native: module_call before install_shell");
+    return nullptr;
+  }
+  bool quiet = false;
+  try {
+    quiet = quiet_call(argv[0], argv[1], argv[2]);
+  } catch (py::error_already_set& err) {
+    err.restore();
+    return nullptr;
+  } catch (const std::exception& err) {
+    PyErr_SetString(PyExc_RuntimeError, err.what());
+    return nullptr;
+  }
+  if (!quiet) {
+    PyObject* call[4] = {argv[0], argv[1], argv[2], g_shell_inner};
+    return PyObject_Vectorcall(g_shell_boundary, call, 4, nullptr);
+  }
+  PyObject* args = argv[1];
+  const Py_ssize_t n = PyTuple_GET_SIZE(args);
+  // One slot before the arguments, which the callee may use (PY_VECTORCALL_ARGUMENTS_OFFSET).
+  c10::SmallVector<PyObject*, 8> stack(static_cast<size_t>(n) + 2);
+  stack[1] = argv[0];
+  for (Py_ssize_t i = 0; i < n; ++i) stack[static_cast<size_t>(i) + 2] = PyTuple_GET_ITEM(args, i);
+  PyObject* kwargs = PyDict_GET_SIZE(argv[2]) > 0 ? argv[2] : nullptr;
+  return PyObject_VectorcallDict(
+      g_shell_inner, stack.data() + 1, static_cast<size_t>(n + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET,
+      kwargs);
+}
+
+PyMethodDef module_call_def = {
+    "module_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&module_call_py)),
+    METH_FASTCALL, "(module, args, kwargs) -> the module call through the shell"};
+
 PyMethodDef quiet_call_def = {
     "quiet_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&quiet_call_py)),
     METH_FASTCALL, "(module, args, kwargs) -> True where the module call needs no boundary"};
@@ -1514,6 +1569,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("install_call_check", &install_call_check);
   m.add_object("quiet_call",
                py::reinterpret_steal<py::object>(PyCFunction_New(&quiet_call_def, nullptr)));
+  m.def("install_shell", &install_shell);
+  m.add_object("module_call",
+               py::reinterpret_steal<py::object>(PyCFunction_New(&module_call_def, nullptr)));
   m.add_object("modules_on_stack",
                py::reinterpret_steal<py::object>(PyCFunction_New(&modules_on_stack_def, nullptr)));
   m.def("mark_readonly", &mark_readonly);

@@ -183,9 +183,8 @@ def _classes_with_own_call_impl() -> list[type]:
 
 
 def _remove_locked() -> None:
-    global _installed, _walked_while_on
+    global _installed, _walked_while_on, _class_shell
     _walked_while_on = False
-    global _class_shell
     if _TORCH_CODE is not None and _torch_function.__code__ is _SHELL_CODE:
         _torch_function.__code__ = _TORCH_CODE
     if _class_shell is not None:

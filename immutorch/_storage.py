@@ -87,7 +87,13 @@ def recorded_birth(cdata: int, data: Optional[int]) -> int:
 
 def _data_ptr(storage: Any) -> Optional[int]:
     """The storage's bytes, or None where it has none to show (functionalize's and nested
-    tensors' bookkeeping storages raise on the question)."""
+    tensors' bookkeeping storages raise on the question; a meta storage has no bytes, and a
+    fake tensor's, on meta, warns at the question that it is "almost definitely a bug": asked
+    by a block tagging what FakeTensorMode made, torch.export's non-strict tracing included).
+    A meta storage's birth is on its Python object, which torch keeps while the storage
+    lives."""
+    if storage.device.type == "meta":
+        return None
     try:
         return int(storage.data_ptr())
     except RuntimeError:

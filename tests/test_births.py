@@ -450,3 +450,21 @@ def test_block_guards_change_no_class_after_the_first() -> None:
     with immutorch.guard():
         with pytest.raises(immutorch.ImmutableTensorError):
             torch.tensor([], dtype=torch.uint8).set_(outside).add_(1)  # older than the block
+
+
+def test_a_block_tags_what_fake_tensor_mode_makes_without_asking_its_address() -> None:
+    """A fake tensor's storage warns at ``data_ptr()`` (torch: "almost definitely a bug in
+    your code"; an error in this suite): a block dating what FakeTensorMode makes inside it
+    never asks, and the fake and meta tensors it made stay its own to write."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    older = torch.zeros(3, device="meta")
+    with immutorch.guard():
+        with FakeTensorMode():
+            fake = torch.empty(3) * 2
+            fake.add_(1)
+        meta = torch.zeros(3, device="meta") + 1
+        meta.mul_(2)
+        with pytest.raises(immutorch.ImmutableTensorError):
+            older.add_(1)  # a meta tensor from before the block is still the caller's
+    assert fake.shape == (3,) and meta.device.type == "meta"

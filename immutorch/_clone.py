@@ -82,6 +82,8 @@ class CowGroup:
             _live_groups.add(self)
 
     def add(self, t: torch.Tensor) -> None:
+        if t.__dict__.get(GROUP_ATTR) is self:
+            return  # joined already (a member's .data: the Python mode and the native getter)
         t.__dict__[GROUP_ATTR] = self
         if _member_hook is not None:
             _member_hook(t)  # the native backend joins views only to members' groups
@@ -144,42 +146,24 @@ class CowGroup:
 # is told of it (as an ``aten::detach``, which the mode joins to x's group like any view); a
 # C++ key is not. So while an every-op clone frame is active anywhere, the native backend,
 # where it is loaded, points TensorBase's own ``data`` descriptor at a getter of its own
-# (``install_data_hook``), which sends members here to join their group and every other tensor
-# straight to torch's getter. A property in front of it on torch.Tensor (as before) changed a
-# class at each guard, which invalidates the attribute caches of torch.Tensor and every
-# subclass, and from CPython 3.13 stops them for good after 1,000 changes; the descriptor is
-# one object, and pointing it elsewhere changes no class.
+# (``install_data_hook``), which joins a member's ``.data`` to its group as the backend joins
+# the views ops make (both the mode and that getter may join one view: ``CowGroup.add`` takes
+# a member once). A property in front of it on torch.Tensor (as before) changed a class at
+# each guard, which invalidates the attribute caches of torch.Tensor and every subclass, and
+# from CPython 3.13 stops them for good after 1,000 changes; the descriptor is one object, and
+# pointing it elsewhere changes no class.
 _views_lock = threading.Lock()
 _views_users = 0
 DATA_DESCRIPTOR: Any = torch._C.TensorBase.__dict__["data"]  # the getset descriptor
 # (on) -> None: the native backend's switch for DATA_DESCRIPTOR; None where it is not loaded.
 _data_hook: Optional[Callable[[bool], None]] = None
-_plain_data: Callable[[torch.Tensor], torch.Tensor] = DATA_DESCRIPTOR.__get__
 
 
-def member_data(self: torch.Tensor) -> torch.Tensor:
-    """``self.data`` for a member of a group: made with immutorch's checks bypassed (the
-    Python mode would join it too), and joined to the group while it is not copied yet."""
-    STATE.bypass += 1
-    try:
-        out: torch.Tensor = _plain_data(self)
-    finally:
-        STATE.bypass -= 1
-    group = group_of(self)
-    if group is not None and not group.copied:
-        group.add(out)
-    return out
-
-
-def install_data_hook(
-    hook: Callable[[bool], None], plain: Callable[[torch.Tensor], torch.Tensor]
-) -> None:
-    """The native backend's switch for the ``.data`` watch (``hook(on)``), and torch's getter
-    that ``member_data`` must call while it is on (``plain``). Takes over at once where a
-    clone frame is active."""
-    global _data_hook, _plain_data
+def install_data_hook(hook: Callable[[bool], None]) -> None:
+    """The native backend's switch for the ``.data`` watch (``hook(on)``). Takes over at once
+    where a clone frame is active."""
+    global _data_hook
     with _views_lock:
-        _plain_data = plain
         _data_hook = hook
         if _views_users > 0:
             hook(True)

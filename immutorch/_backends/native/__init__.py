@@ -19,7 +19,7 @@ import torch
 
 from ... import _registry, _storage
 from ..._arguments import CALL_IMPL_CODE, install_stack_reader
-from ..._clone import DATA_DESCRIPTOR, install_data_hook, install_member_hook, member_data
+from ..._clone import DATA_DESCRIPTOR, install_data_hook, install_member_hook
 from ..._judge import check_writes, join_view
 from ..._registry import ThreadState
 from ..._schema import DATA, META, OpFacts, WrittenArg, op_facts, undeclared_writers
@@ -148,10 +148,7 @@ def available(*, build: bool = True) -> bool:
     quiet_call = module.quiet_call
     install_stack_reader(module.modules_on_stack)
     install_member_hook(module.mark_member)
-    install_data_hook(
-        lambda on: module.watch_data(DATA_DESCRIPTOR, member_data, on),
-        lambda t: module.plain_data(DATA_DESCRIPTOR, t),
-    )
+    install_data_hook(lambda on: module.watch_data(DATA_DESCRIPTOR, on))
     _storage.install_native_hooks(_born, _readonly, module.keep_birth)
     return True
 

@@ -1456,11 +1456,10 @@ namespace {
 // of every subclass, and from CPython 3.13 a class changed 1,000 times is never cached again:
 // one clone guard in a loop would leave every tensor's lookups slower for good. Instead, the
 // descriptor itself (one object, torch's) is pointed at a copy of its PyGetSetDef whose getter
-// is this one while a clone frame is active anywhere: members go to Python (g_data_cb, which
-// gets the view with plain_data and joins it), everything else straight to torch's getter.
+// is this one while a clone frame is active anywhere: torch's getter makes the view, and a
+// member's goes to Python to join the member's group, as a view op's does (g_join_cb).
 PyGetSetDef* g_data_torch = nullptr;  // torch's own definition, never written
 PyGetSetDef g_data_ours{};
-PyObject* g_data_cb = nullptr;  // (member) -> member.data, joined to the member's group
 
 bool is_member(PyObject* self) {
   if (!THPVariable_Check(self)) return false;
@@ -1472,10 +1471,15 @@ bool is_member(PyObject* self) {
 }
 
 PyObject* data_get(PyObject* self, void* closure) {
-  if (g_data_cb != nullptr && is_member(self)) {
-    return PyObject_CallOneArg(g_data_cb, self);
+  PyObject* out = g_data_torch->get(self, closure);
+  if (out == nullptr || g_join_cb == nullptr || !is_member(self)) return out;
+  PyObject* joined = PyObject_CallFunctionObjArgs(g_join_cb, self, out, nullptr);
+  if (joined == nullptr) {
+    Py_DECREF(out);
+    return nullptr;
   }
-  return g_data_torch->get(self, closure);
+  Py_DECREF(joined);
+  return out;
 }
 
 PyGetSetDescrObject* data_descriptor(py::handle descr) {
@@ -1487,7 +1491,7 @@ PyGetSetDescrObject* data_descriptor(py::handle descr) {
 
 // Point TensorBase.data (`descr`) at data_get (on) or back at torch's definition (off).
 // Called with the GIL held, as every getter runs: no getter sees a half-made definition.
-void watch_data(py::handle descr, py::object cb, bool on) {
+void watch_data(py::handle descr, bool on) {
   PyGetSetDescrObject* d = data_descriptor(descr);
   if (on) {
     if (d->d_getset == &g_data_ours) return;
@@ -1496,20 +1500,10 @@ void watch_data(py::handle descr, py::object cb, bool on) {
       g_data_ours = *g_data_torch;
       g_data_ours.get = &data_get;
     }
-    if (g_data_cb == nullptr) g_data_cb = cb.release().ptr();  // kept for the process
     d->d_getset = &g_data_ours;
   } else if (d->d_getset == &g_data_ours) {
     d->d_getset = g_data_torch;
   }
-}
-
-// torch's getter, whatever the descriptor points at now.
-py::object plain_data(py::handle descr, py::handle self) {
-  PyGetSetDescrObject* d = data_descriptor(descr);
-  PyGetSetDef* def = g_data_torch != nullptr ? g_data_torch : d->d_getset;
-  PyObject* out = def->get(self.ptr(), def->closure);
-  if (out == nullptr) throw py::error_already_set();
-  return py::reinterpret_steal<py::object>(out);
 }
 
 bool data_watched(py::handle descr) {
@@ -1563,7 +1557,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("mark_member", &mark_member);
   m.def("watch_data", &watch_data);
-  m.def("plain_data", &plain_data);
   m.def("data_watched", &data_watched);
   m.def("may_hand_over", &may_hand_over);
   m.def("install_call_check", &install_call_check);

@@ -656,12 +656,19 @@ def _shell_around(inner: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # The global names by which the shell's code finds immutorch: the code runs as torch's
-# function, in torch's module's globals, where these two names are set once, for good (adding
-# and removing a global would invalidate every cached global lookup of that module's code),
-# the first one to the shell's body (C++ where the native backend is loaded, _module_call
-# otherwise), the second to torch's own code.
+# function, in torch's module's globals, where these three names are set once, for good
+# (adding and removing a global would invalidate every cached global lookup of that module's
+# code): the first to the shell's body (C++ where the native backend is loaded, _module_call
+# otherwise), the second to torch's own code, the third to the question Dynamo folds.
+# torch.compiler.is_dynamo_compiling (torch >= 2.5) is one Python call where is_compiling is
+# two; what is_compiling adds outside Dynamo (non-strict export, a compile session: its flag)
+# the body asks itself (_module_call, and module_call in guard.cpp).
 _SHELL_GLOBAL = "__immutorch_module_call__"
 _TORCH_GLOBAL = "__immutorch_torch_call_impl__"
+_DYNAMO_GLOBAL = "__immutorch_dynamo__"
+_is_dynamo_compiling: Callable[[], bool] = getattr(
+    torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling
+)
 _native_body: Optional[Callable[..., Any]] = None
 
 
@@ -669,14 +676,17 @@ def _shell_body() -> Callable[..., Any]:
     """What the shell's code calls outside Dynamo: ``(module, args, kwargs)``."""
     global _native_body
     if _native_body is None:
-        _native_body = _native.module_call_through(_torch_call_impl, _boundary_call)
+        _native_body = _native.module_call_through(
+            _torch_call_impl, _boundary_call, hand_over_one, back_to_caller
+        )
     return _native_body if _native_body is not None else _module_call
 
 
 def _call_impl(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The code torch's ``Module._call_impl`` runs while the shell is on. While Dynamo traces
-    (which it folds), torch's own, with nothing of immutorch's: it cannot trace C++."""
-    if torch.compiler.is_compiling():
+    (which it folds), torch's own, with nothing of immutorch's: it cannot trace C++. The body
+    asks ``torch.compiler.is_compiling()``'s flag for the rest (non-strict export)."""
+    if __immutorch_dynamo__():  # type: ignore[name-defined]  # noqa: F821
         return __immutorch_torch_call_impl__(self, *args, **kwargs)  # type: ignore[name-defined]  # noqa: F821
     return __immutorch_module_call__(self, args, kwargs)  # type: ignore[name-defined]  # noqa: F821
 
@@ -686,6 +696,7 @@ del _call_impl
 if _SWAPPABLE:
     _torch_function.__globals__[_SHELL_GLOBAL] = _module_call
     _torch_function.__globals__[_TORCH_GLOBAL] = _torch_call_impl
+    _torch_function.__globals__[_DYNAMO_GLOBAL] = _is_dynamo_compiling
 
 
 def _boundary_call(
@@ -793,11 +804,18 @@ def _hand_over(
 ) -> torch.Tensor:
     """In clone mode, a protected tensor crosses a boundary as a copy-on-write alias (recorded
     in ``aliased``: the alias's id -> ``t``). ``hits``: protections already found, by id."""
+    new = hand_over_one(t, hits)
+    if new is not t:
+        aliased[id(new)] = t
+    return new
+
+
+def hand_over_one(t: torch.Tensor, hits: Optional[_Hits] = None) -> torch.Tensor:
+    """What ``t`` crosses a boundary as in clone mode: a copy-on-write alias where clone mode
+    protects it, else ``t`` itself (also the native shell's hand-over of one argument)."""
     if group_of(t) is not None:
         return t  # already an alias from an outer boundary: its writes are isolated
     hit = hits[id(t)] if hits is not None and id(t) in hits else protection_of(t)
     if hit is None or hit.mode != "clone":
         return t
-    new = alias(t, hit.frame.stats)
-    aliased[id(new)] = t
-    return new
+    return alias(t, hit.frame.stats)

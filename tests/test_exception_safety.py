@@ -187,14 +187,46 @@ def test_materialize_failure_midway_leaves_every_member_on_the_original(
 
 
 # -- module boundaries ------------------------------------------------------------------------
+class _Sums(torch.nn.Module):
+    """Takes its tensors in a list: a container, which the hand-over rebuilds in Python with
+    the call on record (the native shell hands over top-level tensors itself, off the record)."""
+
+    def forward(self, xs: list[Tensor]) -> Tensor:
+        return sum(xs, torch.zeros(()))
+
+
 def test_boundary_failure_before_it_is_on_record(monkeypatch: pytest.MonkeyPatch) -> None:
     # Clone mode with an argument from outside: the boundary goes on record (without one to
     # hand over, a module call is only noted).
     monkeypatch.setattr(_arguments, "forward_param_names", _fail)
     x = torch.ones(3)
     with pytest.raises(Injected), guard(mode="clone"):
+        _Sums()([x])
+    monkeypatch.undo()
+
+
+def test_boundary_failure_after_it_is_on_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_boundaries, "_replace_arguments", _fail)
+    x = torch.ones(3)
+    with pytest.raises(Injected), guard(x, mode="clone"):
+        torch.nn.Sequential(_Sums())([x])
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_a_failing_hand_over_of_a_plain_argument_leaves_nothing(
+    named: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The alias of a top-level tensor argument fails to be made (in C++'s hand-over where the
+    # native backend serves, in Python's boundary work otherwise): the error propagates, and
+    # the caller's tensor and the thread's record are as before the call.
+    monkeypatch.setattr(_boundaries, "alias", _fail)
+    x = torch.ones(3)
+    with pytest.raises(Injected), guard(*((x,) if named else ()), mode="clone"):
         torch.nn.ReLU()(x)
     monkeypatch.undo()
+    assert STATE.modules == [] and STATE.boundaries == [] and STATE.frames == []
+    assert torch.equal(x, torch.ones(3))
 
 
 def test_a_failure_looking_up_module_state_leaves_nothing_behind(
@@ -207,14 +239,6 @@ def test_a_failure_looking_up_module_state_leaves_nothing_behind(
         x.add_(1)
     monkeypatch.undo()
     assert torch.equal(x, torch.ones(3))
-
-
-def test_boundary_failure_after_it_is_on_record(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_boundaries, "_replace_arguments", _fail)
-    x = torch.ones(3)
-    with pytest.raises(Injected), guard(x, mode="clone"):
-        torch.nn.Sequential(torch.nn.ReLU())(x)
-    monkeypatch.undo()
 
 
 def test_a_watch_predicate_that_raises() -> None:

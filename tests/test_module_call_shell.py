@@ -422,3 +422,85 @@ def test_the_shell_passes_the_arguments_as_they_came(n: int, every_op_backend: s
     assert got_args == args and all(a is b for a, b in zip(got_args, args))
     assert got_kwargs == kwargs and all(got_kwargs[k] is v for k, v in kwargs.items())
     assert STATE.boundaries == [] and STATE.modules == [] and _torchs_own()
+
+
+class _Crossing(torch.nn.Module):
+    """Writes into its first argument (or not), and reports what it was handed."""
+
+    def __init__(self, write: bool) -> None:
+        super().__init__()
+        self.write = write
+        self.seen: dict[str, Any] = {}
+
+    def forward(
+        self, a: torch.Tensor, b: torch.Tensor, n: int, none: None, *, kw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen = {
+            "a is b": a is b,
+            "a is kw": a is kw,
+            "on record": len(STATE.boundaries),
+        }
+        if self.write:
+            a.mul_(n)
+        return a, kw + b
+
+
+@pytest.mark.parametrize("write", [False, True])
+@pytest.mark.parametrize("named", [True, False])
+def test_a_clone_hand_over_of_plain_tensor_arguments_computes_as_unguarded(
+    write: bool, named: bool, every_op_backend: str
+) -> None:
+    """The hand-over of top-level tensor arguments (done in C++ by the native backend's shell,
+    with nothing put on record; by Python's boundary work otherwise): one alias per tensor
+    passed twice or by keyword, the callee's results as unguarded, the caller's tensor
+    untouched, and the caller's own tensor back where the callee returns it unwritten."""
+    x = torch.arange(6.0)
+    oracle_in = x.clone()
+    oracle = _Crossing(write)(oracle_in, oracle_in, 3, None, kw=oracle_in)
+    module = _Crossing(write)
+    with immutorch.guard(*((x,) if named else ()), mode="clone"):
+        out = module(x, x, 3, None, kw=x)
+    assert torch.equal(x, torch.arange(6.0))  # the caller's bytes
+    assert [t.tolist() for t in out] == [t.tolist() for t in oracle]
+    assert module.seen["a is b"] and module.seen["a is kw"]
+    assert (out[0] is x) is (not write)  # unwritten: the caller's own tensor back
+    if every_op_backend == "native":
+        assert module.seen["on record"] == 0  # the C++ hand-over: nothing on record
+    assert STATE.boundaries == [] and STATE.modules == [] and _torchs_own()
+
+
+def test_an_exception_in_a_module_given_aliases_propagates_and_leaves_nothing(
+    every_op_backend: str,
+) -> None:
+    class Fails(torch.nn.Module):
+        def forward(self, a: torch.Tensor) -> torch.Tensor:
+            a.add_(1)
+            raise KeyError("the module's own")
+
+    x = torch.zeros(3)
+    with immutorch.guard(x, mode="clone"):
+        with pytest.raises(KeyError, match="the module's own"):
+            Fails()(x)
+        again = torch.nn.Identity()(x)
+    assert torch.equal(x, torch.zeros(3)) and again is x
+    assert STATE.boundaries == [] and STATE.modules == [] and _torchs_own()
+
+
+def test_while_torch_traces_outside_dynamo_the_shell_calls_torchs_own(
+    every_op_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``torch.compiler.is_compiling()`` outside Dynamo (non-strict export, a compile session
+    set its flag): the call crosses as it came, with no alias (as when the shell's code asked
+    ``is_compiling()`` itself)."""
+
+    class Same(torch.nn.Module):
+        def forward(self, a: torch.Tensor) -> bool:
+            return a is x
+
+    x = torch.zeros(3)
+    with immutorch.guard(x, mode="clone"):
+        assert Same()(x) is False  # an alias
+        monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)
+        assert Same()(x) is True
+        monkeypatch.setattr(torch.compiler, "_is_compiling_flag", False)
+        assert Same()(x) is False

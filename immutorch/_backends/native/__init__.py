@@ -154,14 +154,19 @@ def available(*, build: bool = True) -> bool:
 
 
 def module_call_through(
-    inner: Callable[..., Any], boundary: Callable[..., Any]
+    inner: Callable[..., Any],
+    boundary: Callable[..., Any],
+    hand_over: Callable[[torch.Tensor], torch.Tensor],
+    back: Callable[[Any, dict[int, torch.Tensor]], Any],
 ) -> Optional[Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any]], Any]]:
     """The module-call shell's body in C++, ``(module, args, kwargs)``: ``inner(module, *args,
-    **kwargs)`` where ``quiet_call`` answers, else ``boundary(module, args, kwargs, inner)``;
-    None where the backend is not loaded."""
+    **kwargs)`` where the call needs nothing; where it needs only clone mode's hand-over of
+    top-level tensor arguments, ``hand_over(t)`` for each that may be protected (the alias it
+    crosses as, or ``t``) and ``back(result, {id(alias): t})`` after; else ``boundary(module,
+    args, kwargs, inner)``. None where the backend is not loaded."""
     if _module is None:
         return None
-    _module.install_shell(inner, boundary)
+    _module.install_shell(inner, boundary, hand_over, back)
     call: Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any]], Any] = _module.module_call
     return call
 

@@ -1300,6 +1300,53 @@ int truth_of(PyObject* dict, PyObject* name) {
   return truth;
 }
 
+// What a module call through the shell needs, as quiet_call_in reads the thread's state.
+enum class Call {
+  kQuiet,     // nothing: torch's _call_impl with the arguments as they came
+  kHandOver,  // clone mode's hand-over of top-level tensor arguments, and nothing more
+  kPython,    // Python's boundary work (_boundaries._boundary_call)
+};
+
+// Where clone mode may hand an argument over: kQuiet where none can cross (as may_hand_over
+// answers false); kHandOver where every argument that may is a plain tensor at the top level
+// (the module call needs only the hand-over of those: no container to rebuild, no subclass,
+// no torch.func wrapper); kPython otherwise.
+Call hand_over_need(const State& st, py::handle args, py::handle kwargs) {
+  bool need = false;
+  auto one = [&](PyObject* v) {
+    if (!may_hand_over_one(st, v)) return true;
+    if (!THPVariable_CheckExact(v)) return false;  // a container, a subclass, a dataclass
+    const at::Tensor& t = THPVariable_Unpack(v);
+    if (!t.defined() || t.unsafeGetTensorImpl()->key_set().has_any(kWrapperKeys)) return false;
+    need = true;
+    return true;
+  };
+  for (Py_ssize_t i = 0, n = PyTuple_GET_SIZE(args.ptr()); i < n; ++i) {
+    if (!one(PyTuple_GET_ITEM(args.ptr(), i))) return Call::kPython;
+  }
+  PyObject* key = nullptr;
+  PyObject* value = nullptr;
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(kwargs.ptr(), &pos, &key, &value)) {
+    if (!one(value)) return Call::kPython;
+  }
+  return need ? Call::kHandOver : Call::kQuiet;
+}
+
+Call classify_in(PyObject* dict, py::handle module, py::handle args, py::handle kwargs) {
+  for (PyObject* name : s_busy) {
+    if (truth_of(dict, name) != 0) return Call::kPython;  // a watch, a scoped call, aside
+  }
+  // torch.compile's wrapper module: is_compiled's cheap half, as _only_noted tests it
+  if (std::strcmp(Py_TYPE(module.ptr())->tp_name, "OptimizedModule") == 0) return Call::kPython;
+  int clone = truth_of(dict, s_clone_frames);
+  if (clone == 0) return Call::kQuiet;
+  if (clone < 0) return Call::kPython;
+  std::shared_ptr<State> st = current_state();
+  if (!st || !PyTuple_Check(args.ptr()) || !PyDict_Check(kwargs.ptr())) return Call::kPython;
+  return hand_over_need(*st, args, kwargs);
+}
+
 bool quiet_call_in(PyObject* dict, py::handle module, py::handle args, py::handle kwargs) {
   for (PyObject* name : s_busy) {
     if (truth_of(dict, name) != 0) return false;  // a watch, a scoped call, immutorch aside
@@ -1313,15 +1360,35 @@ bool quiet_call_in(PyObject* dict, py::handle module, py::handle args, py::handl
   return true;
 }
 
-bool quiet_call(py::handle module, py::handle args, py::handle kwargs) {
-  if (g_thread_state == nullptr) return false;
+// The thread's ThreadState attributes (its __dict__), a new reference; nullptr with no
+// ThreadState installed; throws where Python fails to make this thread's.
+PyObject* thread_state_dict() {
+  if (g_thread_state == nullptr) return nullptr;
   PyObject* dict = PyObject_GetAttr(g_thread_state, s_dict);  // this thread's attributes
   if (dict == nullptr) {
     throw py::error_already_set();  // ThreadState() failed on a new thread: say so
   }
-  bool quiet = PyDict_Check(dict) && quiet_call_in(dict, module, args, kwargs);
+  if (!PyDict_Check(dict)) {
+    Py_DECREF(dict);
+    return nullptr;
+  }
+  return dict;
+}
+
+bool quiet_call(py::handle module, py::handle args, py::handle kwargs) {
+  PyObject* dict = thread_state_dict();
+  if (dict == nullptr) return false;
+  bool quiet = quiet_call_in(dict, module, args, kwargs);
   Py_DECREF(dict);
   return quiet;
+}
+
+Call classify(py::handle module, py::handle args, py::handle kwargs) {
+  PyObject* dict = thread_state_dict();
+  if (dict == nullptr) return Call::kPython;
+  Call call = classify_in(dict, module, args, kwargs);
+  Py_DECREF(dict);
+  return call;
 }
 
 // quiet_call as a plain CPython function: pybind11's argument dispatch cost ~1,600
@@ -1364,20 +1431,127 @@ PyMethodDef modules_on_stack_def = {
     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&modules_on_stack_py)), METH_FASTCALL,
     "() -> the modules whose Module.__call__ runs on this thread, innermost first, or None"};
 
-// The module-call shell's common case in one C call: torch's Module._call_impl, while the
+// The module-call shell's common cases in one C call: torch's Module._call_impl, while the
 // shell is on, runs `__immutorch_module_call__(self, args, kwargs)` (immutorch._boundaries),
-// which is this where the native backend is loaded. Where quiet_call answers, torch's own
-// _call_impl (g_shell_inner) is called straight from here, with the arguments as they came;
-// otherwise Python's boundary work (g_shell_boundary(module, args, kwargs, inner)). Against
-// the same in Python, one frame and two tuples fewer a module call.
+// which is this where the native backend is loaded (Dynamo never calls it: the shell's code
+// calls torch's own while Dynamo traces). Where the call needs nothing (classify), torch's
+// own _call_impl (g_shell_inner) is called straight from here, with the arguments as they
+// came. Where it needs only clone mode's hand-over of top-level tensor arguments, each that
+// may be protected goes to Python's g_shell_hand_over (the alias it crosses as, or itself),
+// the call gets the aliases, and its result goes through g_shell_back (a caller's tensor
+// back for an alias that still shows it), with nothing put on record: messages find the
+// module and the parameter on the interpreter stack, as for a quiet call. Anything else is
+// Python's boundary work (g_shell_boundary(module, args, kwargs, inner)). While torch traces
+// outside Dynamo (torch.compiler.is_compiling(): non-strict export, a compile session), torch's
+// own, as the shell's code did before it asked Dynamo alone.
 PyObject* g_shell_inner = nullptr;
 PyObject* g_shell_boundary = nullptr;
+PyObject* g_shell_hand_over = nullptr;
+PyObject* g_shell_back = nullptr;
+PyObject* g_compiler_dict = nullptr;  // torch.compiler's globals, for _is_compiling_flag
+PyObject* s_compiling_flag = nullptr;
 
-void install_shell(py::object inner, py::object boundary) {
-  Py_XDECREF(g_shell_inner);
-  g_shell_inner = inner.release().ptr();
-  Py_XDECREF(g_shell_boundary);
-  g_shell_boundary = boundary.release().ptr();
+void install_shell(py::object inner, py::object boundary, py::object hand_over, py::object back) {
+  if (s_compiling_flag == nullptr) {
+    s_compiling_flag = PyUnicode_InternFromString("_is_compiling_flag");
+    if (s_compiling_flag == nullptr) throw py::error_already_set();
+    py::object compiler = py::module_::import("torch.compiler");
+    g_compiler_dict = py::getattr(compiler, "__dict__").release().ptr();
+  }
+  auto set = [](PyObject*& slot, py::object& value) {
+    Py_XDECREF(slot);
+    slot = value.release().ptr();
+  };
+  set(g_shell_inner, inner);
+  set(g_shell_boundary, boundary);
+  set(g_shell_hand_over, hand_over);
+  set(g_shell_back, back);
+}
+
+// torch.compiler.is_compiling() outside Dynamo: its flag (TorchScript never runs this).
+bool torch_compiling() {
+  PyObject* flag = PyDict_GetItemWithError(g_compiler_dict, s_compiling_flag);
+  if (flag == nullptr) {
+    PyErr_Clear();
+    return false;
+  }
+  return flag == Py_True;
+}
+
+// inner(module, *args, **kwargs), the arguments as given (a borrowed array of n).
+PyObject* call_inner(PyObject* module, PyObject* const* args, Py_ssize_t n, PyObject* kwargs) {
+  // One slot before the arguments, which the callee may use (PY_VECTORCALL_ARGUMENTS_OFFSET).
+  c10::SmallVector<PyObject*, 8> stack(static_cast<size_t>(n) + 2);
+  stack[1] = module;
+  for (Py_ssize_t i = 0; i < n; ++i) stack[static_cast<size_t>(i) + 2] = args[i];
+  return PyObject_VectorcallDict(
+      g_shell_inner, stack.data() + 1, static_cast<size_t>(n + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET,
+      kwargs != nullptr && PyDict_GET_SIZE(kwargs) > 0 ? kwargs : nullptr);
+}
+
+// Clone mode's hand-over of top-level tensor arguments (Call::kHandOver), then the call.
+PyObject* hand_over_call(PyObject* module, PyObject* args, PyObject* kwargs) {
+  const Py_ssize_t n = PyTuple_GET_SIZE(args);
+  py::dict originals;  // id(alias) -> the caller's tensor, for g_shell_back
+  // A tensor passed twice (f(x, x), attention's query is key) crosses as one alias, as
+  // _arguments.replace_call hands it over: the callee may test identity.
+  c10::SmallVector<std::pair<PyObject*, PyObject*>, 4> asked;  // borrowed: args, crossed
+  // Each tensor argument to ask Python about: those whose memory C++ cannot rule out.
+  auto cross = [&](PyObject* v) -> PyObject* {  // a new reference, or nullptr on error
+    const std::shared_ptr<State> st = current_state();
+    if (!THPVariable_CheckExact(v) || !st || !may_be_protected(*st, THPVariable_Unpack(v))) {
+      Py_INCREF(v);
+      return v;
+    }
+    for (const auto& [given, got] : asked) {
+      if (given == v) {
+        Py_INCREF(got);
+        return got;
+      }
+    }
+    PyObject* got = PyObject_CallOneArg(g_shell_hand_over, v);
+    if (got != nullptr) asked.emplace_back(v, got);  // both alive: the arguments and crossed
+    if (got != nullptr && got != v) {
+      PyObject* id = PyLong_FromVoidPtr(got);
+      if (id == nullptr || PyDict_SetItem(originals.ptr(), id, v) != 0) {
+        Py_XDECREF(id);
+        Py_DECREF(got);
+        return nullptr;
+      }
+      Py_DECREF(id);
+    }
+    return got;
+  };
+  c10::SmallVector<py::object, 8> crossed;
+  crossed.reserve(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* got = cross(PyTuple_GET_ITEM(args, i));
+    if (got == nullptr) return nullptr;
+    crossed.push_back(py::reinterpret_steal<py::object>(got));
+  }
+  py::object new_kwargs;
+  if (PyDict_GET_SIZE(kwargs) > 0) {
+    PyObject* copy = PyDict_New();
+    if (copy == nullptr) return nullptr;
+    new_kwargs = py::reinterpret_steal<py::object>(copy);
+    PyObject* key = nullptr;
+    PyObject* value = nullptr;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(kwargs, &pos, &key, &value)) {
+      PyObject* got = cross(value);
+      if (got == nullptr) return nullptr;
+      const int failed = PyDict_SetItem(copy, key, got);
+      Py_DECREF(got);
+      if (failed != 0) return nullptr;
+    }
+  }
+  c10::SmallVector<PyObject*, 8> plain(static_cast<size_t>(n));
+  for (size_t i = 0; i < plain.size(); ++i) plain[i] = crossed[i].ptr();
+  PyObject* out = call_inner(module, plain.data(), n, new_kwargs ? new_kwargs.ptr() : kwargs);
+  if (out == nullptr || PyDict_GET_SIZE(originals.ptr()) == 0) return out;
+  PyObject* back = PyObject_CallFunctionObjArgs(g_shell_back, out, originals.ptr(), nullptr);
+  Py_DECREF(out);
+  return back;
 }
 
 PyObject* module_call_py(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
@@ -1389,9 +1563,17 @@ PyObject* module_call_py(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
     PyErr_SetString(PyExc_RuntimeError, "immutorch native: module_call before install_shell");
     return nullptr;
   }
-  bool quiet = false;
+  PyObject* const module = argv[0];
+  PyObject* const args = argv[1];
+  PyObject* const kwargs = argv[2];
   try {
-    quiet = quiet_call(argv[0], argv[1], argv[2]);
+    Call call = torch_compiling() ? Call::kQuiet : classify(module, args, kwargs);
+    if (call == Call::kQuiet) {
+      return call_inner(module, PySequence_Fast_ITEMS(args), PyTuple_GET_SIZE(args), kwargs);
+    }
+    if (call == Call::kHandOver) {
+      return hand_over_call(module, args, kwargs);
+    }
   } catch (py::error_already_set& err) {
     err.restore();
     return nullptr;
@@ -1399,20 +1581,8 @@ PyObject* module_call_py(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
     PyErr_SetString(PyExc_RuntimeError, err.what());
     return nullptr;
   }
-  if (!quiet) {
-    PyObject* call[4] = {argv[0], argv[1], argv[2], g_shell_inner};
-    return PyObject_Vectorcall(g_shell_boundary, call, 4, nullptr);
-  }
-  PyObject* args = argv[1];
-  const Py_ssize_t n = PyTuple_GET_SIZE(args);
-  // One slot before the arguments, which the callee may use (PY_VECTORCALL_ARGUMENTS_OFFSET).
-  c10::SmallVector<PyObject*, 8> stack(static_cast<size_t>(n) + 2);
-  stack[1] = argv[0];
-  for (Py_ssize_t i = 0; i < n; ++i) stack[static_cast<size_t>(i) + 2] = PyTuple_GET_ITEM(args, i);
-  PyObject* kwargs = PyDict_GET_SIZE(argv[2]) > 0 ? argv[2] : nullptr;
-  return PyObject_VectorcallDict(
-      g_shell_inner, stack.data() + 1, static_cast<size_t>(n + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET,
-      kwargs);
+  PyObject* call[4] = {module, args, kwargs, g_shell_inner};
+  return PyObject_Vectorcall(g_shell_boundary, call, 4, nullptr);
 }
 
 PyMethodDef module_call_def = {

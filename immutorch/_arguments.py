@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+import weakref
 from collections.abc import Iterator
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -170,7 +171,9 @@ def write_back(rebuilt: list[Rebuilt], back: Callable[[Any], Any]) -> None:
 
 
 # -- labels -----------------------------------------------------------------------------------
-_param_names: dict[type, list[str]] = {}
+# Weak: a module class made at run time (in a function, a test) must not live for good, and
+# with it whatever its methods' closures hold.
+_param_names: weakref.WeakKeyDictionary[type, list[str]] = weakref.WeakKeyDictionary()
 
 
 def forward_param_names(module: torch.nn.Module) -> list[str]:

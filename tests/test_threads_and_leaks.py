@@ -178,3 +178,23 @@ def test_clone_aliases_do_not_outlive_their_callers() -> None:
     del views
     gc.collect()
     assert not len(_clone._groups())
+
+
+def test_a_module_class_made_at_run_time_does_not_outlive_its_use() -> None:
+    """A module class defined in a function (a test, a factory) dies with its last instance,
+    though a guard's boundary work read its ``forward`` parameters (labels, by class)."""
+
+    def make() -> tuple[torch.nn.Module, weakref.ref[type]]:
+        class Local(torch.nn.Module):
+            def forward(self, xs: list[Tensor]) -> Tensor:
+                return xs[0] * 2  # a container: the call goes on record, labels read
+
+        return Local(), weakref.ref(Local)
+
+    module, cls_ref = make()
+    x = torch.ones(3)
+    with guard(mode="clone"):
+        module([x])
+    del module
+    gc.collect()
+    assert cls_ref() is None

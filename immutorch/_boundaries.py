@@ -30,7 +30,7 @@ from ._backends import native as _native
 from ._backends.scoped import Protected, can_scope, to_plain, unwrap
 from ._backends.scoped import hand_over as hand_over_scoped
 from ._clone import alias, back_to_caller, group_of
-from ._compat import functional_mutations
+from ._compat import functional_mutations, torch_release
 from ._compiled import CompiledBoundary, compile_in_use
 from ._config import Mode, Scope, check_mode, check_scope, resolve, resolve_scope
 from ._judge import check
@@ -660,14 +660,17 @@ def _shell_around(inner: Callable[..., Any]) -> Callable[..., Any]:
 # (adding and removing a global would invalidate every cached global lookup of that module's
 # code): the first to the shell's body (C++ where the native backend is loaded, _module_call
 # otherwise), the second to torch's own code, the third to the question Dynamo folds.
-# torch.compiler.is_dynamo_compiling (torch >= 2.5) is one Python call where is_compiling is
-# two; what is_compiling adds outside Dynamo (non-strict export, a compile session: its flag)
-# the body asks itself (_module_call, and module_call in guard.cpp).
+# torch.compiler.is_dynamo_compiling (from torch 2.5, which Dynamo folds there) is one Python
+# call where is_compiling is two; what is_compiling adds outside Dynamo (non-strict export, a
+# compile session: its flag) the body asks itself (_module_call, and module_call in
+# guard.cpp). Before 2.5, is_compiling, as the shell always asked.
 _SHELL_GLOBAL = "__immutorch_module_call__"
 _TORCH_GLOBAL = "__immutorch_torch_call_impl__"
 _DYNAMO_GLOBAL = "__immutorch_dynamo__"
-_is_dynamo_compiling: Callable[[], bool] = getattr(
-    torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling
+_is_dynamo_compiling: Callable[[], bool] = (
+    torch.compiler.is_dynamo_compiling
+    if torch_release() >= (2, 5) and hasattr(torch.compiler, "is_dynamo_compiling")
+    else torch.compiler.is_compiling
 )
 _native_body: Optional[Callable[..., Any]] = None
 

@@ -257,7 +257,19 @@ def _alias_of_leaf(t: torch.Tensor) -> bool:
     return source is not None and type(source).__name__ == "AccumulateGrad"
 
 
+# The native backend's: the views of members made on this thread and not joined yet join
+# their groups now (it joins them where membership is asked, not as they are made).
+_flush_views: Optional[Callable[[], None]] = None
+
+
+def install_view_flush(flush: Callable[[], None]) -> None:
+    global _flush_views
+    _flush_views = flush
+
+
 def group_of(t: torch.Tensor) -> CowGroup | None:
+    if _flush_views is not None:
+        _flush_views()
     group: CowGroup | None = t.__dict__.get(GROUP_ATTR)
     return group
 
@@ -315,6 +327,32 @@ def _copy(x: torch.Tensor, stats: CloneStats) -> torch.Tensor:
     return copy
 
 
+# The native backend's alias_for(x, stats): the alias of a plain tensor that requires no grad
+# made in C++, a member of its group for the C++ side at once, adopted into the group here
+# (adopt) only where one is needed: before a write the backend judges, and wherever Python
+# asks a tensor's group (group_of). None where this thread is not served by the backend.
+_native_alias: Optional[Callable[[torch.Tensor, CloneStats], Optional[torch.Tensor]]] = None
+
+
+def install_native_alias(
+    make: Callable[[torch.Tensor, CloneStats], Optional[torch.Tensor]],
+) -> None:
+    global _native_alias
+    _native_alias = make
+
+
+def adopt(t: torch.Tensor, stats: CloneStats) -> None:
+    """``t``, an alias handed over for ``stats``' frame, joins the uncopied group of its
+    storage (made now where there is none)."""
+    storage = t.untyped_storage()
+    key = (id(stats), storage._cdata)
+    groups = _groups()
+    group = groups.get(key)
+    if group is None or group.copied:
+        group = groups[key] = CowGroup(storage, stats)
+    group.add(t)
+
+
 def alias(x: torch.Tensor, stats: CloneStats, cls: Optional[type] = None) -> torch.Tensor:
     """Hand ``x`` across a boundary: a copy-on-write alias (of type ``cls``, the scoped
     backend's subclass, if given), or a copy where none can be made."""
@@ -327,6 +365,16 @@ def alias(x: torch.Tensor, stats: CloneStats, cls: Optional[type] = None) -> tor
         return x
     if not can_alias(x):
         return _copy(x, stats)
+    if (
+        _native_alias is not None
+        and cls is None
+        and type(x) is torch.Tensor
+        and not x.requires_grad
+        and not x.is_conj()
+    ):
+        made = _native_alias(x, stats)
+        if made is not None:
+            return made
     STATE.bypass += 1
     try:
         conj = x.is_conj()
@@ -339,15 +387,11 @@ def alias(x: torch.Tensor, stats: CloneStats, cls: Optional[type] = None) -> tor
         else:
             with torch.no_grad():
                 out = _raw_alias(base, cls)
-        storage = x.untyped_storage()
-        key = (id(stats), storage._cdata)
-        groups = _groups()
-        group = groups.get(key)
-        if group is None or group.copied:
-            group = groups[key] = CowGroup(storage, stats)
-        group.add(out)
+        adopt(out, stats)
         if conj:
+            group = group_of(out)
             out = out.conj()
+            assert group is not None
             group.add(out)
     finally:
         STATE.bypass -= 1

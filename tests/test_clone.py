@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -11,7 +11,14 @@ from corpus import WRITES, Pattern, Snapshot, assert_same, copy_value, ids
 from torch import Tensor
 
 import immutorch
-from immutorch import ImmutableTensorError, MutationWarning, clone_stats, immutable_inputs
+from immutorch import (
+    ImmutableTensorError,
+    MutationWarning,
+    _clone,
+    clone_stats,
+    guard,
+    immutable_inputs,
+)
 
 pytestmark = pytest.mark.both_backends
 
@@ -428,3 +435,66 @@ def test_every_view_follows_the_copy(view: str, through: str, scope: str) -> Non
     assert_same(immutable_inputs(mode="clone")(f)(x), expected)
     assert snapshot.matches(x)
     assert copies_since(before)[0] == 1
+
+
+def _groups_made(monkeypatch: pytest.MonkeyPatch) -> list[_clone.CowGroup]:
+    made: list[_clone.CowGroup] = []
+    init = _clone.CowGroup.__init__
+
+    def counting(self: _clone.CowGroup, *args: Any) -> None:
+        init(self, *args)
+        made.append(self)
+
+    monkeypatch.setattr(_clone.CowGroup, "__init__", counting)
+    return made
+
+
+def test_a_group_is_made_only_where_a_write_or_a_question_needs_it(
+    monkeypatch: pytest.MonkeyPatch, every_op_backend: str, scope: str
+) -> None:
+    """A callee that reads its alias and the views it takes: no copy, and with the native
+    backend no copy-on-write group either (the alias and its views join one only where a
+    write into them comes, or Python asks). Where one is needed, the alias, a view of it made
+    before, and another alias of the same memory handed over with it all join the one group,
+    and follow the copy together."""
+    made = _groups_made(monkeypatch)
+
+    class Reads(torch.nn.Module):
+        def forward(self, a: Tensor) -> Tensor:
+            return sum((a[i].mean() for i in range(a.shape[0])), torch.zeros(()))
+
+    class Writes(torch.nn.Module):
+        def forward(self, a: Tensor, tail: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            row = a[1]  # a view, made before the write
+            tail.mul_(10)  # a write through the other alias of the same memory
+            return a.clone(), row.clone(), tail.clone()
+
+    x = torch.arange(12.0).reshape(4, 3)
+    before = clone_stats()
+    with guard(x, mode="clone"):
+        read = Reads()(x)
+        if every_op_backend == "native" and scope == "all":
+            assert made == []
+        got = Writes()(x, x[1:])
+    want = Writes()(*(lambda c: (c, c[1:]))(x.clone()))
+    assert torch.equal(read, Reads()(x))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(x, torch.arange(12.0).reshape(4, 3))
+    assert copies_since(before) == (1, x.numel() * x.element_size())
+    assert len([m for m in made if m.copied]) == 1
+
+
+def test_an_alias_asked_for_its_group_joins_one_at_once(every_op_backend: str) -> None:
+    seen: list[Optional[_clone.CowGroup]] = []
+
+    class Asks(torch.nn.Module):
+        def forward(self, a: Tensor) -> Tensor:
+            view = a.t()
+            seen.extend([_clone.group_of(a), _clone.group_of(view), _clone.group_of(a.data)])
+            return a
+
+    x = torch.ones(2, 3)
+    with guard(x, mode="clone"):
+        assert Asks()(x) is x  # unwritten: the caller's own tensor back
+    group = seen[0]
+    assert group is not None and all(s is group for s in seen)

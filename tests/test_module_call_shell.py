@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -504,3 +504,45 @@ def test_while_torch_traces_outside_dynamo_the_shell_calls_torchs_own(
         assert Same()(x) is True
         monkeypatch.setattr(torch.compiler, "_is_compiling_flag", False)
         assert Same()(x) is False
+
+
+_SHAPES: dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = {
+    "tensor": lambda a, b: a,
+    "tuple": lambda a, b: (a, 1, None, b),
+    "nested tuple": lambda a, b: ((a, "s"), b),
+    "list": lambda a, b: [a, b],
+    "dict": lambda a, b: {"a": a, "b": b},
+    "namedtuple": lambda a, b: torch.return_types.max((a, b)),
+}
+
+
+@pytest.mark.parametrize("shape", list(_SHAPES))
+def test_the_caller_gets_its_own_tensors_back_in_any_result(
+    shape: str, every_op_backend: str
+) -> None:
+    """A result holding the aliases it was handed (C++ reads a tensor or a plain tuple, Python
+    the rest): each unwritten one is the caller's own tensor again, and a written one stays the
+    callee's private copy, with what the callee wrote."""
+
+    class Returns(torch.nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> Any:
+            b.add_(1)
+            return _SHAPES[shape](a, b)
+
+    x, y = torch.zeros(3), torch.zeros(3)
+    with immutorch.guard(x, y, mode="clone"):
+        out = Returns()(x, y)
+    found = [v for v in _leaves(out) if isinstance(v, torch.Tensor)]
+    assert found[0] is x
+    if shape != "tensor":
+        assert found[1] is not y and found[1].tolist() == [1.0, 1.0, 1.0]
+    assert torch.equal(y, torch.zeros(3))
+    assert type(out).__name__ == type(_SHAPES[shape](x, y)).__name__
+
+
+def _leaves(v: Any) -> list[Any]:
+    if isinstance(v, dict):
+        return [leaf for item in v.values() for leaf in _leaves(item)]
+    if isinstance(v, (list, tuple)):
+        return [leaf for item in v for leaf in _leaves(item)]
+    return [v]

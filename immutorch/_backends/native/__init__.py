@@ -19,7 +19,14 @@ import torch
 
 from ... import _registry, _storage
 from ..._arguments import CALL_IMPL_CODE, install_stack_reader
-from ..._clone import DATA_DESCRIPTOR, install_data_hook, install_member_hook
+from ..._clone import (
+    DATA_DESCRIPTOR,
+    adopt,
+    install_data_hook,
+    install_member_hook,
+    install_native_alias,
+    install_view_flush,
+)
 from ..._judge import check_writes, join_view
 from ..._registry import ThreadState
 from ..._schema import DATA, META, OpFacts, WrittenArg, op_facts, undeclared_writers
@@ -148,6 +155,9 @@ def available(*, build: bool = True) -> bool:
     quiet_call = module.quiet_call
     install_stack_reader(module.modules_on_stack)
     install_member_hook(module.mark_member)
+    install_view_flush(module.flush_views)
+    module.install_adopt(adopt)
+    install_native_alias(module.alias_for)
     install_data_hook(lambda on: module.watch_data(DATA_DESCRIPTOR, on))
     _storage.install_native_hooks(_born, _readonly, module.keep_birth)
     return True

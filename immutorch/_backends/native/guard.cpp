@@ -103,19 +103,31 @@ struct State {
   bool by_allocation = false;  // the block's births are dated by allocation (DatingAllocator)
   int64_t epoch = 0;
   bool clone = false;  // a clone-mode frame is active: views of aliases join their groups
-  // Views of possibly protected memory waiting to join their source's group. Joined at the
-  // thread's next op (or frame change), not at once: the view's Python object must not be made
-  // here, since the code that asked for the view may make it itself, of its own type
-  // (nn.Parameter(x) detaches x in C++, then wraps the result as a Parameter).
+  // Views of possibly protected memory waiting to join their source's group. Not joined at
+  // once: the view's Python object must not be made here, since the code that asked for the
+  // view may make it itself, of its own type (nn.Parameter(x) detaches x in C++, then wraps
+  // the result as a Parameter). Joined where membership is asked (join_pending): before a
+  // write the fallback judges, at a frame change, where Python asks a tensor's group
+  // (_clone.group_of), and at a member's .data; most die first (x[i] read and dropped), and
+  // cost no Python call. With fewer than three keys, at the thread's next op, as before.
   std::vector<std::pair<at::Tensor, c10::weak_intrusive_ptr<c10::TensorImpl>>> pending;
+  size_t pending_prune_at = 64;  // past this many, the views already gone are dropped
+  // Clone mode's aliases made here (alias_for) whose copy-on-write group Python has not made
+  // yet, each with its CloneStats (a strong reference): adopted into their groups
+  // (g_adopt_cb) before the views waiting, wherever those are joined. A group is needed only
+  // where a write into it, or a question about it, comes; a callee that only reads, and
+  // drops the alias, costs no Python for it.
+  std::vector<std::pair<c10::weak_intrusive_ptr<c10::TensorImpl>, PyObject*>> unadopted;
+  size_t unadopted_prune_at = 64;  // past this many, the aliases already gone are dropped
   PyObject* py_state = nullptr;  // the Python ThreadState (a strong reference)
   ~State() {
     if (block_start != 0) {
       count_block(false);
     }
-    if (py_state != nullptr && Py_IsInitialized()) {
+    if ((py_state != nullptr || !unadopted.empty()) && Py_IsInitialized()) {
       py::gil_scoped_acquire gil;
-      Py_DECREF(py_state);
+      for (auto& entry : unadopted) Py_DECREF(entry.second);
+      Py_XDECREF(py_state);
     }
   }
 };
@@ -858,13 +870,31 @@ void record_outputs(
   }
 }
 
-// Hand the views waiting in st.pending to Python (g_join_cb), each with its source; a view
-// already gone has nothing to move.
+PyObject* g_adopt_cb = nullptr;  // (alias, stats) -> None: the alias joins its group
+
+// Hand the aliases waiting for their groups to Python (g_adopt_cb), then the views waiting in
+// st.pending (g_join_cb), each with its source; an alias or a view already gone has nothing
+// to move. Aliases first: a view's source may be one.
 void join_pending(State& st) {
+  auto unadopted = std::move(st.unadopted);
+  st.unadopted.clear();
   auto pending = std::move(st.pending);
   st.pending.clear();
   c10::impl::ExcludeDispatchKeyGuard off(g_keys);
   py::gil_scoped_acquire gil;
+  size_t done = 0;
+  try {
+    for (; done < unadopted.size(); ++done) {
+      auto& [weak, stats] = unadopted[done];
+      auto impl = weak.lock();
+      if (impl) call_python(g_adopt_cb, torch::jit::toPyObject(c10::IValue(at::Tensor(impl))), stats);
+      Py_DECREF(stats);
+      stats = nullptr;
+    }
+  } catch (...) {
+    for (auto& entry : unadopted) Py_XDECREF(entry.second);
+    throw;
+  }
   for (auto& [source, weak] : pending) {
     auto impl = weak.lock();
     if (!impl) continue;
@@ -872,6 +902,27 @@ void join_pending(State& st) {
     call_python(g_join_cb, torch::jit::toPyObject(c10::IValue(source)),
                 torch::jit::toPyObject(c10::IValue(view)));
   }
+}
+
+// Drop the waiting views already gone (and their sources) once there are many.
+void prune_pending(State& st) {
+  if (st.pending.size() < st.pending_prune_at) return;
+  auto& p = st.pending;
+  p.erase(std::remove_if(p.begin(), p.end(), [](const auto& e) { return e.second.expired(); }),
+          p.end());
+  st.pending_prune_at = std::max<size_t>(64, 2 * p.size());
+}
+
+bool carries_views_key(const at::Tensor& t) {
+  return t.defined() && t.unsafeGetTensorImpl()->key_set().has(g_served[2].key);
+}
+
+// Join this thread's waiting views now (Python asks a tensor's group): with the GIL held.
+void flush_pending() {
+  const std::shared_ptr<State> st = current_state();
+  if (st == nullptr || (st->pending.empty() && st->unadopted.empty())) return;
+  py::gil_scoped_release nogil;  // join_pending takes the GIL itself
+  join_pending(*st);
 }
 
 // The fallback on `key` (either of the two: they differ only in what falls through them).
@@ -887,7 +938,7 @@ void fallback_on(
     op.redispatchBoxed(rest, stack);
     return;
   }
-  if (!st->pending.empty()) {
+  if (g_nkeys != 3 && (!st->pending.empty() || !st->unadopted.empty())) {
     join_pending(*st);  // before this op's write, which may move the groups onto their copies
   }
   Facts& f = facts_for(op, local);
@@ -925,6 +976,9 @@ void fallback_on(
         });
       }
     }
+    if (judge && (!st->pending.empty() || !st->unadopted.empty())) {
+      join_pending(*st);  // before the judgement, which may move the groups onto their copies
+    }
     if (judge) {
       c10::impl::ExcludeDispatchKeyGuard off(g_keys);
       // Judged below torch.func's layers, as the Python mode (under functorch) judges: clone
@@ -961,8 +1015,11 @@ void fallback_on(
   c10::IValue view_source;
   if (st->clone && f.view_of >= 0 && static_cast<size_t>(f.view_of) < nargs) {
     const c10::IValue& source = (*stack)[base + f.view_of];
+    // A member, or a view of one not joined yet: with three keys both carry the views key
+    // (mark_member; views inherit their source's keys). A tensor that left its group (copied)
+    // keeps the key, but its memory is private: not protected.
     if (source.isTensor() && may_be_protected(*st, source.toTensor()) &&
-        is_member(source.toTensor())) {
+        (g_nkeys == 3 ? carries_views_key(source.toTensor()) : is_member(source.toTensor()))) {
       view_source = source;
     }
   }
@@ -1003,6 +1060,7 @@ void fallback_on(
         if (out.defined() && out.unsafeGetTensorImpl() != source.unsafeGetTensorImpl()) {
           st->pending.emplace_back(
               source, c10::weak_intrusive_ptr<c10::TensorImpl>(out.getIntrusivePtr()));
+          prune_pending(*st);
         }
       });
     }
@@ -1169,7 +1227,7 @@ void sync_state(
     py::list storages, py::list objects, int64_t block_start, int64_t epoch, bool clone) {
   State* st = t_local.owned.get();
   if (st == nullptr) return;
-  if (!st->pending.empty()) {
+  if (!st->pending.empty() || !st->unadopted.empty()) {
     py::gil_scoped_release nogil;  // join_pending takes the GIL itself
     join_pending(*st);
   }
@@ -1489,10 +1547,68 @@ PyObject* call_inner(PyObject* module, PyObject* const* args, Py_ssize_t n, PyOb
       kwargs != nullptr && PyDict_GET_SIZE(kwargs) > 0 ? kwargs : nullptr);
 }
 
+// (alias, the caller's tensor it was handed over for), borrowed: both alive during the call.
+using Crossed = c10::SmallVector<std::pair<PyObject*, PyObject*>, 4>;
+
+// _clone.shows_caller: the alias still shows exactly the caller's tensor (the same memory, not
+// clone mode's private copy, and the same size, strides, offset and dtype).
+bool shows_caller(PyObject* alias, PyObject* original) {
+  const at::Tensor& a = THPVariable_Unpack(alias);
+  const at::Tensor& o = THPVariable_Unpack(original);
+  return a.defined() && o.defined() && a.has_storage() && o.has_storage() &&
+         a.storage().unsafeGetStorageImpl() == o.storage().unsafeGetStorageImpl() &&
+         a.sym_sizes() == o.sym_sizes() && a.sym_strides() == o.sym_strides() &&
+         a.sym_storage_offset() == o.sym_storage_offset() && a.dtype() == o.dtype();
+}
+
+// What back_to_caller makes of one item C++ can read (a tensor, None, a number, a string):
+// a new reference; nullptr for anything else (Python walks it).
+PyObject* back_item(PyObject* v, const Crossed& crossed) {
+  if (THPVariable_Check(v)) {
+    for (const auto& [alias, original] : crossed) {
+      if (alias == v && shows_caller(alias, original)) {
+        Py_INCREF(original);
+        return original;
+      }
+    }
+  } else if (!(v == Py_None || PyBool_Check(v) || PyLong_CheckExact(v) ||
+               PyFloat_CheckExact(v) || PyUnicode_CheckExact(v))) {
+    return nullptr;
+  }
+  Py_INCREF(v);
+  return v;
+}
+
+// back_to_caller(out, ...) for a result that is one such item or a plain tuple of them (most
+// modules' results); nullptr where Python must walk it (no error set).
+PyObject* back_fast(PyObject* out, const Crossed& crossed) {
+  if (!PyTuple_CheckExact(out)) return back_item(out, crossed);
+  const Py_ssize_t n = PyTuple_GET_SIZE(out);
+  c10::SmallVector<py::object, 8> items;
+  bool changed = false;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyTuple_GET_ITEM(out, i);
+    PyObject* got = back_item(item, crossed);
+    if (got == nullptr) return nullptr;
+    changed = changed || got != item;
+    items.push_back(py::reinterpret_steal<py::object>(got));
+  }
+  if (!changed) {
+    Py_INCREF(out);
+    return out;
+  }
+  PyObject* tuple = PyTuple_New(n);
+  if (tuple == nullptr) throw py::error_already_set();
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyTuple_SET_ITEM(tuple, i, items[static_cast<size_t>(i)].release().ptr());
+  }
+  return tuple;
+}
+
 // Clone mode's hand-over of top-level tensor arguments (Call::kHandOver), then the call.
 PyObject* hand_over_call(PyObject* module, PyObject* args, PyObject* kwargs) {
   const Py_ssize_t n = PyTuple_GET_SIZE(args);
-  py::dict originals;  // id(alias) -> the caller's tensor, for g_shell_back
+  Crossed aliased;  // each alias made, with the caller's tensor
   // A tensor passed twice (f(x, x), attention's query is key) crosses as one alias, as
   // _arguments.replace_call hands it over: the callee may test identity.
   c10::SmallVector<std::pair<PyObject*, PyObject*>, 4> asked;  // borrowed: args, crossed
@@ -1511,15 +1627,7 @@ PyObject* hand_over_call(PyObject* module, PyObject* args, PyObject* kwargs) {
     }
     PyObject* got = PyObject_CallOneArg(g_shell_hand_over, v);
     if (got != nullptr) asked.emplace_back(v, got);  // both alive: the arguments and crossed
-    if (got != nullptr && got != v) {
-      PyObject* id = PyLong_FromVoidPtr(got);
-      if (id == nullptr || PyDict_SetItem(originals.ptr(), id, v) != 0) {
-        Py_XDECREF(id);
-        Py_DECREF(got);
-        return nullptr;
-      }
-      Py_DECREF(id);
-    }
+    if (got != nullptr && got != v) aliased.emplace_back(got, v);
     return got;
   };
   c10::SmallVector<py::object, 8> crossed;
@@ -1548,10 +1656,15 @@ PyObject* hand_over_call(PyObject* module, PyObject* args, PyObject* kwargs) {
   c10::SmallVector<PyObject*, 8> plain(static_cast<size_t>(n));
   for (size_t i = 0; i < plain.size(); ++i) plain[i] = crossed[i].ptr();
   PyObject* out = call_inner(module, plain.data(), n, new_kwargs ? new_kwargs.ptr() : kwargs);
-  if (out == nullptr || PyDict_GET_SIZE(originals.ptr()) == 0) return out;
-  PyObject* back = PyObject_CallFunctionObjArgs(g_shell_back, out, originals.ptr(), nullptr);
-  Py_DECREF(out);
-  return back;
+  if (out == nullptr || aliased.empty()) return out;
+  py::object result = py::reinterpret_steal<py::object>(out);
+  if (PyObject* fast = back_fast(out, aliased)) return fast;
+  py::dict originals;  // id(alias) -> the caller's tensor
+  for (const auto& [alias, original] : aliased) {
+    py::object id = py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(alias));
+    if (!id || PyDict_SetItem(originals.ptr(), id.ptr(), original) != 0) return nullptr;
+  }
+  return PyObject_CallFunctionObjArgs(g_shell_back, out, originals.ptr(), nullptr);
 }
 
 PyObject* module_call_py(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
@@ -1617,6 +1730,43 @@ void mark_member(py::handle obj) {
   }
 }
 
+// Clone mode's alias of a plain tensor that requires no grad (immutorch._clone.alias): a new
+// TensorImpl over x's storage, offset, sizes and strides, made past immutorch's keys and any
+// Python mode as _clone._raw_alias makes it, a member of its copy-on-write group at once for
+// the C++ side (mark_member), and adopted into the group by Python only where one is needed
+// (State::unadopted). None where this thread is not served here (Python makes the alias).
+py::object alias_for(py::handle obj, py::handle stats) {
+  if (!THPVariable_CheckExact(obj.ptr())) {
+    throw py::type_error("immutorch native: alias_for takes a plain torch.Tensor");
+  }
+  const std::shared_ptr<State> st = current_state();
+  if (st == nullptr || g_adopt_cb == nullptr) return py::none();
+  const at::Tensor& x = THPVariable_Unpack(obj.ptr());
+  at::Tensor out;
+  {
+    c10::impl::ExcludeDispatchKeyGuard off(
+        g_keys | c10::DispatchKeySet(
+                     {c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot}));
+    at::NoGradGuard no_grad;
+    out = at::empty({0}, x.options());
+    out.set__symint(x.storage(), x.sym_storage_offset(), x.sym_sizes(), x.sym_strides());
+  }
+  py::object alias = py::reinterpret_steal<py::object>(THPVariable_Wrap(out));
+  if (!alias) throw py::error_already_set();
+  mark_member(alias);
+  auto& waiting = st->unadopted;
+  if (waiting.size() >= st->unadopted_prune_at) {  // a long block that only reads: drop the gone
+    auto gone = std::stable_partition(
+        waiting.begin(), waiting.end(), [](const auto& e) { return !e.first.expired(); });
+    for (auto i = gone; i != waiting.end(); ++i) Py_DECREF(i->second);
+    waiting.erase(gone, waiting.end());
+    st->unadopted_prune_at = std::max<size_t>(64, 2 * waiting.size());
+  }
+  Py_INCREF(stats.ptr());
+  waiting.emplace_back(c10::weak_intrusive_ptr<c10::TensorImpl>(out.getIntrusivePtr()), stats.ptr());
+  return alias;
+}
+
 namespace {
 
 // -- x.data: a view no dispatcher reports ------------------------------------------------------
@@ -1640,9 +1790,38 @@ bool is_member(PyObject* self) {
   return found != g_members.end() && !found->second.expired();
 }
 
+// flush_pending for a caller in Python: false with the Python error set where it failed.
+bool flush_pending_for_python() {
+  try {
+    flush_pending();
+    return true;
+  } catch (python_error& err) {
+    err.restore();
+  } catch (py::error_already_set& err) {
+    err.restore();
+  } catch (const std::exception& err) {
+    PyErr_SetString(PyExc_RuntimeError, err.what());
+  }
+  return false;
+}
+
+PyObject* flush_views_py(PyObject*, PyObject*) {
+  if (!flush_pending_for_python()) return nullptr;
+  Py_RETURN_NONE;
+}
+
+PyMethodDef flush_views_def = {
+    "flush_views", &flush_views_py, METH_NOARGS,
+    "() -> None: this thread's waiting views of members join their groups now"};
+
 PyObject* data_get(PyObject* self, void* closure) {
   PyObject* out = g_data_torch->get(self, closure);
-  if (out == nullptr || g_join_cb == nullptr || !is_member(self)) return out;
+  if (out == nullptr || g_join_cb == nullptr) return out;
+  if (!flush_pending_for_python()) {  // self may be a view waiting to join
+    Py_DECREF(out);
+    return nullptr;
+  }
+  if (!is_member(self)) return out;
   PyObject* joined = PyObject_CallFunctionObjArgs(g_join_cb, self, out, nullptr);
   if (joined == nullptr) {
     Py_DECREF(out);
@@ -1726,6 +1905,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     keep_birth_of(unpack_storage(storage), born);
   });
   m.def("mark_member", &mark_member);
+  m.def("alias_for", &alias_for);
+  m.def("install_adopt", [](py::object adopt) {
+    Py_XDECREF(g_adopt_cb);
+    g_adopt_cb = adopt.release().ptr();
+  });
+  m.add_object("flush_views",
+               py::reinterpret_steal<py::object>(PyCFunction_New(&flush_views_def, nullptr)));
   m.def("watch_data", &watch_data);
   m.def("data_watched", &data_watched);
   m.def("may_hand_over", &may_hand_over);

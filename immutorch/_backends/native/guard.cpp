@@ -876,12 +876,13 @@ PyObject* g_adopt_cb = nullptr;  // (alias, stats) -> None: the alias joins its 
 // st.pending (g_join_cb), each with its source; an alias or a view already gone has nothing
 // to move. Aliases first: a view's source may be one.
 void join_pending(State& st) {
-  auto unadopted = std::move(st.unadopted);
-  st.unadopted.clear();
   auto pending = std::move(st.pending);
   st.pending.clear();
   c10::impl::ExcludeDispatchKeyGuard off(g_keys);
   py::gil_scoped_acquire gil;
+  // Under the GIL, as alias_for adds to it (a thread sharing this State may run either).
+  auto unadopted = std::move(st.unadopted);
+  st.unadopted.clear();
   size_t done = 0;
   try {
     for (; done < unadopted.size(); ++done) {

@@ -341,9 +341,9 @@ def install_native_alias(
     _native_alias = make
 
 
-def adopt(t: torch.Tensor, stats: CloneStats) -> None:
+def adopt(t: torch.Tensor, stats: CloneStats) -> CowGroup:
     """``t``, an alias handed over for ``stats``' frame, joins the uncopied group of its
-    storage (made now where there is none)."""
+    storage (made now where there is none), which is returned."""
     storage = t.untyped_storage()
     key = (id(stats), storage._cdata)
     groups = _groups()
@@ -351,6 +351,7 @@ def adopt(t: torch.Tensor, stats: CloneStats) -> None:
     if group is None or group.copied:
         group = groups[key] = CowGroup(storage, stats)
     group.add(t)
+    return group
 
 
 def alias(x: torch.Tensor, stats: CloneStats, cls: Optional[type] = None) -> torch.Tensor:
@@ -387,11 +388,9 @@ def alias(x: torch.Tensor, stats: CloneStats, cls: Optional[type] = None) -> tor
         else:
             with torch.no_grad():
                 out = _raw_alias(base, cls)
-        adopt(out, stats)
+        group = adopt(out, stats)
         if conj:
-            group = group_of(out)
             out = out.conj()
-            assert group is not None
             group.add(out)
     finally:
         STATE.bypass -= 1

@@ -905,6 +905,11 @@ void join_pending(State& st) {
   }
 }
 
+// Whether aliases or views wait to join their groups (join_pending).
+bool waiting(const State& st) {
+  return !st.pending.empty() || !st.unadopted.empty();
+}
+
 // Drop the waiting views already gone (and their sources) once there are many.
 void prune_pending(State& st) {
   if (st.pending.size() < st.pending_prune_at) return;
@@ -921,7 +926,7 @@ bool carries_views_key(const at::Tensor& t) {
 // Join this thread's waiting views now (Python asks a tensor's group): with the GIL held.
 void flush_pending() {
   const std::shared_ptr<State> st = current_state();
-  if (st == nullptr || (st->pending.empty() && st->unadopted.empty())) return;
+  if (st == nullptr || !waiting(*st)) return;
   py::gil_scoped_release nogil;  // join_pending takes the GIL itself
   join_pending(*st);
 }
@@ -939,7 +944,7 @@ void fallback_on(
     op.redispatchBoxed(rest, stack);
     return;
   }
-  if (g_nkeys != 3 && (!st->pending.empty() || !st->unadopted.empty())) {
+  if (g_nkeys != 3 && waiting(*st)) {
     join_pending(*st);  // before this op's write, which may move the groups onto their copies
   }
   Facts& f = facts_for(op, local);
@@ -977,7 +982,7 @@ void fallback_on(
         });
       }
     }
-    if (judge && (!st->pending.empty() || !st->unadopted.empty())) {
+    if (judge && waiting(*st)) {
       join_pending(*st);  // before the judgement, which may move the groups onto their copies
     }
     if (judge) {
@@ -1228,7 +1233,7 @@ void sync_state(
     py::list storages, py::list objects, int64_t block_start, int64_t epoch, bool clone) {
   State* st = t_local.owned.get();
   if (st == nullptr) return;
-  if (!st->pending.empty() || !st->unadopted.empty()) {
+  if (waiting(*st)) {
     py::gil_scoped_release nogil;  // join_pending takes the GIL itself
     join_pending(*st);
   }
@@ -1269,11 +1274,14 @@ void sync_state(
 // here and every argument is a scalar, None, a string, or a plain tensor whose memory C++ sees
 // and knows to be unprotected: most module calls take the block's own activations, and asking
 // Python about each cost ~4 us a call.
+// None, a bool, an int, a float or a str: nothing a module call hands over or gives back.
+bool plain_scalar(PyObject* v) {
+  return v == Py_None || PyBool_Check(v) || PyLong_CheckExact(v) || PyFloat_CheckExact(v) ||
+         PyUnicode_CheckExact(v);
+}
+
 bool may_hand_over_one(const State& st, PyObject* v) {
-  if (v == Py_None || PyBool_Check(v) || PyLong_CheckExact(v) || PyFloat_CheckExact(v) ||
-      PyUnicode_CheckExact(v)) {
-    return false;
-  }
+  if (plain_scalar(v)) return false;
   if (THPVariable_CheckExact(v)) {
     const at::Tensor& t = THPVariable_Unpack(v);
     if (t.defined() && t.unsafeGetTensorImpl()->key_set().has_any(kWrapperKeys)) {
@@ -1359,7 +1367,7 @@ int truth_of(PyObject* dict, PyObject* name) {
   return truth;
 }
 
-// What a module call through the shell needs, as quiet_call_in reads the thread's state.
+// What a module call through the shell needs, as classify reads the thread's state.
 enum class Call {
   kQuiet,     // nothing: torch's _call_impl with the arguments as they came
   kHandOver,  // clone mode's hand-over of top-level tensor arguments, and nothing more
@@ -1386,7 +1394,7 @@ Call hand_over_need(const State& st, py::handle args, py::handle kwargs) {
   PyObject* key = nullptr;
   PyObject* value = nullptr;
   Py_ssize_t pos = 0;
-  while (PyDict_Next(kwargs.ptr(), &pos, &key, &value)) {
+  while (!kwargs.is_none() && PyDict_Next(kwargs.ptr(), &pos, &key, &value)) {
     if (!one(value)) return Call::kPython;
   }
   return need ? Call::kHandOver : Call::kQuiet;
@@ -1402,21 +1410,10 @@ Call classify_in(PyObject* dict, py::handle module, py::handle args, py::handle 
   if (clone == 0) return Call::kQuiet;
   if (clone < 0) return Call::kPython;
   std::shared_ptr<State> st = current_state();
-  if (!st || !PyTuple_Check(args.ptr()) || !PyDict_Check(kwargs.ptr())) return Call::kPython;
+  if (!st || !PyTuple_Check(args.ptr()) || !(kwargs.is_none() || PyDict_Check(kwargs.ptr()))) {
+    return Call::kPython;  // not served here, or arguments Python must read
+  }
   return hand_over_need(*st, args, kwargs);
-}
-
-bool quiet_call_in(PyObject* dict, py::handle module, py::handle args, py::handle kwargs) {
-  for (PyObject* name : s_busy) {
-    if (truth_of(dict, name) != 0) return false;  // a watch, a scoped call, immutorch aside
-  }
-  // torch.compile's wrapper module: is_compiled's cheap half, as _only_noted tests it
-  if (std::strcmp(Py_TYPE(module.ptr())->tp_name, "OptimizedModule") == 0) return false;
-  int clone = truth_of(dict, s_clone_frames);
-  if (clone != 0) {
-    if (clone < 0 || may_hand_over(args, kwargs)) return false;
-  }
-  return true;
 }
 
 // The thread's ThreadState attributes (its __dict__), a new reference; nullptr with no
@@ -1434,20 +1431,17 @@ PyObject* thread_state_dict() {
   return dict;
 }
 
-bool quiet_call(py::handle module, py::handle args, py::handle kwargs) {
-  PyObject* dict = thread_state_dict();
-  if (dict == nullptr) return false;
-  bool quiet = quiet_call_in(dict, module, args, kwargs);
-  Py_DECREF(dict);
-  return quiet;
-}
-
 Call classify(py::handle module, py::handle args, py::handle kwargs) {
   PyObject* dict = thread_state_dict();
   if (dict == nullptr) return Call::kPython;
   Call call = classify_in(dict, module, args, kwargs);
   Py_DECREF(dict);
   return call;
+}
+
+// Whether the module call needs no boundary work at all (_boundaries._only_noted's answer).
+bool quiet_call(py::handle module, py::handle args, py::handle kwargs) {
+  return classify(module, args, kwargs) == Call::kQuiet;
 }
 
 // quiet_call as a plain CPython function: pybind11's argument dispatch cost ~1,600
@@ -1572,8 +1566,7 @@ PyObject* back_item(PyObject* v, const Crossed& crossed) {
         return original;
       }
     }
-  } else if (!(v == Py_None || PyBool_Check(v) || PyLong_CheckExact(v) ||
-               PyFloat_CheckExact(v) || PyUnicode_CheckExact(v))) {
+  } else if (!plain_scalar(v)) {
     return nullptr;
   }
   Py_INCREF(v);
@@ -1607,7 +1600,7 @@ PyObject* back_fast(PyObject* out, const Crossed& crossed) {
 }
 
 // Clone mode's hand-over of top-level tensor arguments (Call::kHandOver), then the call.
-PyObject* hand_over_call(PyObject* module, PyObject* args, PyObject* kwargs) {
+PyObject* hand_over_call(const State& st, PyObject* module, PyObject* args, PyObject* kwargs) {
   const Py_ssize_t n = PyTuple_GET_SIZE(args);
   Crossed aliased;  // each alias made, with the caller's tensor
   // A tensor passed twice (f(x, x), attention's query is key) crosses as one alias, as
@@ -1615,8 +1608,7 @@ PyObject* hand_over_call(PyObject* module, PyObject* args, PyObject* kwargs) {
   c10::SmallVector<std::pair<PyObject*, PyObject*>, 4> asked;  // borrowed: args, crossed
   // Each tensor argument to ask Python about: those whose memory C++ cannot rule out.
   auto cross = [&](PyObject* v) -> PyObject* {  // a new reference, or nullptr on error
-    const std::shared_ptr<State> st = current_state();
-    if (!THPVariable_CheckExact(v) || !st || !may_be_protected(*st, THPVariable_Unpack(v))) {
+    if (!THPVariable_CheckExact(v) || !may_be_protected(st, THPVariable_Unpack(v))) {
       Py_INCREF(v);
       return v;
     }
@@ -1686,7 +1678,8 @@ PyObject* module_call_py(PyObject*, PyObject* const* argv, Py_ssize_t argc) {
       return call_inner(module, PySequence_Fast_ITEMS(args), PyTuple_GET_SIZE(args), kwargs);
     }
     if (call == Call::kHandOver) {
-      return hand_over_call(module, args, kwargs);
+      const std::shared_ptr<State> st = current_state();  // classify found it
+      if (st != nullptr) return hand_over_call(*st, module, args, kwargs);
     }
   } catch (py::error_already_set& err) {
     err.restore();
